@@ -1,0 +1,192 @@
+"""Sparse TopK encode/decode whose backward passes touch only the k active latents per row.
+
+A TopK SAE's only unavoidable dense work is the encoder matmul (2·d·n FLOPs per token).
+Plain autograd through ``torch.topk`` scatters the k values into a dense [B, N] tensor
+and then pays for dense decode and dense gradients of both weight matrices, about 5× the
+encoder cost. The two autograd Functions here keep everything after the encoder matmul in
+the sparse (vals_BK, idx_BK) form:
+
+    vals_BK, idx_BK = topk_encode(x_BD, W_enc_ND, b_enc_N, k)   # ReLU(x W_encᵀ + b_enc), top k
+    x_hat_BD = topk_decode(vals_BK, idx_BK, W_dec_ND)           # Σ_k vals · W_dec[idx]
+
+Both weight matrices are laid out [N, D] (one row per latent), so a latent's encoder and
+decoder directions are contiguous rows and the sparse gradients are row updates
+(``index_add_``). ``dense_topk_encode`` / ``dense_topk_decode`` are the plain-autograd
+references the fast path is tested against. Leading batch dimensions are flattened.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Rows of a batch processed at once in the backward passes. The per-chunk temporary is
+# chunk·K·D elements; keeping it a few MB keeps it in cache and bounds peak memory.
+_CHUNK_BYTES = 4 * 2**20
+
+
+def _chunk_rows(k: int, d: int, itemsize: int) -> int:
+    return max(1, _CHUNK_BYTES // max(1, k * d * itemsize))
+
+
+class _Workspace:
+    """One reusable buffer for the dense pre-activations.
+
+    The [B, N] pre-activations are the largest tensor of a training step and never
+    escape ``topk_encode`` (only vals/idx are kept), so reusing one buffer avoids
+    faulting in hundreds of MB of fresh pages on every step.
+    """
+
+    def __init__(self) -> None:
+        self.buf: Tensor | None = None
+
+    def get(self, shape: tuple[int, int], like: Tensor) -> Tensor:
+        buf = self.buf
+        if (
+            buf is None
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+            or buf.numel() < shape[0] * shape[1]
+        ):
+            buf = self.buf = torch.empty(shape[0] * shape[1], dtype=like.dtype, device=like.device)
+        return buf[: shape[0] * shape[1]].view(shape)
+
+
+_PRE_ACTS = _Workspace()
+
+
+def clear_workspace() -> None:
+    """Free the cached pre-activation buffer (e.g. after training, before analysis)."""
+    _PRE_ACTS.buf = None
+
+
+def _rows_outer_add_(
+    out_ND: Tensor, idx_BK: Tensor, coef_BK: Tensor, rows_BD: Tensor, chunk: int
+) -> Tensor:
+    """out[idx[b, k]] += coef[b, k] · rows[b]: a sparse-transpose × dense product done as
+    row updates, chunked over the batch so the [chunk, K, D] temporary stays small."""
+    B, K = idx_BK.shape
+    D = rows_BD.shape[1]
+    for s in range(0, B, chunk):
+        e = min(B, s + chunk)
+        upd_CKD = coef_BK[s:e, :, None] * rows_BD[s:e, None, :]
+        out_ND.index_add_(0, idx_BK[s:e].reshape(-1), upd_CKD.reshape(-1, D))
+    return out_ND
+
+
+def _gathered_dot(W_ND: Tensor, idx_BK: Tensor, y_BD: Tensor, chunk: int) -> Tensor:
+    """out[b, k] = W[idx[b, k]] · y[b], gathering only the k active rows (chunked)."""
+    B, K = idx_BK.shape
+    D = W_ND.shape[1]
+    out_BK = torch.empty(B, K, dtype=W_ND.dtype, device=W_ND.device)
+    for s in range(0, B, chunk):
+        e = min(B, s + chunk)
+        rows_CKD = W_ND.index_select(0, idx_BK[s:e].reshape(-1)).view(e - s, K, D)
+        torch.matmul(rows_CKD, y_BD[s:e, :, None], out=out_BK[s:e, :, None])
+    return out_BK
+
+
+def _weighted_row_sum(W_ND: Tensor, idx_BK: Tensor, w_BK: Tensor) -> Tensor:
+    """out[b] = Σ_k w[b, k] · W[idx[b, k]] without materialising the gathered rows."""
+    return F.embedding_bag(idx_BK, W_ND, per_sample_weights=w_BK, mode="sum")
+
+
+class TopKEncode(torch.autograd.Function):
+    """ReLU(x W_encᵀ + b_enc) restricted to its top k entries; sparse backward."""
+
+    @staticmethod
+    def forward(ctx, x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int):  # type: ignore[override]
+        B, N = x_BD.shape[0], W_enc_ND.shape[0]
+        pre_BN = _PRE_ACTS.get((B, N), x_BD)
+        torch.addmm(b_enc_N, x_BD, W_enc_ND.t(), out=pre_BN)
+        # top-k then ReLU on the k values equals ReLU then top-k (ReLU is monotone), and
+        # skips a dense pass over [B, N]. Non-positive winners become exact zeros.
+        vals_BK, idx_BK = pre_BN.topk(k, dim=1, sorted=False)
+        vals_BK.clamp_(min=0)
+        ctx.save_for_backward(x_BD, W_enc_ND, vals_BK, idx_BK)
+        ctx.mark_non_differentiable(idx_BK)
+        return vals_BK, idx_BK
+
+    @staticmethod
+    def backward(ctx, grad_vals_BK: Tensor, _grad_idx: Tensor | None):  # type: ignore[override]
+        x_BD, W_enc_ND, vals_BK, idx_BK = ctx.saved_tensors
+        # ReLU's derivative: zero where the winner was not positive.
+        g_BK = torch.where(vals_BK > 0, grad_vals_BK, 0).to(W_enc_ND.dtype)
+        chunk = _chunk_rows(idx_BK.shape[1], x_BD.shape[1], x_BD.element_size())
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _weighted_row_sum(W_enc_ND, idx_BK, g_BK)
+        if ctx.needs_input_grad[1]:
+            grad_W = _rows_outer_add_(torch.zeros_like(W_enc_ND), idx_BK, g_BK, x_BD, chunk)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W_enc_ND.shape[0], dtype=g_BK.dtype, device=g_BK.device)
+            grad_b.index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
+        return grad_x, grad_W, grad_b, None
+
+
+class TopKDecode(torch.autograd.Function):
+    """x_hat[b] = Σ_k vals[b, k] · W_dec[idx[b, k]]; sparse backward."""
+
+    @staticmethod
+    def forward(ctx, vals_BK: Tensor, idx_BK: Tensor, W_dec_ND: Tensor):  # type: ignore[override]
+        ctx.save_for_backward(vals_BK, idx_BK, W_dec_ND)
+        return _weighted_row_sum(W_dec_ND, idx_BK, vals_BK.to(W_dec_ND.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out_BD: Tensor):  # type: ignore[override]
+        vals_BK, idx_BK, W_dec_ND = ctx.saved_tensors
+        grad_out_BD = grad_out_BD.contiguous()
+        chunk = _chunk_rows(idx_BK.shape[1], W_dec_ND.shape[1], W_dec_ND.element_size())
+        grad_vals = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_vals = _gathered_dot(W_dec_ND, idx_BK, grad_out_BD, chunk).to(vals_BK.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = _rows_outer_add_(
+                torch.zeros_like(W_dec_ND), idx_BK, vals_BK.to(W_dec_ND.dtype), grad_out_BD, chunk
+            )
+        return grad_vals, None, grad_W
+
+
+def _check(name: str, t: Tensor, ndim: int) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def topk_encode(x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of ReLU(x W_encᵀ + b_enc) per row, as (vals_BK, idx_BK); sparse backward.
+
+    Values are ≥ 0 (a row with fewer than k positive pre-activations gets zeros), in no
+    particular order. Gradients flow to x, W_enc and b_enc through the k entries only.
+    """
+    _check("W_enc_ND", W_enc_ND, 2)
+    _check("b_enc_N", b_enc_N, 1)
+    lead = x_BD.shape[:-1]
+    if not 0 < k <= W_enc_ND.shape[0]:
+        raise ValueError(f"k={k} must be in 1..n_latents={W_enc_ND.shape[0]}")
+    vals_BK, idx_BK = TopKEncode.apply(x_BD.reshape(-1, x_BD.shape[-1]), W_enc_ND, b_enc_N, k)
+    return vals_BK.view(*lead, k), idx_BK.view(*lead, k)
+
+
+def topk_decode(vals_BK: Tensor, idx_BK: Tensor, W_dec_ND: Tensor) -> Tensor:
+    """Σ_k vals[..., k] · W_dec[idx[..., k]] (no bias); sparse backward to vals and W_dec."""
+    _check("W_dec_ND", W_dec_ND, 2)
+    if vals_BK.shape != idx_BK.shape:
+        raise ValueError(f"vals {tuple(vals_BK.shape)} and idx {tuple(idx_BK.shape)} differ")
+    lead, K = vals_BK.shape[:-1], vals_BK.shape[-1]
+    x_BD = TopKDecode.apply(vals_BK.reshape(-1, K), idx_BK.reshape(-1, K), W_dec_ND)
+    return x_BD.view(*lead, W_dec_ND.shape[1])
+
+
+def dense_topk_encode(
+    x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """Reference for ``topk_encode``: plain autograd through a dense ReLU and ``torch.topk``."""
+    pre_BN = F.relu(x_BD @ W_enc_ND.t() + b_enc_N)
+    return pre_BN.topk(k, dim=-1, sorted=False)
+
+
+def dense_topk_decode(vals_BK: Tensor, idx_BK: Tensor, W_dec_ND: Tensor) -> Tensor:
+    """Reference for ``topk_decode``: scatter into dense [B, N] latents, then a dense matmul."""
+    z_BN = vals_BK.new_zeros(*vals_BK.shape[:-1], W_dec_ND.shape[0]).scatter(-1, idx_BK, vals_BK)
+    return z_BN @ W_dec_ND
