@@ -75,3 +75,107 @@ def test_nonfinite_rows_refused_and_earlier_shards_kept(tmp_path):
     w.close()
     assert open_store(tmp_path / "n").n_rows == 2
     assert verify_store(tmp_path / "n") == []
+
+
+def _ids(batch):
+    return batch[:, 0].long()
+
+
+def test_reader_epoch_covers_each_row_once_and_is_deterministic(tmp_path):
+    write_synthetic(tmp_path / "s", n=1000)
+    st = open_store(tmp_path / "s")
+    # A small budget forces several groups, so batches straddle group boundaries.
+    kw = dict(seed=3, memory_budget_bytes=3 * 8 * 4 * 96)
+    r = st.reader(100, **kw)
+    assert r.group_chunks * r.chunk_rows < 1000
+    batches = list(r)
+    assert len(batches) == len(r) == 10
+    seen = torch.cat([_ids(b) for b in batches])
+    assert sorted(seen.tolist()) == list(range(1000))
+    assert seen.tolist() != list(range(1000))  # actually shuffled
+    again = torch.cat([_ids(b) for b in st.reader(100, **kw)])
+    assert torch.equal(seen, again)
+    other = torch.cat([_ids(b) for b in st.reader(100, **{**kw, "seed": 4})])
+    assert not torch.equal(seen, other)
+
+
+def test_reader_with_rows_dtype_and_resume(tmp_path):
+    x, _, _ = write_synthetic(tmp_path / "s", n=1000, dtype="bfloat16")
+    st = open_store(tmp_path / "s")
+    full = list(st.reader(64, seed=1, with_rows=True, dtype=torch.float16, memory_budget_bytes=20000))
+    xb, rows = full[0]
+    assert xb.dtype == torch.float16 and xb.shape == (64, 8)
+    assert torch.equal(xb, x[rows].to(torch.bfloat16).to(torch.float16))
+    resumed = list(st.reader(64, seed=1, with_rows=True, start_batch=5, memory_budget_bytes=20000))
+    assert len(resumed) == len(full) - 5
+    for (a, ra), (b, rb) in zip(full[5:], resumed, strict=True):
+        assert torch.equal(ra, rb) and torch.equal(a.float(), b.float())
+
+
+def test_reader_loop_and_rank_split(tmp_path):
+    write_synthetic(tmp_path / "s", n=1000)
+    st = open_store(tmp_path / "s")
+    kw = dict(seed=0, memory_budget_bytes=3 * 8 * 4 * 64)
+    per_rank = [torch.cat([_ids(b) for b in st.reader(50, rank=r, world_size=3, **kw)]) for r in range(3)]
+    assert len({len(p) for p in per_rank}) == 1  # same number of batches on every rank
+    sets = [set(p.tolist()) for p in per_rank]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    it = iter(st.reader(100, loop=True, **kw))
+    two_epochs = torch.cat([_ids(next(it)) for _ in range(20)])
+    assert sorted(two_epochs[:1000].tolist()) == sorted(two_epochs[1000:].tolist()) == list(range(1000))
+    assert not torch.equal(two_epochs[:1000], two_epochs[1000:])  # reshuffled per epoch
+    # start_batch across an epoch boundary lands at the same batch.
+    it2 = iter(st.reader(100, loop=True, start_batch=13, **kw))
+    assert torch.equal(_ids(next(it2)), two_epochs[1300:1400])
+
+
+def test_reader_unshuffled_is_store_order(tmp_path):
+    write_synthetic(tmp_path / "s", n=300)
+    st = open_store(tmp_path / "s")
+    ids = torch.cat([_ids(b) for b in st.reader(30, shuffle=False)])
+    assert ids.tolist() == list(range(300))
+
+
+def test_verify_names_truncated_and_altered_shards(tmp_path, capsys):
+    from llm_sae.cli import main
+
+    write_synthetic(tmp_path / "s")
+    assert verify_store(tmp_path / "s") == []
+    assert main(["store", "verify", str(tmp_path / "s")]) == 0
+    p2 = tmp_path / "s" / "shard-00002.acts.npy"
+    data = bytearray(p2.read_bytes())
+    data[-5] ^= 0xFF
+    p2.write_bytes(bytes(data))
+    p4 = tmp_path / "s" / "shard-00004.acts.npy"
+    p4.write_bytes(p4.read_bytes()[:-100])
+    problems = verify_store(tmp_path / "s")
+    assert any(p.startswith("shard-00002.acts.npy: checksum") for p in problems), problems
+    assert any(p.startswith("shard-00004.acts.npy") for p in problems), problems
+    assert len(problems) == 2
+    assert main(["store", "verify", str(tmp_path / "s")]) == 1
+    out = capsys.readouterr().out
+    assert "shard-00002.acts.npy" in out and "shard-00004.acts.npy" in out
+    assert main(["store", "info", str(tmp_path / "s")]) == 0
+    assert "rows         1,000" in capsys.readouterr().out
+    assert "hook         h" in store_info(tmp_path / "s")
+
+
+def test_resume_mode_drops_unlisted_leftovers_and_checks_settings(tmp_path):
+    meta = {"d_in": 3, "dtype": "float32", "hook": "a"}
+    w = StoreWriter(tmp_path / "r", meta=meta, shard_rows=2, background=False)
+    w.append(torch.ones(2, 3), progress={"contexts": 1})
+    w.close(complete=False)
+    # What a kill between shard rename and manifest update leaves behind:
+    (tmp_path / "r" / "shard-00001.acts.npy").write_bytes(b"junk")
+    (tmp_path / "r" / "shard-00001.rows.npy.tmp").write_bytes(b"junk")
+    with pytest.raises(StoreError, match="hook: store has 'a', requested 'b'"):
+        StoreWriter(tmp_path / "r", meta={**meta, "hook": "b"}, mode="resume")
+    w = StoreWriter(tmp_path / "r", meta=meta, mode="resume", shard_rows=2)
+    assert w.progress == {"contexts": 1} and w.n_rows == 2
+    assert not (tmp_path / "r" / "shard-00001.acts.npy").exists()
+    w.append(2 * torch.ones(2, 3), progress={"contexts": 2})
+    w.close()
+    st = open_store(tmp_path / "r")
+    assert st.acts(0, 4)[:, 0].tolist() == [1, 1, 2, 2]
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["progress"] == {"contexts": 2}
+    assert st.mean_norm == pytest.approx((2 * 3**0.5 + 2 * 12**0.5) / 4)
