@@ -1,0 +1,198 @@
+/* One feature's page: feature.html#<id> loads data/features/<shard>/f_<id>.js on demand. */
+(function () {
+  "use strict";
+  var LS = window.LLM_SAE, el = LS.el;
+  var meta = window.LLM_SAE_META || {};
+  LS.header("feature");
+  var root = LS.$("feature");
+  var current = null;
+
+  function currentId() {
+    var h = decodeURIComponent(location.hash.replace(/^#/, ""));
+    var m = /^\d+$/.exec(h);
+    return m ? parseInt(h, 10) : null;
+  }
+
+  function go(id) { if (id !== null && id !== undefined && !isNaN(id)) location.hash = "#" + id; }
+
+  function stat(k, v) { return el("div", { cls: "stat" }, [el("div", { cls: "k", text: k }), el("div", { cls: "v", text: v })]); }
+
+  // ---- histogram as inline SVG ------------------------------------------
+  var SVG = "http://www.w3.org/2000/svg";
+  function svg(tag, attrs, text) {
+    var n = document.createElementNS(SVG, tag);
+    for (var k in attrs) n.setAttribute(k, String(attrs[k]));
+    if (text !== undefined) n.textContent = text;
+    return n;
+  }
+  function histogram(h, logY) {
+    var counts = h.counts || [], edges = h.edges || [];
+    var W = 560, H = 190, L = 44, R = 10, T = 10, B = 34;
+    var s = svg("svg", { viewBox: "0 0 " + W + " " + H, role: "img", "aria-label": "activation histogram" });
+    var maxC = 0;
+    for (var i = 0; i < counts.length; i++) maxC = Math.max(maxC, counts[i]);
+    var yv = function (c) { return logY ? (c > 0 ? Math.log10(c + 1) : 0) : c; };
+    var top = yv(maxC) || 1;
+    var bw = (W - L - R) / Math.max(1, counts.length);
+    s.appendChild(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, "class": "axis" }));
+    s.appendChild(svg("line", { x1: L, y1: T, x2: L, y2: H - B, "class": "axis" }));
+    for (var j = 0; j < counts.length; j++) {
+      var bh = (H - T - B) * yv(counts[j]) / top;
+      var r = svg("rect", { "class": "bar", x: (L + j * bw + 0.5).toFixed(2), y: (H - B - bh).toFixed(2), width: Math.max(0.5, bw - 1).toFixed(2), height: Math.max(0, bh).toFixed(2) });
+      var lo = edges[j], hi = edges[j + 1];
+      r.appendChild(svg("title", {}, "[" + LS.fmt(lo) + ", " + LS.fmt(hi) + "): " + counts[j]));
+      s.appendChild(r);
+    }
+    if (edges.length) {
+      var ticks = [0, Math.floor((edges.length - 1) / 2), edges.length - 1];
+      for (var t = 0; t < ticks.length; t++) {
+        var x = L + ticks[t] * bw;
+        s.appendChild(svg("text", { x: x, y: H - B + 14, "text-anchor": t === 0 ? "start" : t === 2 ? "end" : "middle" }, LS.fmt(edges[ticks[t]])));
+      }
+    }
+    s.appendChild(svg("text", { x: L - 4, y: T + 8, "text-anchor": "end" }, String(maxC)));
+    s.appendChild(svg("text", { x: L - 4, y: H - B, "text-anchor": "end" }, "0"));
+    s.appendChild(svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, "activation (when firing)" + (logY ? ", log count" : "")));
+    return s;
+  }
+
+  // ---- examples -----------------------------------------------------------
+  function exampleRow(ex, vocab, max) {
+    var row = el("div", { cls: "example" });
+    var toks = ex.t || [], acts = ex.a || [];
+    var peak = ex.p, best = ex.v;
+    if (peak === undefined) {
+      peak = -1; best = -Infinity;
+      for (var i = 0; i < acts.length; i++) if (acts[i] !== null && acts[i] > best) { best = acts[i]; peak = i; }
+    }
+    if (best === undefined) best = acts[peak];
+    row.appendChild(el("span", { cls: "exmeta", text: LS.fmt(best) }));
+    for (var j = 0; j < toks.length; j++) {
+      var s = typeof toks[j] === "number" ? vocab[toks[j]] : toks[j];
+      var a = acts[j] === undefined ? null : acts[j];
+      var span = LS.tokenSpan(s === undefined ? "" : s, a, max);
+      if (j === peak && best > 0) span.className += " peak";
+      row.appendChild(span);
+    }
+    return row;
+  }
+
+  function logitTable(rows, cls) {
+    var t = el("table", { cls: "logits" });
+    for (var i = 0; i < rows.length; i++) {
+      t.appendChild(el("tr", null, [el("td", null, [LS.chip(rows[i][0])]), el("td", { cls: "num " + cls, text: (rows[i][1] > 0 ? "+" : "") + LS.fmt(rows[i][1]) })]));
+    }
+    if (!rows.length) t.appendChild(el("tr", null, [el("td", { cls: "muted", text: "none" })]));
+    return t;
+  }
+
+  function render(f) {
+    current = f;
+    document.title = "Feature " + f.id + (meta.sae_name ? " · " + meta.sae_name : "");
+    LS.$("jump").value = f.id;
+    LS.$("prev").disabled = f.prev === null || f.prev === undefined;
+    LS.$("next").disabled = f.next === null || f.next === undefined;
+    var vocab = f.vocab || [];
+    var max = f.max_act > 0 ? f.max_act : 1;
+    var out = document.createDocumentFragment();
+
+    out.appendChild(el("h1", null, ["Feature " + f.id + " ", f.dead ? el("span", { cls: "badge dead", text: "dead" }) : null, f.dense ? el("span", { cls: "badge", text: "dense" }) : null]));
+    var stats = el("div", { cls: "stats" });
+    stats.appendChild(stat("density", LS.fmtDensity(f.density)));
+    stats.appendChild(stat("max activation", LS.fmt(f.max_act, 4)));
+    if (f.mean_act !== undefined && f.mean_act !== null) stats.appendChild(stat("mean act (firing)", LS.fmt(f.mean_act, 4)));
+    if (f.n_fires !== undefined && f.n_fires !== null) stats.appendChild(stat("times fired", String(f.n_fires)));
+    out.appendChild(stats);
+
+    var cols = el("div", { cls: "cols" });
+    var hp = el("div", { cls: "panel hist", id: "histogram" });
+    hp.appendChild(el("h2", { text: "Activation histogram" }));
+    if (f.hist && f.hist.counts && f.hist.counts.length) {
+      var holder = el("div");
+      var logBox = el("input", { type: "checkbox", id: "log-y" });
+      var drawn = function () { LS.clear(holder).appendChild(histogram(f.hist, logBox.checked)); };
+      logBox.addEventListener("change", drawn);
+      hp.appendChild(holder);
+      hp.appendChild(el("label", { cls: "muted", style: "font-size:12px" }, [logBox, " log count"]));
+      drawn();
+    } else hp.appendChild(el("p", { cls: "muted", text: "This feature never fired on the analysed tokens." }));
+    cols.appendChild(hp);
+
+    var lp = el("div", { cls: "panel", id: "logits" });
+    lp.appendChild(el("h2", { text: "Logit effects" }));
+    var lg = f.logits;
+    if (lg) {
+      var two = el("div", { cls: "cols" });
+      two.appendChild(el("div", null, [el("h3", { text: "Promoted" }), logitTable(lg.pos || [], "pos")]));
+      two.appendChild(el("div", null, [el("h3", { text: "Suppressed" }), logitTable(lg.neg || [], "neg")]));
+      lp.appendChild(two);
+    } else {
+      lp.appendChild(el("p", { cls: "muted", text: "Not available" + (meta.logits_reason ? ": " + meta.logits_reason : ".") }));
+    }
+    cols.appendChild(lp);
+    out.appendChild(cols);
+
+    var np = el("div", { cls: "panel nbrs", id: "neighbours" });
+    np.appendChild(el("h2", { text: "Nearest features (decoder cosine)" }));
+    var nb = f.nbrs || [];
+    for (var i = 0; i < nb.length; i++) {
+      np.appendChild(el("a", { href: "feature.html#" + nb[i][0], "data-id": nb[i][0] }, ["#" + nb[i][0], el("span", { cls: "cos", text: LS.fmt(nb[i][1]) })]));
+    }
+    if (!nb.length) np.appendChild(el("span", { cls: "muted", text: "none" }));
+    out.appendChild(np);
+
+    var tp = el("div", { cls: "panel", id: "top-examples" });
+    tp.appendChild(el("h2", null, ["Top activating examples ", el("span", { cls: "scale" }, ["0", el("i"), LS.fmt(max)])]));
+    var top = f.top || [];
+    for (var j = 0; j < top.length; j++) tp.appendChild(exampleRow(top[j], vocab, max));
+    if (!top.length) tp.appendChild(el("p", { cls: "muted", text: "No examples." }));
+    out.appendChild(tp);
+
+    var ip = el("div", { cls: "panel", id: "interval-examples" });
+    ip.appendChild(el("h2", { text: "Examples by activation interval" }));
+    var bins = f.intervals || [];
+    for (var b = bins.length - 1; b >= 0; b--) {
+      var bin = el("div", { cls: "bin" });
+      bin.appendChild(el("h3", { text: "Interval " + LS.fmt(bins[b].lo) + " – " + LS.fmt(bins[b].hi) + (bins[b].count !== undefined ? "  (" + bins[b].count + " tokens)" : "") }));
+      var exs = bins[b].ex || [];
+      for (var e = 0; e < exs.length; e++) bin.appendChild(exampleRow(exs[e], vocab, max));
+      if (!exs.length) bin.appendChild(el("p", { cls: "muted", style: "margin:2px 8px", text: bins[b].count ? "(examples not shown)" : "no activations in this interval" }));
+      ip.appendChild(bin);
+    }
+    if (!bins.length) ip.appendChild(el("p", { cls: "muted", text: "No interval examples." }));
+    out.appendChild(ip);
+
+    LS.clear(root).appendChild(out);
+    window.LLM_SAE_READY = true;
+  }
+
+  function load() {
+    var id = currentId();
+    window.LLM_SAE_READY = false;
+    LS.hideTooltip();
+    if (id === null) {
+      id = meta.first_id !== undefined ? meta.first_id : 0;
+      history.replaceState(null, "", "#" + id);
+    }
+    LS.clear(root).appendChild(el("p", { cls: "muted", text: "Loading feature " + id + "…" }));
+    LS.loadFeature(id).then(function (f) {
+      if (currentId() === id) { render(f); window.scrollTo(0, 0); }
+    }, function () {
+      var range = meta.n_features ? " This site has " + meta.n_features + " features (ids " + meta.first_id + "–" + meta.last_id + ")." : "";
+      LS.showError(root, "Feature " + id + " is not in this site." + range);
+      window.LLM_SAE_READY = true;
+    });
+  }
+
+  LS.$("prev").addEventListener("click", function () { if (current) go(current.prev); });
+  LS.$("next").addEventListener("click", function () { if (current) go(current.next); });
+  LS.$("go").addEventListener("click", function () { go(parseInt(LS.$("jump").value, 10)); });
+  LS.$("jump").addEventListener("keydown", function (e) { if (e.key === "Enter") go(parseInt(this.value, 10)); });
+  document.addEventListener("keydown", function (e) {
+    if (e.target && (e.target.tagName === "INPUT" || e.target.tagName === "TEXTAREA")) return;
+    if (e.key === "ArrowLeft" && current) go(current.prev);
+    if (e.key === "ArrowRight" && current) go(current.next);
+  });
+  window.addEventListener("hashchange", load);
+  load();
+})();
