@@ -47,6 +47,9 @@ class DashboardConfig:
     """Nearest features listed per feature."""
     digits: int = 3
     """Significant digits kept for activations (smaller files; tooltips show these)."""
+    max_feature_kb: float = 30.0
+    """Size budget of one feature's data file; example windows are cut around their peak
+    token until the file fits."""
 
 
 SHARD_SIZE = 1000  # feature files per folder: keeps directory listings small at 100k features
@@ -110,14 +113,23 @@ def _act(a: Any, digits: int) -> float | int | None:
     return None if a is None else round_sig(a, digits)
 
 
-def site_example(ex: dict[str, Any], vocab: dict[str, int], digits: int) -> dict[str, Any]:
+def site_example(
+    ex: dict[str, Any], vocab: dict[str, int], digits: int, window: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """One example as indices into the feature's token table plus rounded activations.
 
     Tokens repeat a lot within one feature's examples, so a per-feature table of distinct
-    strings keeps a 30-example page to a few KB.
+    strings keeps a 30-example page to a few KB. ``window`` = (before, after) keeps only
+    that many tokens around the peak.
     """
+    tokens, acts, peak = list(ex.get("tokens", [])), list(ex.get("acts", [])), ex.get("peak")
+    if window is not None and peak is not None:
+        lo = max(0, int(peak) - window[0])
+        tokens, acts = tokens[lo : int(peak) + window[1] + 1], acts[lo : int(peak) + window[1] + 1]
+        peak = int(peak) - lo
+    ex = {**ex, "tokens": tokens, "acts": acts, "peak": peak}
     t = []
-    for s in ex.get("tokens", []):
+    for s in tokens:
         s = str(s)
         if s not in vocab:
             vocab[s] = len(vocab)
@@ -146,11 +158,30 @@ def _pick_interval_examples(bins: list[dict[str, Any]], budget: int) -> list[int
     return take
 
 
-def feature_record(rec: dict[str, Any], cfg: DashboardConfig) -> dict[str, Any]:
+# Ever shorter (before, after) example windows, tried until a feature file fits its budget.
+WINDOWS = ((48, 16), (32, 12), (24, 8), (16, 6), (10, 4), (6, 2), (3, 1), (0, 0))
+
+
+def feature_js(rec: dict[str, Any], cfg: DashboardConfig, prev_id: int | None, next_id: int | None) -> str:
+    """The data file of one feature: a call of the page's registered callback."""
+    window = None
+    for nxt in (*WINDOWS, None):
+        site = feature_record(rec, cfg, window)
+        site["prev"], site["next"] = prev_id, next_id
+        text = f"LLM_SAE_FEATURE({site['id']},{js_literal(site)});\n"
+        if len(text.encode("utf-8", "backslashreplace")) <= cfg.max_feature_kb * 1000 or nxt is None:
+            return text
+        window = nxt
+    raise AssertionError("unreachable")
+
+
+def feature_record(
+    rec: dict[str, Any], cfg: DashboardConfig, window: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """The page data of one feature from its analysis record (docs/analysis-format.md)."""
     vocab: dict[str, int] = {}
     d = cfg.digits
-    top = [site_example(e, vocab, d) for e in (rec.get("top_examples") or [])[: cfg.max_examples]]
+    top = [site_example(e, vocab, d, window) for e in (rec.get("top_examples") or [])[: cfg.max_examples]]
     bins = list(rec.get("interval_examples") or [])
     take = _pick_interval_examples(bins, cfg.max_interval_examples)
     intervals = []
@@ -158,7 +189,7 @@ def feature_record(rec: dict[str, Any], cfg: DashboardConfig) -> dict[str, Any]:
         item: dict[str, Any] = {
             "lo": round_sig(b.get("lo") or 0.0, 4),
             "hi": round_sig(b.get("hi") or 0.0, 4),
-            "ex": [site_example(e, vocab, d) for e in (b.get("examples") or [])[:n_take]],
+            "ex": [site_example(e, vocab, d, window) for e in (b.get("examples") or [])[:n_take]],
         }
         if b.get("count") is not None:
             item["count"] = int(b["count"])
@@ -225,7 +256,7 @@ def write_site(
     cfg: DashboardConfig,
     n_features: int | None = None,
 ) -> dict[str, Any]:
-    """Write a whole site from normalised feature dicts; returns size statistics.
+    """Write a whole site from analysis feature records; returns size statistics.
 
     ``features`` is consumed once, in id order, so a huge analysis streams through.
     """
@@ -236,29 +267,26 @@ def write_site(
     copy_assets(out)
     cols: dict[str, list[Any]] = {"id": [], "density": [], "max_act": [], "dead": [], "top": []}
     feature_bytes: list[int] = []
-    prev_id: int | None = None
-    pending: dict[str, Any] | None = None
+    # A page's data names its neighbours in id order, so a record is written one step late.
+    pending: tuple[dict[str, Any], int | None] | None = None
 
-    def flush(rec: dict[str, Any], next_id: int | None) -> None:
-        rec["next"] = next_id
-        text = f"LLM_SAE_FEATURE({rec['id']},{js_literal(rec)});\n"
-        path = out / feature_relpath(rec["id"])
-        _write_text(path, text)
+    def flush(rec: dict[str, Any], prev_id: int | None, next_id: int | None) -> None:
+        path = out / feature_relpath(int(rec["id"]))
+        _write_text(path, feature_js(rec, cfg, prev_id, next_id))
         feature_bytes.append(path.stat().st_size)
 
-    for feat in tqdm(features, total=n_features, desc="dashboard", unit="feat", disable=None):
-        rec = feature_record(feat, cfg)
-        rec["prev"] = prev_id
-        cols["id"].append(rec["id"])
-        cols["density"].append(rec["density"])
-        cols["max_act"].append(rec["max_act"])
-        cols["dead"].append(1 if rec["dead"] else 0)
-        cols["top"].append([str(t) for t in feat.get("top_tokens", [])[: cfg.top_tokens]])
+    for rec in tqdm(features, total=n_features, desc="dashboard", unit="feat", disable=None):
+        fid = int(rec["id"])
+        cols["id"].append(fid)
+        cols["density"].append(round_sig(rec.get("density") or 0.0, 4))
+        cols["max_act"].append(round_sig(rec.get("max_act") or 0.0, 4))
+        cols["dead"].append(1 if rec.get("dead") else 0)
+        cols["top"].append([str(t) for t in (rec.get("top_tokens") or [])[: cfg.top_tokens]])
         if pending is not None:
-            flush(pending, rec["id"])
-        pending, prev_id = rec, rec["id"]
+            flush(pending[0], pending[1], fid)
+        pending = (rec, pending[0]["id"] if pending is not None else None)
     if pending is not None:
-        flush(pending, None)
+        flush(pending[0], pending[1], None)
     if not cols["id"]:
         raise DashboardError(f"the analysis in {cfg.analysis} has no features to show")
 
