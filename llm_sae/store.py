@@ -482,7 +482,7 @@ def settings_diff(manifest: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     """Human-readable differences between a store's settings and the requested ones."""
     out = []
     for k in IDENTITY_KEYS:
-        if k not in meta and k not in manifest:
+        if k not in meta:
             continue
         a, b = manifest.get(k), meta.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
