@@ -17,6 +17,8 @@ references the fast path is tested against. Leading batch dimensions are flatten
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,27 +32,26 @@ def _chunk_rows(k: int, d: int, itemsize: int) -> int:
     return max(1, _CHUNK_BYTES // max(1, k * d * itemsize))
 
 
-class _Workspace:
-    """One reusable buffer for the dense pre-activations.
+# The encoder's [B, N] pre-activations are computed a slab of rows at a time into one
+# reused buffer of about this size: they never escape ``topk_encode`` (only vals/idx do),
+# so a whole-batch copy would only add peak memory (400 MB at B=4096, N=24576) and, on
+# CPU, page faults for fresh memory on every step. GPUs get larger slabs.
+_FWD_CHUNK_BYTES = {"cpu": 64 * 2**20}
+_FWD_CHUNK_BYTES_DEFAULT = 1024 * 2**20
 
-    The [B, N] pre-activations are the largest tensor of a training step and never
-    escape ``topk_encode`` (only vals/idx are kept), so reusing one buffer avoids
-    faulting in hundreds of MB of fresh pages on every step.
-    """
+
+class _Workspace(threading.local):
+    """One reusable buffer per thread for slabs of pre-activations."""
 
     def __init__(self) -> None:
         self.buf: Tensor | None = None
 
-    def get(self, shape: tuple[int, int], like: Tensor) -> Tensor:
+    def get(self, rows: int, cols: int, like: Tensor) -> Tensor:
         buf = self.buf
-        if (
-            buf is None
-            or buf.dtype != like.dtype
-            or buf.device != like.device
-            or buf.numel() < shape[0] * shape[1]
-        ):
-            buf = self.buf = torch.empty(shape[0] * shape[1], dtype=like.dtype, device=like.device)
-        return buf[: shape[0] * shape[1]].view(shape)
+        n = rows * cols
+        if buf is None or buf.dtype != like.dtype or buf.device != like.device or buf.numel() < n:
+            buf = self.buf = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(rows, cols)
 
 
 _PRE_ACTS = _Workspace()
@@ -59,6 +60,11 @@ _PRE_ACTS = _Workspace()
 def clear_workspace() -> None:
     """Free the cached pre-activation buffer (e.g. after training, before analysis)."""
     _PRE_ACTS.buf = None
+
+
+def _fwd_chunk_rows(n: int, like: Tensor) -> int:
+    budget = _FWD_CHUNK_BYTES.get(like.device.type, _FWD_CHUNK_BYTES_DEFAULT)
+    return max(1, budget // max(1, n * like.element_size()))
 
 
 def _rows_outer_add_(
@@ -98,12 +104,18 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int):  # type: ignore[override]
         B, N = x_BD.shape[0], W_enc_ND.shape[0]
-        pre_BN = _PRE_ACTS.get((B, N), x_BD)
-        torch.addmm(b_enc_N, x_BD, W_enc_ND.t(), out=pre_BN)
-        # top-k then ReLU on the k values equals ReLU then top-k (ReLU is monotone), and
-        # skips a dense pass over [B, N]. Non-positive winners become exact zeros.
-        vals_BK, idx_BK = pre_BN.topk(k, dim=1, sorted=False)
-        vals_BK.clamp_(min=0)
+        vals_BK = x_BD.new_empty(B, k)
+        idx_BK = torch.empty(B, k, dtype=torch.long, device=x_BD.device)
+        chunk = _fwd_chunk_rows(N, x_BD)
+        pre_CN = _PRE_ACTS.get(min(chunk, B), N, x_BD)
+        W_enc_DN = W_enc_ND.t()
+        for s in range(0, B, chunk):
+            e = min(B, s + chunk)
+            torch.addmm(b_enc_N, x_BD[s:e], W_enc_DN, out=pre_CN[: e - s])
+            # top-k then ReLU on the k values equals ReLU then top-k (ReLU is monotone)
+            # and skips a dense pass over the pre-activations.
+            torch.topk(pre_CN[: e - s], k, dim=1, sorted=False, out=(vals_BK[s:e], idx_BK[s:e]))
+        vals_BK.clamp_(min=0)  # non-positive winners become exact zeros
         ctx.save_for_backward(x_BD, W_enc_ND, vals_BK, idx_BK)
         ctx.mark_non_differentiable(idx_BK)
         return vals_BK, idx_BK

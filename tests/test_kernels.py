@@ -84,8 +84,11 @@ def test_decode_grads_match_dense_for_given_indices():
 )  # chunks of 1 row; of 4 rows (13 % 4 ≠ 0)
 def test_chunk_boundaries(monkeypatch, chunk_bytes):
     monkeypatch.setattr(kernels, "_CHUNK_BYTES", chunk_bytes)
+    # Forward slabs of 1 or 5 rows of pre-activations too.
+    monkeypatch.setattr(kernels, "_FWD_CHUNK_BYTES", {"cpu": 1 if chunk_bytes == 1 else 5 * 24 * 8})
     B, D, N, k = 13, 5, 24, 3
     assert kernels._chunk_rows(k, D, 8) in (1, 4)
+    assert kernels._fwd_chunk_rows(N, torch.zeros((), dtype=torch.float64)) in (1, 5)
     x, W_enc, b_enc, W_dec = _params(B, D, N, torch.float64, seed=5)
     R_BN = torch.randn(B, N, dtype=torch.float64)
     _, _, g_f = _sae_step(topk_encode, topk_decode, x, W_enc, b_enc, W_dec, k, R_BN)
