@@ -1,0 +1,925 @@
+"""Per-feature analysis: one pass of an SAE over stored activations → the data a person
+needs to understand each feature (statistics, examples, logit effects, neighbours).
+
+The output directory is documented in ``docs/analysis-format.md``. The pass reads the
+store in order and keeps only fixed-size state per feature (top-k buffer, reservoirs,
+a fine histogram), so memory does not grow with the number of tokens; the context
+windows' activations are captured from the neighbouring rows' encoder output during
+the pass, so there is no second encoder pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llm_sae.config import ConfigError, add_arguments, from_args, to_dict
+from llm_sae.errors import LlmSaeError, StoreError
+
+FORMAT_VERSION = 1
+FINE_BINS = 256  # fine histogram cells per feature over [0, U); a power of two
+SEQ_MUL = 1 << 24  # (sequence, position) → sequence·SEQ_MUL + position; positions < 2^24
+_M32 = 0xFFFFFFFF
+
+
+class AnalyzeError(LlmSaeError):
+    """Inputs that cannot be analysed together (e.g. an SAE and a store of other widths)."""
+
+
+@dataclass
+class AnalyzeConfig:
+    """Analyse an SAE over an activation store: per-feature statistics and examples."""
+
+    sae: str
+    """Directory of the saved SAE (cfg.json + sae.safetensors)."""
+    store: str
+    """Activation store directory to run the SAE over."""
+    out: str
+    """Output directory (see docs/analysis-format.md)."""
+    tokens: int | None = None
+    """Analyse only the first N rows of the store (default: all)."""
+    top_k: int = 20
+    """Top-activating examples kept per feature."""
+    context_before: int = 10
+    """Tokens of context shown before each example's token."""
+    context_after: int = 5
+    """Tokens of context shown after each example's token."""
+    n_bins: int = 10
+    """Equal-width activation bins (0..max) for the interval examples."""
+    per_bin: int = 3
+    """Random examples per interval bin."""
+    hist_bins: int = 32
+    """Bins of each feature's activation histogram."""
+    exclude_bos: bool = False
+    """Leave out rows whose token is a special token of the tokenizer (BOS/EOS/PAD)."""
+    exclude_positions: list[int] = field(default_factory=list)
+    """Leave out rows at these positions in their sequence, e.g. 0,1."""
+    model: str | None = None
+    """Model (hub name or directory) for token strings and logit effects; default: the store's model."""
+    logits: bool = True
+    """Compute logit effects (W_dec · W_U through the final norm); needs the model's weights."""
+    n_logits: int = 10
+    """Promoted and suppressed tokens listed per feature."""
+    n_neighbours: int = 10
+    """Nearest features by decoder cosine listed per feature."""
+    dense_threshold: float = 0.1
+    """A feature firing on more than this fraction of tokens is reported dense."""
+    shard_size: int = 1000
+    """Features per output shard file."""
+    batch_size: int = 4096
+    """Rows encoded at once."""
+    device: str | None = None
+    """torch device (default: cuda if available, else cpu)."""
+    seed: int = 0
+    """Seed of the interval-example sampling (a hash of row and feature: order-independent)."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+# ======================================================================================
+# Streaming state: bottom-p buffers per bucket
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (int64 in, values in [0, 2^32) out); no overflow in int64."""
+    x = x & _M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    return (x >> 16) ^ x
+
+
+def pair_hash(rows: torch.Tensor, feats: torch.Tensor, seed: int) -> torch.Tensor:
+    """A pseudo-random key in [0, 2^32) per (row, feature): the same in any batch order."""
+    a = _hash32((rows & _M32) ^ _hash32((rows >> 32) + seed * 0x9E3779B + 0x51ED27))
+    return _hash32(a ^ _hash32(feats + 0x3C6EF372))
+
+
+class BottomSlots:
+    """For each of ``n`` buckets, the ``p`` items with the smallest (prim, row) seen so far.
+
+    This one structure is both the top-k buffer (prim = -activation, so equal activations
+    are ordered by row) and the reservoirs (prim = a hash of (row, feature): the smallest
+    p hashes are a uniform random sample of the bucket, and two samples merge exactly).
+    Each item carries its activation, (sequence, position) and its window of activations.
+    """
+
+    EMPTY_ROW = (1 << 62)
+
+    def __init__(self, n: int, p: int, W: int, device: torch.device | str) -> None:
+        self.n, self.p, self.W = n, p, W
+        self.prim = torch.full((n, p), math.inf, dtype=torch.float64, device=device)
+        self.row = torch.full((n, p), self.EMPTY_ROW, dtype=torch.int64, device=device)
+        self.val = torch.zeros((n, p), dtype=torch.float32, device=device)
+        self.seqpos = torch.full((n, p), -1, dtype=torch.int64, device=device)
+        self.win = torch.zeros((n, p, W), dtype=torch.float16, device=device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.prim, self.row, self.val, self.seqpos, self.win))
+
+    def merge(
+        self,
+        bucket_M: torch.Tensor,
+        prim_M: torch.Tensor,
+        row_M: torch.Tensor,
+        val_M: torch.Tensor,
+        seqpos_M: torch.Tensor,
+        windows: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        """Offer items; ``windows(i)`` gives the [len(i), W] windows of items ``i`` (only
+        called for the items that actually enter, which after warm-up are few)."""
+        if bucket_M.numel() == 0:
+            return
+        # Cheap pre-filter: an item can only enter if it beats its bucket's current last.
+        tp, tr = self.prim[bucket_M, -1], self.row[bucket_M, -1]
+        ok = (prim_M < tp) | ((prim_M == tp) & (row_M < tr))
+        item = ok.nonzero().squeeze(1)
+        if item.numel() == 0:
+            return
+        bucket_M, prim_M, row_M = bucket_M[item], prim_M[item], row_M[item]
+        touched = torch.unique(bucket_M)
+        p = self.p
+        old_b = touched.repeat_interleave(p)
+        old_prim = self.prim[touched].reshape(-1)
+        old_row = self.row[touched].reshape(-1)
+        keep_old = old_prim < math.inf
+        old_src = torch.arange(old_b.numel(), device=old_b.device)[keep_old]
+        b = torch.cat([old_b[keep_old], bucket_M])
+        pr = torch.cat([old_prim[keep_old], prim_M])
+        rw = torch.cat([old_row[keep_old], row_M])
+        n_old = old_src.numel()
+        # Lexicographic order (bucket, prim, row) by stable sorts, least significant first.
+        order = torch.argsort(rw, stable=True)
+        order = order[torch.argsort(pr[order], stable=True)]
+        order = order[torch.argsort(b[order], stable=True)]
+        b_sorted = b[order]
+        rank = torch.arange(b_sorted.numel(), device=b.device) - torch.searchsorted(b_sorted, b_sorted)
+        win_mask = rank < p
+        sel, rank = order[win_mask], rank[win_mask]
+        dst_b = b[sel]
+        is_old = sel < n_old
+        # Gather everything the winners carry before the touched buckets are cleared.
+        flat = lambda t: t[touched].reshape(-1, *t.shape[2:])  # noqa: E731
+        new_val = torch.empty(sel.numel(), dtype=self.val.dtype, device=b.device)
+        new_sp = torch.empty(sel.numel(), dtype=torch.int64, device=b.device)
+        new_win = torch.empty(sel.numel(), self.W, dtype=self.win.dtype, device=b.device)
+        o = old_src[sel[is_old]]
+        new_val[is_old], new_sp[is_old], new_win[is_old] = flat(self.val)[o], flat(self.seqpos)[o], flat(self.win)[o]
+        n_idx = item[sel[~is_old] - n_old]
+        new_val[~is_old], new_sp[~is_old] = val_M[n_idx], seqpos_M[n_idx]
+        if n_idx.numel():
+            new_win[~is_old] = windows(n_idx).to(self.win.dtype)
+        self.prim[touched] = math.inf
+        self.row[touched] = self.EMPTY_ROW
+        self.prim[dst_b, rank], self.row[dst_b, rank] = pr[sel], rw[sel]
+        self.val[dst_b, rank], self.seqpos[dst_b, rank], self.win[dst_b, rank] = new_val, new_sp, new_win
+
+    def take(self, buckets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Remove and return the valid items of ``buckets`` (bucket, prim, row, val, seqpos, win)."""
+        p = self.p
+        b = buckets.repeat_interleave(p)
+        pr, rw = self.prim[buckets].reshape(-1), self.row[buckets].reshape(-1)
+        val, sp = self.val[buckets].reshape(-1), self.seqpos[buckets].reshape(-1)
+        win = self.win[buckets].reshape(-1, self.W)
+        ok = pr < math.inf
+        self.prim[buckets] = math.inf
+        self.row[buckets] = self.EMPTY_ROW
+        return b[ok], pr[ok], rw[ok], val[ok], sp[ok], win[ok]
+
+
+def _pow2_exponent(x: torch.Tensor) -> torch.Tensor:
+    """e with 2^(e-1) <= x < 2^e (x > 0): 2^e is the smallest power of two above x."""
+    return torch.frexp(x.float()).exponent.to(torch.int64)
+
+
+class FeatureAccumulator:
+    """Everything the pass keeps per feature. Fed with active (row, feature, value) triples.
+
+    Results do not depend on how the rows are cut into batches (up to float summation
+    order of the means): every structure is a deterministic function of the set of
+    triples seen.
+    """
+
+    def __init__(
+        self, n: int, *, top_k: int, n_bins: int, per_bin: int, window: tuple[int, int],
+        seed: int, device: torch.device | str,
+    ) -> None:
+        self.n, self.device, self.seed = n, torch.device(device), seed
+        self.before, self.after = window
+        W = self.before + self.after + 1
+        self.G = FINE_BINS
+        # Reservoir cells: a power of two, about 3 cells per final bin.
+        self.R = min(self.G, 1 << max(1, math.ceil(math.log2(max(2, 3 * n_bins)))))
+        self.count = torch.zeros(n, dtype=torch.int64, device=device)
+        self.sum = torch.zeros(n, dtype=torch.float64, device=device)
+        self.max = torch.zeros(n, dtype=torch.float32, device=device)
+        self.exp = torch.full((n,), -(1 << 20), dtype=torch.int64, device=device)  # U = 2^exp; unset
+        self.fine = torch.zeros(n, self.G, dtype=torch.int32, device=device)
+        self.l0_counts = torch.zeros(1, dtype=torch.int64, device=device)
+        self.rows_analysed = 0
+        self.top = BottomSlots(n, top_k, W, device) if top_k > 0 else None
+        self.res = BottomSlots(n * self.R, per_bin, W, device) if per_bin > 0 and n_bins > 0 else None
+
+    def nbytes(self) -> int:
+        t = [self.count, self.sum, self.max, self.exp, self.fine]
+        return sum(x.numel() * x.element_size() for x in t) + sum(
+            s.nbytes() for s in (self.top, self.res) if s is not None)
+
+    # -- statistics (at encode time) -----------------------------------------------------
+    def add_stats(self, f_M: torch.Tensor, v_M: torch.Tensor, l0_B: torch.Tensor) -> None:
+        n = self.n
+        self.rows_analysed += int(l0_B.numel())
+        self.count.index_add_(0, f_M, torch.ones_like(f_M))
+        self.sum.index_add_(0, f_M, v_M.double())
+        bmax = torch.zeros(n, dtype=torch.float32, device=self.device).scatter_reduce_(0, f_M, v_M, "amax")
+        self.max = torch.maximum(self.max, bmax)
+        l0 = torch.bincount(l0_B, minlength=1)
+        if l0.numel() > self.l0_counts.numel():
+            self.l0_counts = torch.nn.functional.pad(self.l0_counts, (0, l0.numel() - self.l0_counts.numel()))
+        self.l0_counts[: l0.numel()] += l0
+        # Grow U where the running max reached it; fine cells merge 2^s → 1 (exact).
+        need = (bmax > 0) & (bmax >= torch.ldexp(torch.ones_like(bmax), self.exp))
+        if bool(need.any()):
+            fi = need.nonzero().squeeze(1)
+            new_e = torch.maximum(_pow2_exponent(bmax[fi]), self.exp[fi])
+            had = self.exp[fi] > -(1 << 20)
+            shift = (new_e - self.exp[fi]).clamp(0, 62)
+            if bool(had.any()):
+                fh, sh = fi[had], shift[had]
+                idx = torch.arange(self.G, device=self.device)[None, :] >> sh[:, None].clamp(max=30)
+                merged = torch.zeros_like(self.fine[fh]).scatter_add_(1, idx, self.fine[fh])
+                self.fine[fh] = merged
+            self.exp[fi] = new_e
+            if self.res is not None and bool(had.any()):
+                self._rebin_reservoirs(fi[had])
+        cell = self._cells(f_M, v_M, self.G)
+        self.fine.view(-1).index_add_(0, f_M * self.G + cell, torch.ones_like(cell, dtype=torch.int32))
+
+    def _cells(self, f_M: torch.Tensor, v_M: torch.Tensor, n_cells: int) -> torch.Tensor:
+        # v / 2^e · n_cells is exact in float for power-of-two n_cells: the grid is the
+        # one the final U would give, so merging cells when U doubles loses nothing.
+        u = torch.ldexp(v_M.float(), -self.exp[f_M] + int(math.log2(n_cells)))
+        return u.floor().to(torch.int64).clamp(0, n_cells - 1)
+
+    def _rebin_reservoirs(self, feats: torch.Tensor) -> None:
+        R = self.R
+        buckets = (feats[:, None] * R + torch.arange(R, device=self.device)).reshape(-1)
+        b, pr, rw, val, sp, win = self.res.take(buckets)
+        f = b // R
+        self.res.merge(f * R + self._cells(f, val, R), pr, rw, val, sp, lambda i: win[i])
+
+    # -- examples (deferred until the neighbouring batch is encoded) ----------------------
+    def add_examples(self, row_M, f_M, v_M, seqpos_M, windows: Callable) -> None:
+        if self.top is not None:
+            self.top.merge(f_M, -v_M.double(), row_M, v_M, seqpos_M, windows)
+        if self.res is not None:
+            key = pair_hash(row_M, f_M, self.seed).double()
+            self.res.merge(f_M * self.R + self._cells(f_M, v_M, self.R), key, row_M, v_M, seqpos_M, windows)
+
+
+# ======================================================================================
+# The pass
+
+
+@dataclass
+class _Batch:
+    """What later batches need of an encoded batch: rows' (seq, pos) and active pairs."""
+
+    start: int
+    seqpos: torch.Tensor  # [B] int64 (-1 where unknown)
+    key: torch.Tensor  # sorted row·N + feature of the active pairs
+    val: torch.Tensor  # their values
+
+
+class _Span:
+    """Lookup over a few consecutive encoded batches: (seq, pos) → row → activation."""
+
+    def __init__(self, batches: list[_Batch], n: int, before: int, after: int) -> None:
+        self.n, self.before, self.after = n, before, after
+        sp = torch.cat([b.seqpos for b in batches])
+        rows = torch.cat([torch.arange(b.start, b.start + b.seqpos.numel(), device=sp.device) for b in batches])
+        self.sp_sorted, order = torch.sort(sp)
+        self.sp_rows = rows[order]
+        self.key = torch.cat([b.key for b in batches])
+        self.val = torch.cat([b.val for b in batches])
+
+    def windows(self, seqpos_M: torch.Tensor, f_M: torch.Tensor) -> torch.Tensor:
+        """[M, W] activations of feature f_M at (seq, pos + d), d in [-before, after];
+        NaN where no row of the span has that position."""
+        d = torch.arange(-self.before, self.after + 1, device=seqpos_M.device)
+        q = seqpos_M[:, None] + d[None, :]
+        valid = (seqpos_M[:, None] >= 0) & ((seqpos_M[:, None] % SEQ_MUL) + d[None, :] >= 0)
+        i = torch.searchsorted(self.sp_sorted, q).clamp(max=max(0, self.sp_sorted.numel() - 1))
+        found = valid & (self.sp_sorted[i] == q) if self.sp_sorted.numel() else valid & False
+        row = self.sp_rows[i]
+        k = row * self.n + f_M[:, None]
+        j = torch.searchsorted(self.key, k).clamp(max=max(0, self.key.numel() - 1))
+        hit = (self.key[j] == k) if self.key.numel() else torch.zeros_like(found)
+        out = torch.where(hit, self.val[j], torch.zeros((), device=q.device))
+        return torch.where(found, out, torch.full((), float("nan"), device=q.device))
+
+
+def encode_pairs(sae: Any, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Active (local row, feature, value) triples of a batch, sorted by (row, feature).
+
+    Uses the TopK sparse form when the SAE has one (no dense [B, N] tensor); otherwise
+    the dense encode and the SAE's own notion of firing.
+    """
+    if hasattr(sae, "encode_topk"):
+        vals_BK, idx_BK = sae.encode_topk(x_BD)
+        on = vals_BK > 0
+        r = torch.arange(x_BD.shape[0], device=x_BD.device)[:, None].expand_as(idx_BK)[on]
+        f, v = idx_BK[on], vals_BK[on]
+        key = r * sae.n_latents + f
+        key, order = torch.sort(key)
+        return r[order], f[order], v[order].float()
+    z_BN = sae.encode(x_BD)
+    nz = sae.fired(z_BN).nonzero()
+    r, f = nz[:, 0], nz[:, 1]
+    return r, f, z_BN[r, f].float()
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_pass(
+    sae: Any,
+    store: Any,
+    acc: FeatureAccumulator,
+    *,
+    n_rows: int,
+    batch_size: int,
+    exclude_ids: list[int] = (),  # type: ignore[assignment]
+    exclude_positions: list[int] = (),  # type: ignore[assignment]
+    device: torch.device,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Encode rows [0, n_rows) (plus a few rows of look-ahead for the last windows) once,
+    feeding ``acc``. Returns row counts."""
+    from tqdm.auto import tqdm
+
+    N = acc.n
+    read_to = min(store.n_rows, n_rows + acc.after + 1)
+    ex_ids = torch.tensor(sorted(set(exclude_ids)), dtype=torch.int64, device=device)
+    ex_pos = torch.tensor(sorted(set(exclude_positions)), dtype=torch.int64, device=device)
+    batches: deque[_Batch] = deque(maxlen=3)
+    pending: tuple | None = None
+    excluded = 0
+    bar = tqdm(total=read_to, unit="tok", unit_scale=True, desc="analyze", disable=not progress)
+
+    def flush(p):
+        r, f, v, sp = p
+        span = _Span(list(batches), N, acc.before, acc.after)
+        acc.add_examples(r, f, v, sp, lambda i: span.windows(sp[i], f[i]))
+
+    with torch.no_grad():
+        for start in range(0, read_to, batch_size):
+            stop = min(read_to, start + batch_size)
+            x_BD = store.acts(start, stop).to(device=device, dtype=torch.float32, non_blocking=True)
+            pos_B2 = store.positions(start, stop).to(device)
+            r, f, v = encode_pairs(sae, x_BD)
+            seqpos = torch.where(pos_B2[:, 0] >= 0, pos_B2[:, 0] * SEQ_MUL + pos_B2[:, 1], -1)
+            rows = torch.arange(start, stop, device=device)
+            include = rows < n_rows
+            if ex_ids.numel():
+                tok = store.token_ids(start, stop).to(device)
+                include &= ~torch.isin(tok, ex_ids)
+            if ex_pos.numel():
+                include &= ~torch.isin(pos_B2[:, 1], ex_pos)
+            excluded += int((~include[: max(0, min(stop, n_rows) - start)]).sum())
+            batches.append(_Batch(start, seqpos, (r + start) * N + f, v))
+            if pending is not None:
+                flush(pending)
+            m = include[r]
+            ra, fa, va = r[m], f[m], v[m]
+            l0_B = torch.bincount(r, minlength=stop - start)[include]
+            acc.add_stats(fa, va, l0_B)
+            pending = (ra + start, fa, va, seqpos[ra])
+            bar.update(stop - start)
+        if pending is not None:
+            flush(pending)
+    bar.close()
+    return {"rows_read": read_to, "rows_excluded": excluded, "tokens_analysed": acc.rows_analysed}
+
+
+# ======================================================================================
+# Tokens, logits, neighbours
+
+
+def token_strings(tokenizer: Any) -> list[str]:
+    """Each vocabulary id decoded on its own, whitespace kept as real characters."""
+    V = len(tokenizer)
+    raw = tokenizer.convert_ids_to_tokens(list(range(V)))
+    sentencepiece = sum(1 for t in raw if t and t.startswith("▁")) > 0.05 * max(1, V)
+    out = []
+    for i, t in enumerate(raw):
+        if t is None:
+            out.append(f"<id {i}>")
+        elif sentencepiece and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            b = int(t[3:5], 16)
+            out.append(chr(b) if b < 128 else "\ufffd")
+        elif sentencepiece:
+            out.append(t.replace("▁", " "))
+        else:
+            try:
+                out.append(tokenizer.convert_tokens_to_string([t]))
+            except Exception:  # a tokenizer without a byte-level decoder
+                out.append(t)
+    return out
+
+
+def _load_tokenizer(name: str | None) -> Any:
+    if not name:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # noqa: BLE001 - any failure means: no token strings
+        warnings.warn(f"analyze: no tokenizer from {name!r} ({type(e).__name__}: {e}); "
+                      "tokens are written as <id N>; pass --model to fix", stacklevel=2)
+        return None
+
+
+def unembedding(model_name: str, d_in: int) -> tuple[torch.Tensor | None, str | None, str]:
+    """(W_U_eff [D, V] with the final norm's scale folded in, norm kind, reason if None).
+
+    For LayerNorm models the rows are centred over D too (the norm centres the residual
+    before scaling), so a decoder atom's component along the all-ones direction, which the
+    norm removes, has no effect.
+    """
+    try:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_name)
+    except Exception as e:  # noqa: BLE001
+        return None, None, f"could not load model {model_name!r} ({type(e).__name__}: {e})"
+    emb = model.get_output_embeddings()
+    if emb is None or getattr(emb, "weight", None) is None:
+        return None, None, f"model {model_name!r} has no unembedding"
+    W_U_VD = emb.weight.detach().float()
+    if W_U_VD.shape[1] != d_in:
+        return None, None, (f"the SAE's width {d_in} is not the model's d_model {W_U_VD.shape[1]} "
+                            "(a hook outside the residual stream)")
+    base = getattr(model, "base_model", model)
+    norm = None
+    for name in ("ln_f", "norm", "final_layer_norm", "final_norm", "ln_final"):
+        norm = getattr(base, name, None) or getattr(model, name, None)
+        if norm is not None:
+            break
+    kind = "none"
+    W_U_DV = W_U_VD.T.clone()
+    if norm is not None and getattr(norm, "weight", None) is not None:
+        g_D = norm.weight.detach().float()
+        cls = type(norm).__name__
+        if "Gemma" in cls:
+            g_D = g_D + 1.0  # Gemma's RMSNorm scales by (1 + weight)
+        kind = "layernorm" if isinstance(norm, torch.nn.LayerNorm) else "rmsnorm"
+        W_U_DV = g_D[:, None] * W_U_DV
+        if kind == "layernorm":
+            W_U_DV = W_U_DV - W_U_DV.mean(0, keepdim=True)
+    del model
+    return W_U_DV, kind, "ok"
+
+
+def _chunk(n_cols: int, budget: int = 1 << 24) -> int:
+    return max(1, budget // max(1, n_cols))
+
+
+def logit_effects(W_dec_ND: torch.Tensor, W_U_DV: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """Top-n promoted / suppressed (values, ids) per feature, centred over the vocabulary."""
+    N, V = W_dec_ND.shape[0], W_U_DV.shape[1]
+    n = min(n, V)
+    pv, pi, sv, si = [], [], [], []
+    c = _chunk(V)
+    for a in range(0, N, c):
+        l_CV = W_dec_ND[a : a + c].float() @ W_U_DV
+        l_CV -= l_CV.mean(1, keepdim=True)
+        t = l_CV.topk(n, dim=1)
+        b = (-l_CV).topk(n, dim=1)
+        pv.append(t.values), pi.append(t.indices), sv.append(-b.values), si.append(b.indices)
+    return torch.cat(pv), torch.cat(pi), torch.cat(sv), torch.cat(si)
+
+
+def decoder_neighbours(W_dec_ND: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-n other features by decoder cosine, in blocks (never an N×N matrix)."""
+    N = W_dec_ND.shape[0]
+    n = min(n, N - 1)
+    if n <= 0:
+        return torch.zeros(N, 0), torch.zeros(N, 0, dtype=torch.long)
+    U_ND = W_dec_ND.float() / W_dec_ND.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    vals, idx = [], []
+    c = _chunk(N)
+    for a in range(0, N, c):
+        s_CN = U_ND[a : a + c] @ U_ND.T
+        ar = torch.arange(a, min(N, a + c), device=s_CN.device)
+        s_CN[ar - a, ar] = -math.inf
+        t = s_CN.topk(n, dim=1)
+        vals.append(t.values), idx.append(t.indices)
+    return torch.cat(vals), torch.cat(idx)
+
+
+# ======================================================================================
+# Turning state into records
+
+
+def _r(x: float) -> float | None:
+    if x is None or not math.isfinite(x):
+        return None
+    return float(f"{x:.4g}")
+
+
+def _fine_edges(m: float, e: int, n_bins: int, G: int = FINE_BINS) -> np.ndarray:
+    """Fine-cell indices of n_bins near-equal bins covering [0, max]: c_0 = 0 < ... < c_n."""
+    used = min(G, int(math.floor(math.ldexp(m, -e) * G)) + 1)
+    n_bins = max(1, min(n_bins, used))
+    return np.floor(np.arange(n_bins + 1) * used / n_bins + 0.5).astype(np.int64)
+
+
+def _density_histogram(dens: np.ndarray) -> dict[str, Any]:
+    live = dens[dens > 0]
+    lo = min(-1.0, math.floor(float(np.log10(live.min())) * 4) / 4) if live.size else -1.0
+    edges = np.arange(lo, 0.0001, 0.25)
+    counts = np.histogram(np.log10(live), bins=edges)[0] if live.size else np.zeros(len(edges) - 1, int)
+    return {"log10_edges": [round(float(x), 3) for x in edges], "counts": counts.tolist(),
+            "n_dead": int((dens == 0).sum())}
+
+
+def _l0_summary(l0_counts: np.ndarray) -> dict[str, Any]:
+    total = int(l0_counts.sum())
+    if total == 0:
+        return {"mean": None, "median": None, "p10": None, "p90": None, "max": None,
+                "histogram": {"edges": [], "counts": []}}
+    vals = np.arange(len(l0_counts))
+    cdf = np.cumsum(l0_counts) / total
+    q = lambda p: int(np.searchsorted(cdf, p))  # noqa: E731
+    mx = int(vals[l0_counts > 0].max())
+    if mx < 64:
+        edges = np.arange(mx + 2)
+    else:
+        edges = np.unique(np.linspace(0, mx + 1, 51).round().astype(int))
+    counts = np.add.reduceat(l0_counts[: edges[-1]], edges[:-1]) if len(edges) > 1 else l0_counts
+    return {"mean": _r(float((vals * l0_counts).sum() / total)), "median": q(0.5), "p10": q(0.1),
+            "p90": q(0.9), "max": mx, "histogram": {"edges": edges.tolist(), "counts": counts.tolist()}}
+
+
+class _Tokens:
+    """Token ids → display strings, and windows of tokens from the store's sequences."""
+
+    def __init__(self, strings: list[str] | None, store: Any) -> None:
+        self.strings, self.store = strings, store
+        self.has_seqs = any("seqs" in sh["files"] for sh in store.shards)
+
+    def s(self, i: int) -> str:
+        if self.strings is not None and 0 <= i < len(self.strings):
+            return self.strings[i]
+        return f"<id {i}>"
+
+    def contexts(self, seqs: list[int]) -> dict[int, np.ndarray]:
+        seqs = sorted({s for s in seqs if s >= 0})
+        if not seqs or not self.has_seqs:
+            return {}
+        try:
+            toks = self.store.sequence_tokens(seqs).numpy()
+        except StoreError:
+            return {}
+        return dict(zip(seqs, toks, strict=True))
+
+
+def _example(row: int, seqpos: int, act: float, win: np.ndarray, before: int, ctx: dict, tk: _Tokens) -> dict:
+    seq, pos = (seqpos // SEQ_MUL, seqpos % SEQ_MUL) if seqpos >= 0 else (-1, -1)
+    W = len(win)
+    if seq >= 0 and seq in ctx:
+        full = ctx[seq]
+        a, b = max(0, pos - before), min(len(full), pos - before + W)
+        ids = full[a:b].tolist()
+        acts = win[a - (pos - before) : b - (pos - before)]
+    else:  # no stored contexts: show the token alone
+        ids = [int(tk.store.token_ids(row, row + 1)[0])]
+        a, acts = pos, win[before : before + 1]
+    peak = pos - a if seq >= 0 else 0
+    out_acts = [_r(float(x)) if math.isfinite(float(x)) else None for x in acts]
+    if 0 <= peak < len(out_acts):
+        out_acts[peak] = _r(act)
+    return {"row": row, "seq": int(seq), "pos": int(pos), "act": _r(act), "peak": int(peak),
+            "tokens": [tk.s(i) for i in ids], "acts": out_acts}
+
+
+def _interval_picks(
+    f: int, vals: np.ndarray, rows: np.ndarray, fine: np.ndarray, e: int, edges: np.ndarray,
+    R: int, per_bin: int, seed: int,
+) -> list[list[int]]:
+    """Indices into the feature's reservoir entries chosen for each final bin."""
+    G = len(fine)
+    if vals.size == 0:
+        return [[] for _ in range(len(edges) - 1)]
+    cell_f = np.clip(np.floor(np.ldexp(vals, -e) * G).astype(np.int64), 0, G - 1)
+    cell_r = cell_f // (G // R)
+    n_r = fine.reshape(R, G // R).sum(1)
+    s_r = np.bincount(cell_r, minlength=R)
+    w = n_r[cell_r] / np.maximum(1, s_r[cell_r])
+    # Weighted sampling without replacement (Efraimidis–Spirakis): largest log(u)/w.
+    u = (pair_hash(torch.from_numpy(rows), torch.full((rows.size,), f), seed + 1).numpy() + 0.5) / 2.0**32
+    score = np.log(u) / np.maximum(w, 1e-300)
+    bin_ = np.searchsorted(edges, cell_f, side="right") - 1
+    picks = []
+    for j in range(len(edges) - 1):
+        cand = np.nonzero(bin_ == j)[0]
+        cand = cand[np.lexsort((rows[cand], -score[cand]))][:per_bin]
+        picks.append(cand[np.argsort(-vals[cand], kind="stable")].tolist())
+    return picks
+
+
+# ======================================================================================
+# Entry points
+
+
+def analyze(cfg: AnalyzeConfig) -> dict[str, Any]:
+    """Run the analysis and write ``cfg.out``; returns the summary dict."""
+    from llm_sae.sae import load_sae
+    from llm_sae.store import open_store
+
+    t0 = time.perf_counter()
+    _check_config(cfg)
+    device = _resolve_device(cfg.device)
+    store = open_store(cfg.store)
+    sae = load_sae(cfg.sae, device=device)
+    if sae.d_in != store.d_in:
+        raise AnalyzeError(
+            f"the SAE at {cfg.sae} takes d_in={sae.d_in} but the store at {cfg.store} holds "
+            f"d_in={store.d_in} rows (hook {store.hook!r}); analyse the SAE with a store of the "
+            "hook it was trained on"
+        )
+    if store.n_rows == 0:
+        raise StoreError(f"the store at {cfg.store} has no rows; harvest some activations into it first")
+    N = sae.n_latents
+    n_rows = store.n_rows if cfg.tokens is None else min(cfg.tokens, store.n_rows)
+    batch_size = max(cfg.batch_size, 2 * (cfg.context_before + cfg.context_after + 1))
+
+    model_name = cfg.model or store.model
+    tok = _load_tokenizer(cfg.model or store.manifest.get("tokenizer") or store.model)
+    strings = token_strings(tok) if tok is not None else None
+    exclude_ids = []
+    if cfg.exclude_bos:
+        if tok is None:
+            raise AnalyzeError("--exclude-bos needs the tokenizer to know the special tokens; pass --model")
+        exclude_ids = [int(i) for i in tok.all_special_ids]
+
+    acc = FeatureAccumulator(
+        N, top_k=cfg.top_k, n_bins=cfg.n_bins, per_bin=cfg.per_bin,
+        window=(cfg.context_before, cfg.context_after), seed=cfg.seed, device=device,
+    )
+    counts = run_pass(
+        sae, store, acc, n_rows=n_rows, batch_size=batch_size, exclude_ids=exclude_ids,
+        exclude_positions=cfg.exclude_positions, device=device, progress=cfg.progress,
+    )
+    t_pass = time.perf_counter() - t0
+
+    W_dec_ND = sae.W_dec.detach()
+    logits, logit_info = None, {"available": False, "reason": "disabled (--no-logits)", "norm": None}
+    if cfg.logits and model_name:
+        W_U_DV, kind, reason = unembedding(model_name, sae.d_in)
+        if W_U_DV is not None:
+            logits = [t.cpu() for t in logit_effects(W_dec_ND, W_U_DV.to(W_dec_ND.device), cfg.n_logits)]
+            logit_info = {"available": True, "reason": None, "norm": kind}
+        else:
+            logit_info = {"available": False, "reason": reason, "norm": None}
+    elif cfg.logits:
+        logit_info["reason"] = "the store names no model; pass --model"
+    nb_vals, nb_idx = (t.cpu() for t in decoder_neighbours(W_dec_ND, cfg.n_neighbours))
+
+    summary = write_output(
+        cfg, store, sae, acc, counts, strings, tok, logits, logit_info, (nb_vals, nb_idx), model_name,
+    )
+    summary["elapsed_s"] = round(time.perf_counter() - t0, 3)
+    summary["pass_s"] = round(t_pass, 3)
+    _write_json(Path(cfg.out) / "summary.json", summary)
+    return summary
+
+
+def _check_config(cfg: AnalyzeConfig) -> None:
+    if cfg.tokens is not None and cfg.tokens <= 0:
+        raise ConfigError(f"--tokens must be positive, got {cfg.tokens}")
+    for name in ("top_k", "context_before", "context_after", "per_bin", "n_logits", "n_neighbours"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
+    if not 1 <= cfg.n_bins <= FINE_BINS // 2 or not 1 <= cfg.hist_bins <= FINE_BINS // 2:
+        raise ConfigError(f"--n-bins and --hist-bins must be between 1 and {FINE_BINS // 2}")
+    if cfg.batch_size <= 0 or cfg.shard_size <= 0:
+        raise ConfigError("--batch-size and --shard-size must be positive")
+    if not Path(cfg.sae).exists():
+        from llm_sae.errors import CheckpointError
+
+        raise CheckpointError(f"no SAE at {cfg.sae}; train one with `llm-sae train` or fix --sae")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_output(cfg, store, sae, acc, counts, strings, tok, logits, logit_info, neighbours, model_name) -> dict:
+    """Write vocab.json, features.jsonl and the shards; returns the summary (not yet written)."""
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.out)
+    (out / "features").mkdir(parents=True, exist_ok=True)
+    N, T = acc.n, max(1, counts["tokens_analysed"])
+    if strings is not None:
+        special = sorted(int(i) for i in getattr(tok, "all_special_ids", []))
+        _write_json(out / "vocab.json", {"tokens": strings, "special_ids": special})
+    tk = _Tokens(strings, store)
+    cnt = acc.count.cpu().numpy()
+    mean = (acc.sum.cpu() / acc.count.cpu().clamp_min(1)).numpy()
+    mx = acc.max.cpu().numpy()
+    exp = acc.exp.cpu().numpy()
+    fine = acc.fine.cpu().numpy()
+    dens = cnt / T
+    nb_vals, nb_idx = (t.numpy() for t in neighbours)
+    top = [t.cpu().numpy() for t in (acc.top.row, acc.top.val, acc.top.seqpos, acc.top.win.float(), acc.top.prim)] \
+        if acc.top is not None else None
+    res = None
+    if acc.res is not None:
+        R, p = acc.R, acc.res.p
+        res = [t.cpu().numpy().reshape(N, R * p, *t.shape[2:])
+               for t in (acc.res.row, acc.res.val, acc.res.seqpos, acc.res.win.float(), acc.res.prim)]
+    if logits is not None:
+        pv, pi, sv, si = (t.numpy() for t in logits)
+    S = cfg.shard_size
+    n_shards = (N + S - 1) // S
+    index_lines = []
+    for s in tqdm(range(n_shards), desc="write", unit="shard", disable=not cfg.progress):
+        feats = range(s * S, min(N, (s + 1) * S))
+        # Examples of this shard: their contexts are read in one go.
+        ex: dict[int, tuple] = {}
+        seqs: list[int] = []
+        for f in feats:
+            tsel = np.nonzero(top[4][f] < np.inf)[0] if top is not None else np.array([], int)
+            rsel = np.nonzero(res[4][f] < np.inf)[0] if res is not None else np.array([], int)
+            ex[f] = (tsel, rsel)
+            if top is not None:
+                seqs += (top[2][f][tsel] // SEQ_MUL).tolist()
+            if res is not None:
+                seqs += (res[2][f][rsel] // SEQ_MUL).tolist()
+        ctx = tk.contexts([q for q in seqs])
+        lines, offsets = [], [0]
+        for f in feats:
+            dead = bool(cnt[f] == 0)
+            rec: dict[str, Any] = {
+                "id": f, "dead": dead, "dense": bool(dens[f] > cfg.dense_threshold),
+                "count": int(cnt[f]), "density": _r(float(dens[f])),
+                "log10_density": None if dead else _r(math.log10(dens[f])),
+                "mean_act": _r(float(mean[f])), "max_act": _r(float(mx[f])),
+            }
+            tsel, rsel = ex[f]
+            tops = []
+            if top is not None:
+                tops = [_example(int(top[0][f][i]), int(top[2][f][i]), float(top[1][f][i]), top[3][f][i],
+                                 cfg.context_before, ctx, tk) for i in tsel]
+            seen: list[str] = []
+            for e in tops:
+                t = e["tokens"][e["peak"]] if 0 <= e["peak"] < len(e["tokens"]) else None
+                if t is not None and t not in seen and len(seen) < 5:
+                    seen.append(t)
+            rec["top_tokens"] = seen
+            if dead:
+                rec["histogram"] = {"edges": [], "counts": []}
+                rec["interval_examples"] = []
+            else:
+                he = _fine_edges(float(mx[f]), int(exp[f]), cfg.hist_bins)
+                w = math.ldexp(1.0, int(exp[f])) / FINE_BINS
+                cf = np.concatenate([[0], np.cumsum(fine[f])])
+                rec["histogram"] = {"edges": [_r(c * w) for c in he.tolist()],
+                                    "counts": np.diff(cf[he]).tolist()}
+                ie = _fine_edges(float(mx[f]), int(exp[f]), cfg.n_bins)
+                picks = [[] for _ in range(len(ie) - 1)]
+                if res is not None:
+                    picks = _interval_picks(f, res[1][f][rsel].astype(np.float64), res[0][f][rsel], fine[f],
+                                            int(exp[f]), ie, acc.R, cfg.per_bin, cfg.seed)
+                bins = []
+                for j in range(len(ie) - 1):
+                    c = int(cf[ie[j + 1]] - cf[ie[j]])
+                    exs = [_example(int(res[0][f][rsel[i]]), int(res[2][f][rsel[i]]), float(res[1][f][rsel[i]]),
+                                    res[3][f][rsel[i]], cfg.context_before, ctx, tk) for i in picks[j]]
+                    bins.append({"lo": _r(ie[j] * w), "hi": _r(ie[j + 1] * w), "count": c,
+                                 "share": _r(c / max(1, int(cnt[f]))), "examples": exs})
+                rec["interval_examples"] = bins
+            rec["top_examples"] = tops
+            if logits is not None:
+                rec["logits"] = {
+                    "promoted": [{"token": tk.s(int(i)), "id": int(i), "value": _r(float(v))}
+                                 for v, i in zip(pv[f], pi[f], strict=True)],
+                    "suppressed": [{"token": tk.s(int(i)), "id": int(i), "value": _r(float(v))}
+                                   for v, i in zip(sv[f], si[f], strict=True)],
+                }
+            else:
+                rec["logits"] = None
+            rec["neighbours"] = {
+                "decoder_cosine": [{"id": int(i), "value": _r(float(v))}
+                                   for v, i in zip(nb_vals[f], nb_idx[f], strict=True)],
+                "cooccurrence": None,
+            }
+            b = (json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+            lines.append(b)
+            offsets.append(offsets[-1] + len(b))
+            index_lines.append(json.dumps(
+                {k: rec[k] for k in ("id", "dead", "dense", "count", "log10_density", "max_act",
+                                     "mean_act", "top_tokens")}, ensure_ascii=False, separators=(",", ":")))
+        shard = out / "features" / f"shard_{s:05d}.jsonl"
+        tmp = shard.with_name(shard.name + ".tmp")
+        tmp.write_bytes(b"".join(lines))
+        os.replace(tmp, shard)
+        (out / "features" / f"shard_{s:05d}.idx.json").write_text(json.dumps(offsets))
+    (out / "features.jsonl.tmp").write_text("\n".join(index_lines) + "\n", encoding="utf-8")
+    os.replace(out / "features.jsonl.tmp", out / "features.jsonl")
+
+    l0 = _l0_summary(acc.l0_counts.cpu().numpy())
+    return {
+        "format_version": FORMAT_VERSION,
+        "n_features": N,
+        "d_in": sae.d_in,
+        "sae": {"path": str(cfg.sae), "cfg": to_dict(sae.cfg)},
+        "store": {"path": str(cfg.store), "model": store.model, "hook": store.hook,
+                  "n_rows": store.n_rows, "context_length": store.context_length},
+        "model": model_name,
+        **counts,
+        "dead_threshold": 0,
+        "dense_threshold": cfg.dense_threshold,
+        "n_dead": int((cnt == 0).sum()),
+        "n_dense": int((dens > cfg.dense_threshold).sum()),
+        "density_histogram": _density_histogram(dens),
+        "l0": l0,
+        "logits": logit_info,
+        "shard_size": S,
+        "n_shards": n_shards,
+        "state_bytes": acc.nbytes(),
+        "options": to_dict(cfg),
+    }
+
+
+# ======================================================================================
+# Reading the output back
+
+
+def load_summary(out_dir: str | Path) -> dict[str, Any]:
+    """The analysis summary (summary.json)."""
+    p = Path(out_dir) / "summary.json"
+    if not p.is_file():
+        raise AnalyzeError(f"no analysis at {out_dir} (no summary.json); run `llm-sae analyze` first")
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def load_index(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-feature index (features.jsonl): a list where element i is feature i."""
+    load_summary(out_dir)
+    with open(Path(out_dir) / "features.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_feature(out_dir: str | Path, feature_id: int) -> dict[str, Any]:
+    """One feature's full record, read by byte range (never parses a whole shard)."""
+    summary = load_summary(out_dir)
+    N, S = summary["n_features"], summary["shard_size"]
+    if not 0 <= feature_id < N:
+        raise AnalyzeError(f"feature {feature_id} is out of range: this analysis has features 0..{N - 1}")
+    s, i = divmod(int(feature_id), S)
+    d = Path(out_dir) / "features"
+    offsets = json.loads((d / f"shard_{s:05d}.idx.json").read_text())
+    with open(d / f"shard_{s:05d}.jsonl", "rb") as f:
+        f.seek(offsets[i])
+        return json.loads(f.read(offsets[i + 1] - offsets[i]).decode("utf-8"))
+
+
+# ======================================================================================
+# CLI
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser, AnalyzeConfig)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = from_args(AnalyzeConfig, args)
+    s = analyze(cfg)
+    print(f"analysed {s['tokens_analysed']:,} tokens × {s['n_features']:,} features in {s['elapsed_s']:.1f}s: "
+          f"{s['n_dead']} dead, {s['n_dense']} dense, mean L0 {s['l0']['mean']}; wrote {cfg.out}")
+    return 0
+
+
+__all__ = ["AnalyzeConfig", "AnalyzeError", "analyze", "load_summary", "load_index", "load_feature",
+           "BottomSlots", "FeatureAccumulator", "run_pass", "encode_pairs", "token_strings"]
