@@ -75,6 +75,17 @@ def _sae_meta(sae_dir: Path) -> dict[str, Any]:
                     if isinstance(data.get(nested), dict):
                         for k, v in data[nested].items():
                             meta.setdefault(k, v)
+    # `llm-sae train` records the store it read (train_cfg.json); its manifest names both.
+    store_path = meta.get("store")
+    if isinstance(store_path, str) and Path(store_path).is_dir():
+        try:
+            from llm_sae.store import open_store
+
+            store = open_store(store_path)
+            meta.setdefault("hook_name", store.hook)
+            meta.setdefault("model_name", store.model)
+        except Exception:  # noqa: BLE001 - a moved or partial store: fall back to flags
+            pass
     return meta
 
 
@@ -120,6 +131,7 @@ class LiveEncoder:
         self.bridge = _load_model(self.model_name, device)
         self.tokenizer = self.bridge.tokenizer
         self.lock = threading.Lock()
+        self.encode("")  # fail at start-up, not on the first request, if hook or width is wrong
 
     def info(self) -> dict[str, Any]:
         return {
@@ -140,6 +152,11 @@ class LiveEncoder:
         with self.lock, torch.no_grad():
             tokens_1T = torch.tensor([ids], dtype=torch.long, device=self.device)
             x_TD = _run_to_hook(self.bridge, tokens_1T, self.hook)[0].float()
+            if x_TD.shape[-1] != self.sae.d_in:
+                raise ServeError(
+                    f"hook {self.hook!r} of {self.model_name!r} is {x_TD.shape[-1]} wide but the "
+                    f"SAE reads d_in={self.sae.d_in}; pass the --model and --hook it was trained on"
+                )
             z_TN = self.sae.encode(x_TD.to(next(self.sae.parameters()).dtype)).float()
             vals_TK, idx_TK = z_TN.topk(k, dim=-1)
             acts_T = z_TN[:, feature] if feature is not None else None
@@ -171,15 +188,12 @@ class LiveEncoder:
 def _load_model(model: str, device: str) -> Any:
     try:
         from llm_sae.models import load_bridge
-    except ImportError:
-        load_bridge = None
-    try:
-        if load_bridge is not None:
-            return load_bridge(model, device=device)
-        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:  # models.py is optional; harvest loads models the same way
+        from llm_sae.harvest import load_model
 
-        bridge = TransformerBridge.boot_transformers(model, device=device)
-        return bridge
+        return load_model(model, device=device)
+    try:
+        return load_bridge(model, device=device)
     except LlmSaeError:
         raise
     except Exception as e:  # noqa: BLE001 - any loader failure is the user's model path
@@ -187,23 +201,27 @@ def _load_model(model: str, device: str) -> Any:
 
 
 def _run_to_hook(bridge: Any, tokens_1T: Any, hook: str) -> Any:
-    """Activations [1, T, D] at ``hook``, stopping the forward pass there."""
-    captured: dict[str, Any] = {}
+    """Activations [1, T, D] at ``hook``, stopping the forward pass after its block."""
+    import re
 
-    class _Stop(Exception):
-        pass
+    got: dict[str, Any] = {}
 
     def grab(act: Any, hook: Any = None) -> Any:
-        captured["x"] = act.detach()
-        raise _Stop
+        got["x"] = act.detach()
+        return act
 
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    n_layers = getattr(getattr(bridge, "cfg", None), "n_layers", None)
+    stop = int(m.group(1)) + 1 if m else None
+    if stop is not None and isinstance(n_layers, int) and stop >= n_layers:
+        stop = None
     try:
-        bridge.run_with_hooks(tokens_1T, fwd_hooks=[(hook, grab)])
-    except _Stop:
-        pass
-    if "x" not in captured:
-        raise ServeError(f"the model has no hook point {hook!r}; pass --hook with a valid one")
-    return captured["x"]
+        bridge.run_with_hooks(tokens_1T, fwd_hooks=[(hook, grab)], stop_at_layer=stop, return_type=None)
+    except (KeyError, ValueError, AttributeError) as e:
+        raise ServeError(f"the model has no hook point {hook!r} ({e}); pass --hook with a valid one") from e
+    if "x" not in got:
+        raise ServeError(f"hook {hook!r} never fired on this model; pass --hook with a valid one")
+    return got["x"]
 
 
 # ------------------------------------------------------------------------ HTTP
@@ -306,6 +324,9 @@ class SiteHandler(BaseHTTPRequestHandler):
         except (TypeError, ValueError) as e:
             self._json(400, {"error": str(e)})
             return
+        except LlmSaeError as e:
+            self._json(500, {"error": str(e)})
+            return
         self._json(200, out)
 
     def _static(self, head_only: bool = False) -> None:
@@ -359,14 +380,22 @@ def url_of(server: ThreadingHTTPServer) -> str:
     return f"http://{host}:{port}/"
 
 
+def host_warning(cfg: ServeConfig) -> str | None:
+    """What to tell the user when the server is reachable from beyond this machine."""
+    if cfg.host in LOCAL_HOSTS:
+        return None
+    return (
+        f"warning: serving on {cfg.host}: anyone who can reach this address can read the site"
+        + (" and run the model through the live view" if cfg.sae else "")
+        + "; use the default --host 127.0.0.1 to keep it on this machine"
+    )
+
+
 def serve(cfg: ServeConfig) -> None:
     """Serve the site until interrupted."""
-    if cfg.host not in LOCAL_HOSTS:
-        print(
-            f"warning: serving on {cfg.host}: anyone who can reach this address can read the "
-            "site" + (" and run the model through the live view" if cfg.sae else ""),
-            file=sys.stderr,
-        )
+    warning = host_warning(cfg)
+    if warning:
+        print(warning, file=sys.stderr)
     if cfg.model and not cfg.sae:
         print("warning: --model without --sae does nothing; the live view needs both", file=sys.stderr)
     server = make_server(cfg)

@@ -1,0 +1,183 @@
+"""The local server: serves the site, refuses every way out of it, and runs the live view."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import threading
+
+import pytest
+from browser_util import write_analysis
+
+from llm_sae.dashboard import DashboardConfig, build_dashboard
+from llm_sae.serve import LiveEncoder, ServeConfig, ServeError, host_warning, make_server
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    analysis = write_analysis(root / "analysis", n_features=5)
+    out = root / "site"
+    build_dashboard(DashboardConfig(analysis=str(analysis), out=str(out)))
+    (root / "secret.txt").write_text("TOP SECRET")
+    (root / "outside").mkdir()
+    (root / "outside" / "key.txt").write_text("TOP SECRET")
+    os.symlink(root / "secret.txt", out / "leak.txt")
+    os.symlink(root / "outside", out / "leakdir")
+    os.symlink(out / "data" / "meta.js", out / "inside.js")  # a link within the site is fine
+    return out
+
+
+def _start(cfg, live=None):
+    server = make_server(cfg, live=live, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(site):
+    server = _start(ServeConfig(site=str(site)))
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _get(server, path, method="GET", body=None, headers=None):
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request(method, path, body=body, headers=headers or {})
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, r.getheader("Content-Type"), data
+
+
+def test_binds_localhost_on_a_free_port(server):
+    host, port = server.server_address[:2]
+    assert host == "127.0.0.1" and port > 0
+
+
+def test_serves_the_site(server, site):
+    status, ctype, body = _get(server, "/")
+    assert status == 200 and ctype.startswith("text/html")
+    assert body == (site / "index.html").read_bytes()
+    status, ctype, body = _get(server, "/data/meta.js")
+    assert status == 200 and ctype.startswith("text/javascript")
+    assert _get(server, "/feature.html?x=1#5")[0] == 200
+    assert _get(server, "/inside.js")[0] == 200
+    assert _get(server, "/nope.html")[0] == 404
+    assert _get(server, "/data/")[0] == 404  # no directory listings
+    assert _get(server, "/", method="HEAD")[2] == b""
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../secret.txt",
+        "/data/../../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/%2E%2E%2Fsecret.txt",
+        "/data/%2e%2e/%2e%2e/secret.txt",
+        "/..%5csecret.txt",
+        "//../secret.txt",
+        "/leak.txt",
+        "/leakdir/key.txt",
+        "/%00/../secret.txt",
+        "http://127.0.0.1/../secret.txt",
+    ],
+)
+def test_refuses_paths_outside_the_site(server, path):
+    status, _, body = _get(server, path)
+    assert status in (400, 403, 404)
+    assert b"TOP SECRET" not in body
+
+
+def test_absolute_paths_stay_inside_the_site(server, site):
+    secret = site.parent / "secret.txt"
+    for path in (str(secret), "/" + str(secret), "/etc/passwd"):
+        status, _, body = _get(server, path)
+        assert status == 404 and b"SECRET" not in body and b"root:" not in body
+
+
+def test_api_without_live_view(server):
+    status, _, body = _get(server, "/api/info")
+    assert status == 200 and json.loads(body) == {"live": False}
+    status, _, body = _get(server, "/api/encode", method="POST", body=b'{"text": "hi"}')
+    assert status == 404 and "--sae" in json.loads(body)["error"]
+
+
+def test_site_must_exist(tmp_path):
+    with pytest.raises(ServeError, match="not a dashboard site"):
+        make_server(ServeConfig(site=str(tmp_path)))
+
+
+def test_warns_only_off_localhost(tmp_path):
+    assert host_warning(ServeConfig(site="s")) is None
+    assert host_warning(ServeConfig(site="s", host="localhost")) is None
+    assert "0.0.0.0" in host_warning(ServeConfig(site="s", host="0.0.0.0"))
+
+
+# ------------------------------------------------------------------------ live view
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from llm_sae.sae import REGISTRY, SAEConfig
+    from llm_sae.testing import make_tiny_model
+
+    root = tmp_path_factory.mktemp("live")
+    model_dir = make_tiny_model(root / "model", "gpt2", d_model=32, n_layers=2)
+    torch.manual_seed(0)
+    sae = REGISTRY["topk"](SAEConfig(d_in=32, n_latents=64, k=4))
+    sae.save(root / "sae")
+    return root, model_dir
+
+
+@pytest.mark.slow
+def test_live_view_encodes_text(live, site):
+    root, model_dir = live
+    enc = LiveEncoder(root / "sae", str(model_dir), "blocks.0.hook_resid_post")
+    out = enc.encode("def add(a, b):\n    return a", feature=7, k=3)
+    n = len(out["tokens"])
+    assert n > 3 and out["tokens"][0] == "<|endoftext|>"
+    assert "".join(out["tokens"][1:]) == "def add(a, b):\n    return a"
+    assert len(out["top"]) == n and all(len(t) <= 3 for t in out["top"])
+    assert all(a >= b for t in out["top"] for (_, a), (_, b) in zip(t, t[1:], strict=False))
+    assert len(out["acts"]) == n and out["feature"] == 7
+    # The SAE's own encoding of the same activations gives the same top features.
+    import torch
+
+    from llm_sae.serve import _run_to_hook
+
+    ids = enc._token_ids("def add(a, b):\n    return a")
+    x = _run_to_hook(enc.bridge, torch.tensor([ids]), "blocks.0.hook_resid_post")[0]
+    z = enc.sae.encode(x)
+    assert out["acts"] == pytest.approx(z[:, 7].tolist(), abs=1e-4)
+    with pytest.raises(ValueError, match="out of range"):
+        enc.encode("x", feature=64)
+
+    server = _start(ServeConfig(site=str(site)), live=enc)
+    try:
+        status, _, body = _get(server, "/api/info")
+        assert json.loads(body)["live"] is True
+        req = json.dumps({"text": "<script>alert(1)</script>", "feature": 3}).encode()
+        status, _, body = _get(server, "/api/encode", "POST", req, {"Content-Type": "application/json"})
+        got = json.loads(body)
+        assert status == 200 and "".join(got["tokens"][1:]) == "<script>alert(1)</script>"
+        status, _, body = _get(server, "/api/encode?text=hello&feature=99")
+        assert status == 400 and "out of range" in json.loads(body)["error"]
+        status, _, body = _get(server, "/api/encode", "POST", b"[1, 2]")
+        assert status == 400
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.slow
+def test_live_view_rejects_a_wrong_hook(live):
+    root, model_dir = live
+    with pytest.raises(ServeError, match="hook"):
+        LiveEncoder(root / "sae", str(model_dir), "blocks.0.hook_nonexistent")
+    with pytest.raises(ServeError, match="--model"):
+        LiveEncoder(root / "sae", None, "blocks.0.hook_resid_post")
