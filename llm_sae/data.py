@@ -46,6 +46,8 @@ def _local_files(path: Path) -> list[Path]:
                 f"folder {path} holds no {'/'.join(LOCAL_BUILDERS)} files; point --dataset at "
                 "a folder of text files, one file, or a hub dataset name"
             )
+    if all(p.stat().st_size == 0 for p in files):
+        raise DataError(f"dataset {path} is empty or too short: its files hold no text; give a file with text")
     kinds = {LOCAL_BUILDERS.get(p.suffix) for p in files}
     if None in kinds:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(LOCAL_BUILDERS)}")
@@ -91,7 +93,14 @@ def iter_documents(
             "cached (HF_HUB_OFFLINE=1) or reachable, with --dataset-config/--split as needed"
         ) from None
     first = True
-    for row in ds:
+    rows = iter(ds)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # a streamed dataset only opens its files here
+            raise DataError(f"cannot read dataset {str(dataset)!r}: {type(e).__name__}: {e}") from None
         if first:
             if text_column not in row:
                 raise DataError(
