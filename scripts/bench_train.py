@@ -1,0 +1,291 @@
+#!/usr/bin/env python
+"""Time one TopK SAE training step: llm_sae against its dense reference and the peer libraries.
+
+Every implementation runs in its own fresh process on the same data and shapes (so peak
+memory is its own), warms up, then reports the median step time. The peers (EleutherAI's
+sparsify, SAELens) run in the separate virtualenv .peers/ made by scripts/setup_peers.sh;
+without it they are skipped. The same run measures this machine's float32 matmul rate on
+the encoder's [B, d] × [d, n] product, the unavoidable work of a TopK step, and reports
+each step's encoder FLOP/s as a fraction of it.
+
+    python scripts/bench_train.py                       # d=768, n=24576, k=32, B=4096
+    python scripts/bench_train.py --json-out bench.json --steps 7
+    python scripts/bench_train.py --d-in 64 --n-latents 1024 --batch 256   # a quick look
+
+Step definitions (forward + backward + optimiser + decoder-norm constraint):
+  llm_sae      llm_sae.train.Trainer.step: TopKSAE on the sparse kernels, AuxK bookkeeping,
+               gradient projection, grad clipping, Adam, decoder renormalisation
+  kernels      the bare kernels: topk_encode/topk_decode, MSE, gradient projection,
+               fused Adam, renormalisation (what Trainer.step adds on top is bookkeeping)
+  dense        the same step through plain autograd (dense_topk_encode/decode)
+  sparsify     sparsify.SparseCoder forward (fvu loss) + backward + gradient projection + Adam
+  saelens      sae_lens TopKTrainingSAE.training_forward_pass + backward + clip + Adam
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS_PY = ROOT / ".peers" / "bin" / "python"
+OURS = ("llm_sae", "kernels", "dense")
+PEERS = ("sparsify", "saelens")
+
+
+# ------------------------------------------------------------------------------- worker side
+def _rss_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _build_step(impl: str, a: argparse.Namespace, x_BD):  # noqa: C901 - one branch per peer
+    """A zero-argument callable doing one full training step, and the library version."""
+    import torch
+
+    D, N, K = a.d_in, a.n_latents, a.k
+    if impl == "llm_sae":
+        from llm_sae.sae import REGISTRY
+        from llm_sae.train import TrainConfig, Trainer
+
+        cfg = TrainConfig(store="-", out="-", d_in=D, n_latents=N, k=K, batch_size=a.batch)
+        trainer = Trainer(REGISTRY["topk"](cfg), cfg, total_steps=10**6)
+        return (lambda: trainer.step(x_BD)), "working tree"
+
+    if impl in ("kernels", "dense"):
+        from llm_sae import kernels
+
+        enc, dec = (
+            (kernels.topk_encode, kernels.topk_decode)
+            if impl == "kernels"
+            else (kernels.dense_topk_encode, kernels.dense_topk_decode)
+        )
+        W_dec = torch.randn(N, D)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        W_dec = torch.nn.Parameter(W_dec)
+        W_enc = torch.nn.Parameter(W_dec.detach().clone())
+        b_enc, b_dec = torch.nn.Parameter(torch.zeros(N)), torch.nn.Parameter(torch.zeros(D))
+        params = [W_enc, W_dec, b_enc, b_dec]
+        opt = torch.optim.Adam(params, lr=1e-4, fused=True)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            vals, idx = enc(x_BD - b_dec, W_enc, b_enc, K)
+            x_hat = dec(vals, idx, W_dec) + b_dec
+            (x_hat - x_BD).pow(2).sum(-1).mean().backward()
+            with torch.no_grad():
+                g = W_dec.grad
+                # Per-row dot products without an [N, D] temporary.
+                dots = torch.bmm(g.unsqueeze(1), W_dec.unsqueeze(2)).view(N, 1)
+                g.sub_(W_dec * dots)
+                opt.step()
+                W_dec.div_(W_dec.norm(dim=1, keepdim=True))
+
+        return step, "working tree"
+
+    if impl == "sparsify":
+        import importlib.metadata as md
+
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        sae = SparseCoder(D, SparseCoderConfig(num_latents=N, k=K))
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+
+        def step() -> None:
+            out = sae(x_BD)
+            out.fvu.backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad()
+
+        return step, md.version("eai-sparsify")
+
+    if impl == "saelens":
+        import importlib.metadata as md
+
+        from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+        from sae_lens.saes.sae import TrainStepInput
+
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=N, k=K, device="cpu"))
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+        dead_N = torch.zeros(N, dtype=torch.bool)
+
+        def step() -> None:
+            out = sae.training_forward_pass(
+                TrainStepInput(
+                    sae_in=x_BD,
+                    coefficients={},
+                    dead_neuron_mask=dead_N,
+                    n_training_steps=0,
+                    is_logging_step=False,
+                )
+            )
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+
+        return step, md.version("sae-lens")
+
+    if impl == "matmul":
+        W_DN = torch.randn(D, N)
+        out_BN = torch.empty(a.batch, N)
+        return (lambda: torch.mm(x_BD, W_DN, out=out_BN)), torch.__version__
+    raise SystemExit(f"unknown implementation {impl!r}")
+
+
+_MODULES = {
+    "llm_sae": ("llm_sae.train", "llm_sae.sae", "llm_sae.kernels"),
+    "kernels": ("llm_sae.kernels",),
+    "dense": ("llm_sae.kernels",),
+    "sparsify": ("sparsify",),
+    "saelens": ("sae_lens",),
+}
+
+
+def worker(impl: str, a: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    # Libraries and torch's thread pool are loaded before the memory baseline, so the
+    # peak-RSS delta counts only what a step allocates.
+    for mod in _MODULES.get(impl, ()):
+        importlib.import_module(mod)
+    torch.mm(torch.ones(64, 64), torch.ones(64, 64))
+    rss0 = _rss_mb("VmRSS")
+    x_BD = torch.randn(a.batch, a.d_in, generator=torch.Generator().manual_seed(a.seed))
+    step, version = _build_step(impl, a, x_BD)
+    for _ in range(a.warmup):
+        step()
+    times = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {
+        "impl": impl,
+        "version": version,
+        "step_s": times[len(times) // 2],
+        "step_s_all": times,
+        "peak_rss_delta_mb": _rss_mb("VmHWM") - rss0,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# ------------------------------------------------------------------------------ driver side
+def _run_worker(python: Path | str, impl: str, a: argparse.Namespace) -> dict:
+    cmd = [str(python), __file__, "--worker", impl]
+    for name in ("d_in", "n_latents", "k", "batch", "steps", "warmup", "threads", "seed"):
+        cmd += [f"--{name.replace('_', '-')}", str(getattr(a, name))]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        return {"impl": impl, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--d-in", type=int, default=768, help="input width d")
+    p.add_argument("--n-latents", type=int, default=24576, help="number of latents n")
+    p.add_argument("--k", type=int, default=32, help="active latents per token")
+    p.add_argument("--batch", type=int, default=4096, help="tokens per step")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--impls", default=",".join(OURS + PEERS), help="comma-separated subset to run")
+    p.add_argument("--json-out", type=Path, help="also write the results here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        print(json.dumps(worker(a.worker, a)))
+        return 0
+
+    impls = [i.strip() for i in a.impls.split(",") if i.strip()]
+    peers_ok = PEERS_PY.exists()
+    if not peers_ok and any(i in PEERS for i in impls):
+        print(
+            f"{PEERS_PY} not found: skipping the peers. Create it with `bash scripts/setup_peers.sh`."
+        )
+    results: dict[str, dict] = {}
+    mm = _run_worker(sys.executable, "matmul", a)
+    flops_token = 2 * a.d_in * a.n_latents  # the encoder matmul, per token
+    for impl in impls:
+        if impl in PEERS and not peers_ok:
+            continue
+        print(f"timing {impl} …", file=sys.stderr, flush=True)
+        results[impl] = _run_worker(PEERS_PY if impl in PEERS else sys.executable, impl, a)
+
+    params = 2 * a.n_latents * a.d_in + a.n_latents + a.d_in
+    ideal_mb = (3 * params + a.batch * a.d_in) * 4 / 2**20  # weights + Adam m, v + one batch
+    mm_s = mm.get("step_s", float("nan"))
+    rate = flops_token * a.batch / mm_s
+    print(
+        f"\nTopK SAE step, float32, d={a.d_in} n={a.n_latents} k={a.k} batch={a.batch}, "
+        f"{a.threads} threads, median of {a.steps} after {a.warmup} warm-up"
+    )
+    print(
+        f"encoder matmul [{a.batch},{a.d_in}]x[{a.d_in},{a.n_latents}]: {mm_s * 1e3:.1f} ms = {rate / 1e9:.1f} GFLOP/s"
+    )
+    print(f"memory floor (weights + Adam state + batch): {ideal_mb:.0f} MB\n")
+    head = f"{'impl':10s} {'version':14s} {'step ms':>9s} {'tokens/s':>10s} {'enc GFLOP/s':>11s} {'of matmul':>9s} {'peak MB':>8s} {'/floor':>6s}"
+    print(head)
+    print("-" * len(head))
+    for impl, r in results.items():
+        if "error" in r:
+            print(f"{impl:10s} ERROR {r['error']}")
+            continue
+        s = r["step_s"]
+        r["tokens_per_s"] = a.batch / s
+        r["encoder_flops_per_s"] = flops_token * a.batch / s
+        r["frac_of_matmul"] = mm_s / s
+        r["mem_over_floor"] = r["peak_rss_delta_mb"] / ideal_mb
+        print(
+            f"{impl:10s} {r['version'][:14]:14s} {s * 1e3:9.1f} {r['tokens_per_s']:10.0f} "
+            f"{r['encoder_flops_per_s'] / 1e9:11.1f} {r['frac_of_matmul']:9.2f} "
+            f"{r['peak_rss_delta_mb']:8.0f} {r['mem_over_floor']:6.2f}"
+        )
+    ours = results.get("llm_sae") or results.get("kernels")
+    ratios = {}
+    if ours and "step_s" in ours:
+        for other in ("dense", "sparsify", "saelens"):
+            if other in results and "step_s" in results[other]:
+                ratios[other] = results[other]["step_s"] / ours["step_s"]
+        print(
+            f"\n{ours['impl']} speed-up: "
+            + ", ".join(f"{v:.2f}x vs {k}" for k, v in ratios.items())
+        )
+    out = {
+        "shape": {"d_in": a.d_in, "n_latents": a.n_latents, "k": a.k, "batch": a.batch},
+        "threads": a.threads,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "matmul": {"seconds": mm_s, "flops_per_s": rate},
+        "memory_floor_mb": ideal_mb,
+        "results": results,
+        "speedup_of_" + (ours["impl"] if ours else "none"): ratios,
+        "cpu_count": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+    }
+    if a.json_out:
+        a.json_out.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {a.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
