@@ -129,6 +129,49 @@
     return "token " + LS.tokenRepr(s) + "\nactivation " + a;
   };
 
+  // ---- histograms as inline SVG (no chart library) ----------------------
+  var SVGNS = "http://www.w3.org/2000/svg";
+  function svg(tag, attrs, text) {
+    var n = document.createElementNS(SVGNS, tag);
+    for (var k in attrs) n.setAttribute(k, String(attrs[k]));
+    if (text !== undefined) n.textContent = text;
+    return n;
+  }
+  // opts: logY, xlabel, tick (edge -> label), onbar (bin index -> void), height
+  LS.histogram = function (edges, counts, opts) {
+    opts = opts || {};
+    var tick = opts.tick || function (e) { return LS.fmt(e); };
+    var W = 560, H = opts.height || 190, L = 44, R = 10, T = 10, B = 34;
+    var s = svg("svg", { viewBox: "0 0 " + W + " " + H, role: "img", "aria-label": opts.xlabel || "histogram" });
+    var maxC = 0;
+    for (var i = 0; i < counts.length; i++) maxC = Math.max(maxC, counts[i]);
+    var yv = function (c) { return opts.logY ? (c > 0 ? Math.log10(c + 1) : 0) : c; };
+    var top = yv(maxC) || 1;
+    var bw = (W - L - R) / Math.max(1, counts.length);
+    s.appendChild(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, "class": "axis" }));
+    s.appendChild(svg("line", { x1: L, y1: T, x2: L, y2: H - B, "class": "axis" }));
+    counts.forEach(function (c, j) {
+      var bh = (H - T - B) * yv(c) / top;
+      // A full-height transparent hit area makes thin bars easy to hover and click.
+      var g = svg("g", { "class": "bin" + (opts.onbar ? " clickable" : "") });
+      g.appendChild(svg("rect", { "class": "hit", x: (L + j * bw).toFixed(2), y: T, width: bw.toFixed(2), height: H - B - T }));
+      g.appendChild(svg("rect", { "class": "bar", x: (L + j * bw + 0.5).toFixed(2), y: (H - B - bh).toFixed(2), width: Math.max(0.5, bw - 1).toFixed(2), height: Math.max(0, bh).toFixed(2) }));
+      g.appendChild(svg("title", {}, "[" + tick(edges[j]) + ", " + tick(edges[j + 1]) + "): " + c));
+      if (opts.onbar) g.addEventListener("click", function () { opts.onbar(j); });
+      s.appendChild(g);
+    });
+    if (edges.length) {
+      var ticks = [0, Math.floor((edges.length - 1) / 2), edges.length - 1];
+      for (var t = 0; t < ticks.length; t++) {
+        s.appendChild(svg("text", { x: L + ticks[t] * bw, y: H - B + 14, "text-anchor": t === 0 ? "start" : t === 2 ? "end" : "middle" }, tick(edges[ticks[t]])));
+      }
+    }
+    s.appendChild(svg("text", { x: L - 4, y: T + 8, "text-anchor": "end" }, String(maxC)));
+    s.appendChild(svg("text", { x: L - 4, y: H - B, "text-anchor": "end" }, "0"));
+    if (opts.xlabel) s.appendChild(svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, opts.xlabel + (opts.logY ? ", log count" : "")));
+    return s;
+  };
+
   // ---- the shared tooltip ------------------------------------------------
   var tipNode = null;
   function tooltip() {

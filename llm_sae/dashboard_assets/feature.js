@@ -17,45 +17,6 @@
 
   function stat(k, v) { return el("div", { cls: "stat" }, [el("div", { cls: "k", text: k }), el("div", { cls: "v", text: v })]); }
 
-  // ---- histogram as inline SVG ------------------------------------------
-  var SVG = "http://www.w3.org/2000/svg";
-  function svg(tag, attrs, text) {
-    var n = document.createElementNS(SVG, tag);
-    for (var k in attrs) n.setAttribute(k, String(attrs[k]));
-    if (text !== undefined) n.textContent = text;
-    return n;
-  }
-  function histogram(h, logY) {
-    var counts = h.counts || [], edges = h.edges || [];
-    var W = 560, H = 190, L = 44, R = 10, T = 10, B = 34;
-    var s = svg("svg", { viewBox: "0 0 " + W + " " + H, role: "img", "aria-label": "activation histogram" });
-    var maxC = 0;
-    for (var i = 0; i < counts.length; i++) maxC = Math.max(maxC, counts[i]);
-    var yv = function (c) { return logY ? (c > 0 ? Math.log10(c + 1) : 0) : c; };
-    var top = yv(maxC) || 1;
-    var bw = (W - L - R) / Math.max(1, counts.length);
-    s.appendChild(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, "class": "axis" }));
-    s.appendChild(svg("line", { x1: L, y1: T, x2: L, y2: H - B, "class": "axis" }));
-    for (var j = 0; j < counts.length; j++) {
-      var bh = (H - T - B) * yv(counts[j]) / top;
-      var r = svg("rect", { "class": "bar", x: (L + j * bw + 0.5).toFixed(2), y: (H - B - bh).toFixed(2), width: Math.max(0.5, bw - 1).toFixed(2), height: Math.max(0, bh).toFixed(2) });
-      var lo = edges[j], hi = edges[j + 1];
-      r.appendChild(svg("title", {}, "[" + LS.fmt(lo) + ", " + LS.fmt(hi) + "): " + counts[j]));
-      s.appendChild(r);
-    }
-    if (edges.length) {
-      var ticks = [0, Math.floor((edges.length - 1) / 2), edges.length - 1];
-      for (var t = 0; t < ticks.length; t++) {
-        var x = L + ticks[t] * bw;
-        s.appendChild(svg("text", { x: x, y: H - B + 14, "text-anchor": t === 0 ? "start" : t === 2 ? "end" : "middle" }, LS.fmt(edges[ticks[t]])));
-      }
-    }
-    s.appendChild(svg("text", { x: L - 4, y: T + 8, "text-anchor": "end" }, String(maxC)));
-    s.appendChild(svg("text", { x: L - 4, y: H - B, "text-anchor": "end" }, "0"));
-    s.appendChild(svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, "activation (when firing)" + (logY ? ", log count" : "")));
-    return s;
-  }
-
   // ---- examples -----------------------------------------------------------
   function exampleRow(ex, vocab, max) {
     var row = el("div", { cls: "example" });
@@ -110,7 +71,7 @@
     if (f.hist && f.hist.counts && f.hist.counts.length) {
       var holder = el("div");
       var logBox = el("input", { type: "checkbox", id: "log-y" });
-      var drawn = function () { LS.clear(holder).appendChild(histogram(f.hist, logBox.checked)); };
+      var drawn = function () { LS.clear(holder).appendChild(LS.histogram(f.hist.edges, f.hist.counts, { logY: logBox.checked, xlabel: "activation (when firing)" })); };
       logBox.addEventListener("change", drawn);
       hp.appendChild(holder);
       hp.appendChild(el("label", { cls: "muted", style: "font-size:12px" }, [logBox, " log count"]));

@@ -24,13 +24,43 @@
     var box = LS.$("summary");
     var nDead = 0;
     for (var i = 0; i < n; i++) nDead += idx.dead[i] ? 1 : 0;
-    var cards = [["features", String(n)], ["dead", nDead + " (" + (n ? (100 * nDead / n).toFixed(1) : 0) + "%)"]];
+    var cards = [["features", String(n)], ["dead", nDead + "", n ? (100 * nDead / n).toFixed(1) + "%" : ""]];
+    if (meta.tokens_analysed) cards.push(["tokens analysed", String(meta.tokens_analysed)]);
     var metrics = meta.metrics || {};
     var names = { l0: "L0", fvu: "FVU", mse: "MSE", loss_recovered: "loss recovered", dense_fraction: "dense" };
     for (var k in names) if (metrics[k] !== undefined && metrics[k] !== null) cards.push([names[k], LS.fmt(metrics[k], 4)]);
     for (var j = 0; j < cards.length; j++) {
-      box.appendChild(el("div", { cls: "stat" }, [el("div", { cls: "k", text: cards[j][0] }), el("div", { cls: "v", text: cards[j][1] })]));
+      var v = el("div", { cls: "v", text: cards[j][1] });
+      if (cards[j][2]) v.appendChild(el("span", { cls: "sub", text: " " + cards[j][2] }));
+      box.appendChild(el("div", { cls: "stat" }, [el("div", { cls: "k", text: cards[j][0] }), v]));
     }
+  })();
+
+  // ---- density histogram (log10), click a bar to filter to it -----------
+  (function densityHistogram() {
+    var lo = 0, hi = -Infinity, logs = [];
+    for (var i = 0; i < n; i++) {
+      if (idx.density[i] > 0) { var l = Math.log10(idx.density[i]); logs.push(l); hi = Math.max(hi, l); }
+    }
+    var panel = LS.$("density-hist");
+    if (!logs.length) { panel.appendChild(el("p", { cls: "muted", text: "No feature fired." })); return; }
+    lo = Math.floor(Math.min.apply(null, logs.slice(0, 200000)) * 4) / 4;
+    for (var q = 200000; q < logs.length; q += 200000) lo = Math.min(lo, Math.floor(Math.min.apply(null, logs.slice(q, q + 200000)) * 4) / 4);
+    hi = Math.max(lo + 0.25, Math.ceil(hi * 4) / 4 + (hi === Math.ceil(hi * 4) / 4 ? 0.25 : 0));
+    var nb = Math.round((hi - lo) / 0.25), counts = [], edges = [];
+    for (var b = 0; b <= nb; b++) edges.push(lo + b * 0.25);
+    for (b = 0; b < nb; b++) counts.push(0);
+    logs.forEach(function (l) { counts[Math.min(nb - 1, Math.floor((l - lo) / 0.25))]++; });
+    panel.appendChild(LS.histogram(edges, counts, {
+      height: 150,
+      xlabel: "log10 density",
+      tick: function (e) { return e === undefined ? "" : (Math.round(e * 100) / 100).toString(); },
+      onbar: function (j) {
+        var a = Math.pow(10, edges[j]), z = Math.pow(10, edges[j + 1]);
+        LS.$("dmin").value = parseFloat(a.toPrecision(4)); LS.$("dmax").value = parseFloat(z.toPrecision(4));
+        state.dmin = a; state.dmax = z; recompute();
+      },
+    }));
   })();
 
   // ---- filtering and sorting ---------------------------------------------

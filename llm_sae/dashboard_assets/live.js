@@ -8,13 +8,14 @@
 
   function status(t) { LS.$("status").textContent = t; }
 
-  if (location.protocol === "file:") {
+  function unavailable(why) {
     var u = LS.$("live-unavailable");
-    u.textContent = "The live view needs the local server: run `llm-sae serve SITE --sae DIR --model MODEL` and open the address it prints.";
+    u.textContent = why + " Run `llm-sae serve SITE --sae DIR --model MODEL` and open the address it prints.";
     u.style.display = "";
     LS.$("run").disabled = true;
-    return;
+    window.LLM_SAE_READY = true;
   }
+  if (location.protocol === "file:") { unavailable("The live view needs the local server."); return; }
 
   function run() {
     var body = { text: LS.$("text").value, k: parseInt(LS.$("k").value, 10) || 5 };
@@ -62,8 +63,15 @@
     });
   }
 
+  LS.$("run").disabled = true;
+  fetch("api/info").then(function (r) { return r.json(); }).then(function (j) {
+    if (!j.live) { unavailable("This server was started without an SAE."); return; }
+    LS.$("run").disabled = false;
+    var m = j.model ? "model " + j.model + ", hook " + j.hook + ", " + j.n_latents + " features" : "";
+    status(m);
+    window.LLM_SAE_READY = true;
+  }, function () { unavailable("The server did not answer."); });
   LS.$("run").addEventListener("click", run);
   LS.$("text").addEventListener("keydown", function (e) { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) run(); });
   LS.$("feature").addEventListener("keydown", function (e) { if (e.key === "Enter") run(); });
-  window.LLM_SAE_READY = true;
 })();
