@@ -305,3 +305,43 @@ def test_pages_run_under_their_own_content_security_policy(browser, site):
         assert not [m for m in messages if "Content Security Policy" in m], messages
     finally:
         ctx.close()
+
+
+@pytest.mark.slow
+def test_live_view_in_the_browser(page, site, tiny_gpt2_dir, tmp_path, shots):
+    """Type text (an XSS payload among it), see each token's features, pick one to show."""
+    import torch
+
+    from llm_sae.sae import REGISTRY, SAEConfig
+    from llm_sae.serve import LiveEncoder
+
+    torch.manual_seed(0)
+    REGISTRY["topk"](SAEConfig(d_in=32, n_latents=N, k=4)).save(tmp_path / "sae")
+    enc = LiveEncoder(tmp_path / "sae", str(tiny_gpt2_dir), "blocks.0.hook_resid_post")
+    srv = make_server(ServeConfig(site=str(site[0])), live=enc, quiet=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    host, port = srv.server_address[:2]
+    try:
+        _open(page, f"http://{host}:{port}/live.html")
+        assert page.locator("#live-link").is_visible()
+        text = 'def add(a, b):\n    return a "><img src=x onerror=alert(1)>'
+        page.fill("#text", text)
+        page.click("#run")
+        page.wait_for_function("window.LLM_SAE_READY === true && document.querySelectorAll('#tokens .tok').length > 3")
+        toks = page.locator("#tokens .tok")
+        want = enc.encode(text, k=5)
+        assert toks.count() == len(want["tokens"])
+        toks.nth(2).click()
+        rows = page.locator("#token-features tbody tr")
+        assert rows.count() == len(want["top"][2]) > 0
+        first = int(rows.first.locator("a").text_content().lstrip("#"))
+        assert first == want["top"][2][0][0]
+        rows.first.locator("button").click()
+        page.wait_for_function(f"document.getElementById('tokens-title').textContent.indexOf('feature {first} ') >= 0")
+        toks.nth(2).hover()
+        assert page.text_content("#tooltip").startswith("token ")
+        page.screenshot(path=str(shots / "live-view.png"), full_page=True)
+        _clean(page)
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -188,3 +188,32 @@ def test_cli_builds_a_site(tmp_path, capsys):
     assert "wrote 4 features" in capsys.readouterr().out
     assert len(_payload(tmp_path / "s" / feature_relpath(0))["top"]) == 5
     assert cli_main(["dashboard", "--analysis", str(tmp_path / "missing"), "--out", str(tmp_path / "t")]) == 1
+
+
+@pytest.mark.slow
+def test_renders_real_analyze_output(tmp_path, tiny_store, tiny_gpt2_dir):
+    """The whole hand-off: a real `analyze` run over a tiny store becomes a site whose
+    feature files hold the same examples, token strings and neighbours."""
+    torch = pytest.importorskip("torch")
+    from llm_sae.analyze import AnalyzeConfig, analyze, load_feature
+    from llm_sae.sae import REGISTRY, SAEConfig
+
+    torch.manual_seed(0)
+    REGISTRY["topk"](SAEConfig(d_in=32, n_latents=48, k=4)).save(tmp_path / "sae")
+    analyze(AnalyzeConfig(sae=str(tmp_path / "sae"), store=str(tiny_store), out=str(tmp_path / "an"),
+                          model=str(tiny_gpt2_dir), progress=False))
+    stats = build_dashboard(DashboardConfig(analysis=str(tmp_path / "an"), out=str(tmp_path / "site")))
+    assert stats["n_features"] == 48 and stats["feature_bytes_max"] <= 30_000
+    meta = _payload(tmp_path / "site" / "data" / "meta.js")
+    assert meta["hook"] == "blocks.0.hook_resid_post" and meta["architecture"] == "topk"
+    index = _payload(tmp_path / "site" / "data" / "index.js")
+    live = [i for i in range(48) if not index["dead"][i]]
+    assert live
+    for fid in live[:5]:
+        src = load_feature(tmp_path / "an", fid)
+        rec = _payload(tmp_path / "site" / feature_relpath(fid))
+        assert len(rec["top"]) == len(src["top_examples"])
+        assert _tokens(rec, rec["top"][0]) == src["top_examples"][0]["tokens"]
+        assert rec["top"][0]["v"] == pytest.approx(src["top_examples"][0]["act"], rel=1e-3)
+        assert [n[0] for n in rec["nbrs"]] == [x["id"] for x in src["neighbours"]["decoder_cosine"]]
+        assert index["top"][fid] == src["top_tokens"]

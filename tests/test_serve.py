@@ -121,17 +121,14 @@ def test_warns_only_off_localhost(tmp_path):
 
 # ------------------------------------------------------------------------ live view
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
+def live(tmp_path_factory, tiny_gpt2_dir):
     torch = pytest.importorskip("torch")
     from llm_sae.sae import REGISTRY, SAEConfig
-    from llm_sae.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("live")
-    model_dir = make_tiny_model(root / "model", "gpt2", d_model=32, n_layers=2)
     torch.manual_seed(0)
-    sae = REGISTRY["topk"](SAEConfig(d_in=32, n_latents=64, k=4))
-    sae.save(root / "sae")
-    return root, model_dir
+    REGISTRY["topk"](SAEConfig(d_in=32, n_latents=64, k=4)).save(root / "sae")
+    return root, tiny_gpt2_dir
 
 
 @pytest.mark.slow
