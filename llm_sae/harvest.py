@@ -78,8 +78,8 @@ class HarvestConfig:
     """Free-form notes copied into the manifest (Python only)."""
 
 
-class _StopForward(Exception):
-    """Raised from the last hook when a model has no stop_at_layer path for it."""
+# Timing of the last harvest loop in this process (model loading excluded), for benchmarks.
+LAST_RUN: dict[str, float] = {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -446,6 +446,7 @@ def _run(cfg, model, hooks, writers, tok, special, stop, device, rank, world, sa
         w.progress = final
         w.close(complete=True)
     dt = time.perf_counter() - t0
+    LAST_RUN.update(seconds=dt, rows=rows_total, hooks=len(hooks))
     say(f"harvest: wrote {rows_total:,} tokens per hook for {len(hooks)} hook(s) in {dt:.1f}s")
 
 

@@ -1,0 +1,146 @@
+"""Benchmark: what the store costs a harvest, and how fast the store reads back.
+
+In one run, on one model, text and batch size:
+  1. bare    — tokenize/pack + the model's forward pass up to the hook's layer, nothing kept;
+  2. harvest — the full `harvest()` (same forward + copying rows out, stats, checksums, writes);
+  3. reader  — one shuffled epoch of the store through `store.reader()` (GB/s, rows/s);
+  4. peak    — this machine's memory bandwidth, measured as a large tensor copy.
+The store's overhead is harvest/bare - 1 (target: under 5%). The reader is reported
+against the measured memory bandwidth.
+
+    python scripts/bench_harvest.py --tokens 200000 --json-out bench_harvest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def memory_bandwidth(nbytes: int = 2**29, repeats: int = 5) -> float:
+    """Bytes moved per second (read + write) by a large contiguous tensor copy."""
+    import torch
+
+    src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d-model", type=int, default=256, help="width of the tiny random model")
+    ap.add_argument("--layers", type=int, default=4, help="layers of the tiny random model")
+    ap.add_argument("--hook-layer", type=int, default=2, help="harvest blocks.L.hook_resid_post at this L")
+    ap.add_argument("--tokens", type=int, default=100_000, help="rows to harvest")
+    ap.add_argument("--context-length", type=int, default=128, help="tokens per context")
+    ap.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
+    ap.add_argument("--dtype", default="float32", help="store dtype")
+    ap.add_argument("--device", default="cpu", help="model device")
+    ap.add_argument("--reader-batch", type=int, default=4096, help="rows per reader batch")
+    ap.add_argument("--workdir", default=None, help="where to build the model and store (default: a temp dir)")
+    ap.add_argument("--json-out", default=None, help="write the results here as JSON")
+    args = ap.parse_args()
+
+    import torch
+
+    from llm_sae import harvest as H
+    from llm_sae.data import iter_documents, pack_contexts
+    from llm_sae.store import open_store
+    from llm_sae.testing import make_text, make_tiny_model
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_harvest_"))
+    model_dir = make_tiny_model(work / "model", "gpt2", d_model=args.d_model, n_layers=args.layers,
+                                n_heads=max(1, args.d_model // 64), context=args.context_length)
+    rows_per_ctx = args.context_length - 1
+    n_docs = 200
+    docs = make_text(n_docs)
+    # Enough text for the tokens asked for (BOS/EOS rows are skipped, so over-provision).
+    while sum(len(d) for d in docs) // 3 < 1.3 * args.tokens:
+        n_docs *= 2
+        docs = make_text(n_docs)
+    (work / "text.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    hook = f"blocks.{args.hook_layer}.hook_resid_post"
+    model = H.load_model(str(model_dir), device=args.device)
+    stop = H._stop_layer(model, [hook])
+    n_ctx = -(-args.tokens // rows_per_ctx) + args.batch_size  # a little over, like harvest
+
+    # 1. bare: pack + forward to the hook's layer, same batches as the harvest.
+    torch.set_grad_enabled(False)
+    t = time.perf_counter()
+    ctx = pack_contexts(iter_documents(str(work / "text.jsonl")), model.tokenizer, args.context_length)
+    done = 0
+    while done < args.tokens:
+        batch = [next(ctx)[0] for _ in range(args.batch_size)]
+        toks = torch.tensor(batch).to(args.device)
+        with torch.inference_mode():
+            model(toks, return_type=None, stop_at_layer=stop)
+        done += len(batch) * rows_per_ctx
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    bare_s = time.perf_counter() - t
+    del n_ctx
+
+    # 2. harvest (its own timer starts after the model is loaded).
+    out = work / "store"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = H.HarvestConfig(model=str(model_dir), hook=[hook], dataset=str(work / "text.jsonl"),
+                          tokens=args.tokens, out=str(out), context_length=args.context_length,
+                          batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=False)
+    H.harvest(cfg)
+    harvest_s = H.LAST_RUN["seconds"]
+
+    # 3. reader: one shuffled epoch.
+    st = open_store(out)
+    t = time.perf_counter()
+    n = 0
+    for x in st.reader(args.reader_batch, seed=0, dtype=torch.float32):
+        n += x.shape[0]
+    read_s = time.perf_counter() - t
+    read_bytes = n * st.row_bytes
+
+    # 4. peak
+    bw = memory_bandwidth()
+
+    res = {
+        "device": args.device, "threads": torch.get_num_threads(), "d_model": args.d_model,
+        "layers": args.layers, "hook": hook, "tokens": args.tokens, "context_length": args.context_length,
+        "batch_size": args.batch_size, "store_dtype": args.dtype,
+        "bare_forward_s": bare_s, "harvest_s": harvest_s, "harvest_over_bare": harvest_s / bare_s,
+        "harvest_tokens_per_s": args.tokens / harvest_s, "bare_tokens_per_s": args.tokens / bare_s,
+        "reader_rows": n, "reader_s": read_s, "reader_GBps": read_bytes / read_s / 1e9,
+        "reader_rows_per_s": n / read_s, "memcopy_GBps": bw / 1e9,
+        "reader_vs_memcopy": (read_bytes / read_s) / bw,
+    }
+    rows = [
+        ("bare forward (pack + model to hook)", f"{bare_s:8.2f} s", f"{res['bare_tokens_per_s']:,.0f} tok/s"),
+        ("full harvest (to store)", f"{harvest_s:8.2f} s", f"{res['harvest_tokens_per_s']:,.0f} tok/s"),
+        ("harvest / bare", f"{res['harvest_over_bare']:8.3f}", "target < 1.05"),
+        ("reader, one shuffled epoch", f"{res['reader_GBps']:8.2f} GB/s", f"{res['reader_rows_per_s']:,.0f} rows/s"),
+        ("memory bandwidth (tensor copy)", f"{res['memcopy_GBps']:8.2f} GB/s",
+         f"reader at {100 * res['reader_vs_memcopy']:.0f}% of it"),
+    ]
+    print(f"harvest benchmark: gpt2-like d={args.d_model} L={args.layers}, {hook}, {args.tokens:,} tokens, "
+          f"ctx {args.context_length}, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} threads")
+    for name, a, b in rows:
+        print(f"  {name:38s} {a:>14s}   {b}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(res, indent=1))
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
