@@ -169,6 +169,11 @@ def test_index_from_disk_sorts_filters_and_searches(page, site, shots):
     page.fill("#jump", "17")
     page.press("#jump", "Enter")
     page.wait_for_function("window.LLM_SAE_READY === true && document.querySelector('h1')?.textContent.startsWith('Feature 17')")
+    page.go_back()  # the index comes back as it was left: sorted and searched
+    page.wait_for_function("window.LLM_SAE_READY === true")
+    assert page.input_value("#search") == "<script>"
+    assert page.get_attribute("th[data-key=max_act]", "aria-sort") == "descending"
+    assert XSS_ID in _ids(page)
     _clean(page)
 
 

@@ -259,7 +259,7 @@
     ];
     for (var i = 0; i < info.length; i++) {
       if (info[i][1] === undefined || info[i][1] === null || info[i][1] === "") continue;
-      meta.appendChild(LS.el("span", null, [info[i][0] + " ", LS.el("b", { text: String(info[i][1]) })]));
+      meta.appendChild(LS.el("span", null, [info[i][0] + " ", LS.el("b", { text: String(info[i][1]), title: String(info[i][1]) })]));
     }
     bar.appendChild(meta);
     document.body.insertBefore(bar, document.body.firstChild);

@@ -12,8 +12,7 @@
 
   var n = idx.id.length;
   var state = { key: "id", desc: false, page: 0, size: 100, query: "", hideDead: false, dmin: null, dmax: null };
-  var order = new Int32Array(n);
-  var view = order; // the filtered, sorted rows
+  var view = []; // the filtered, sorted rows
   var lowerTop = null; // lowercased top-token text, built on first search
 
   document.title = (meta.sae_name ? meta.sae_name + " · " : "") + "SAE features";
@@ -136,6 +135,7 @@
     LS.clear(tbody).appendChild(frag);
     LS.$("page-info").textContent = view.length ? (start + 1) + "–" + stop + " of " + view.length + " (page " + (state.page + 1) + " of " + pages + ")" : "no features match";
     LS.$("count").textContent = view.length === n ? n + " features" : view.length + " of " + n + " features";
+    saveState();
     LS.$("prev-page").disabled = state.page === 0;
     LS.$("next-page").disabled = state.page >= pages - 1;
     var ths = document.querySelectorAll("th.sortable");
@@ -175,8 +175,40 @@
     if (e.key === "Enter" && this.value !== "") location.href = "feature.html#" + parseInt(this.value, 10);
   });
 
-  for (var k = 0; k < n; k++) order[k] = k;
-  view = Array.prototype.slice.call(order);
-  render();
+  // ---- the view lives in the URL hash, so Back from a feature page returns to it
+  function saveState() {
+    var p = new URLSearchParams();
+    if (state.key !== "id" || state.desc) { p.set("sort", state.key); if (state.desc) p.set("desc", "1"); }
+    if (state.query) p.set("q", state.query);
+    if (state.hideDead) p.set("live", "1");
+    if (state.dmin !== null) p.set("dmin", String(state.dmin));
+    if (state.dmax !== null) p.set("dmax", String(state.dmax));
+    if (state.size !== 100) p.set("size", String(state.size));
+    if (state.page) p.set("page", String(state.page + 1));
+    var h = p.toString();
+    if (h !== location.hash.replace(/^#/, "")) history.replaceState(null, "", h ? "#" + h : location.pathname + location.search);
+  }
+  function loadState() {
+    var p = new URLSearchParams(location.hash.replace(/^#/, ""));
+    var key = p.get("sort");
+    if (key && document.querySelector('th[data-key="' + (/^[a-z_]+$/.test(key) ? key : "") + '"]')) state.key = key;
+    state.desc = p.get("desc") === "1";
+    state.query = p.get("q") || "";
+    state.hideDead = p.get("live") === "1";
+    state.dmin = num(p.get("dmin") || "");
+    state.dmax = num(p.get("dmax") || "");
+    var size = parseInt(p.get("size") || "100", 10);
+    if ([50, 100, 250, 1000].indexOf(size) >= 0) state.size = size;
+    LS.$("search").value = state.query;
+    LS.$("hide-dead").checked = state.hideDead;
+    LS.$("dmin").value = state.dmin === null ? "" : state.dmin;
+    LS.$("dmax").value = state.dmax === null ? "" : state.dmax;
+    LS.$("page-size").value = String(state.size);
+    return Math.max(0, (parseInt(p.get("page") || "1", 10) || 1) - 1);
+  }
+
+  var startPage = loadState();
+  recompute();
+  if (startPage) { state.page = startPage; render(); }
   window.LLM_SAE_READY = true;
 })();
