@@ -399,7 +399,7 @@ def serve(cfg: ServeConfig) -> None:
     if cfg.model and not cfg.sae:
         print("warning: --model without --sae does nothing; the live view needs both", file=sys.stderr)
     server = make_server(cfg)
-    print(f"serving {cfg.site} at {url_of(server)}" + (" (live view: live.html)" if cfg.sae else ""))
+    print(f"serving {cfg.site} at {url_of(server)}" + (" (live view: live.html)" if cfg.sae else ""), flush=True)
     try:
         server.serve_forever()
     finally:

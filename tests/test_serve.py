@@ -178,3 +178,18 @@ def test_live_view_rejects_a_wrong_hook(live):
         LiveEncoder(root / "sae", str(model_dir), "blocks.0.hook_nonexistent")
     with pytest.raises(ServeError, match="--model"):
         LiveEncoder(root / "sae", None, "blocks.0.hook_resid_post")
+
+
+@pytest.mark.slow
+def test_live_view_finds_hook_and_model_through_the_training_store(live, tiny_store):
+    """`llm-sae train` writes train_cfg.json naming its store, whose manifest names both."""
+    root, model_dir = live
+    sae_dir = root / "trained"
+    sae_dir.mkdir()
+    for name in ("cfg.json", "sae.safetensors"):
+        (sae_dir / name).write_bytes((root / "sae" / name).read_bytes())
+    (sae_dir / "train_cfg.json").write_text(json.dumps({"store": str(tiny_store), "k": 4}))
+    enc = LiveEncoder(sae_dir)
+    assert enc.hook == "blocks.0.hook_resid_post"
+    assert os.path.samefile(enc.model_name, model_dir)
+    assert len(enc.encode("hello world")["tokens"]) >= 2
