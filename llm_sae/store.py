@@ -321,9 +321,12 @@ class StoreWriter:
             raise StoreError(f"append expects acts of shape [rows, {self.d_in}], got {tuple(x.shape)}")
         x = x.detach().to("cpu", self.torch_dtype)
         n = x.shape[0]
-        xf = x.float()
-        if not bool(torch.isfinite(xf).all()):
-            bad = int((~torch.isfinite(xf).all(dim=1)).sum())
+        # numpy for the checks and stats: single-threaded and several times faster than
+        # torch's small CPU reductions, and it keeps torch's threads for the model.
+        xf = (x if x.dtype == torch.float32 else x.float()).numpy()
+        finite = np.isfinite(xf)
+        if not finite.all():
+            bad = int((~finite.all(axis=1)).sum())
             raise StoreError(
                 f"{bad} of {n} rows hold NaN/Inf (after conversion to {self.meta['dtype']}); "
                 f"nothing was written for them; the {len(self.shards)} shards already in "
@@ -336,8 +339,8 @@ class StoreWriter:
         if positions_N2 is not None:
             rows[:, 1:] = _np(positions_N2).reshape(n, 2)
         # Stats in float64 summed in a fixed order, so a resumed run reproduces them.
-        self._sum_norm += float(xf.norm(dim=1).double().sum())
-        self._sum_x += xf.sum(0, dtype=torch.float64).numpy()
+        self._sum_norm += float(np.sqrt(np.einsum("nd,nd->n", xf, xf)).sum(dtype=np.float64))
+        self._sum_x += xf.sum(0, dtype=np.float64)
         self._count += n
         self._buf.append((x, rows))
         self._buf_rows += n
@@ -793,7 +796,7 @@ class StoreReader:
             buf[o : o + b - a] = self.store._mmap(s, "acts")[a:b]
             rows[o : o + b - a] = np.arange(a, b) + self.store._offsets[s]
             o += b - a
-        return self.store._to_torch(buf), rows
+        return buf, rows
 
     def _plan(self) -> Iterator[tuple[int, int]]:
         """Yield (epoch, batch number within the epoch) for every batch to produce."""
@@ -812,7 +815,7 @@ class StoreReader:
     def _batches(self) -> Iterator[Any]:
         """Synchronous batch generator (run on the prefetch thread)."""
         B = self.batch_size
-        cache: dict[tuple[int, int], tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
+        cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         loader: dict[tuple[int, int], Future] = {}
         pool = ThreadPoolExecutor(1, thread_name_prefix="store-loader")
         sizes_cache: dict[int, tuple[list, np.ndarray]] = {}
@@ -847,9 +850,12 @@ class StoreReader:
                 while lo < hi:
                     x, rows, perm = get(epoch, gi)
                     a, z = lo - sizes[gi], min(hi, sizes[gi + 1]) - sizes[gi]
-                    idx = torch.from_numpy(perm[a:z])
-                    xs.append(x.index_select(0, idx))
-                    rs.append(rows[perm[a:z]])
+                    # Sorted, so the gather walks memory forwards (the batch's membership is
+                    # what is random; order within it does not matter), and np.take rather
+                    # than index_select: several times faster for row gathers on CPU.
+                    pick = np.sort(perm[a:z])
+                    xs.append(np.take(x, pick, axis=0))
+                    rs.append(rows[pick])
                     lo = int(sizes[gi] + z)
                     if lo < hi:
                         gi += 1
@@ -859,7 +865,7 @@ class StoreReader:
                 nxt = (epoch, gi + 1) if gi + 1 < len(gs) else (epoch + 1, 0)
                 if nxt[0] == epoch or self.loop:
                     request(*nxt)
-                x_BD = xs[0] if len(xs) == 1 else torch.cat(xs)
+                x_BD = self.store._to_torch(xs[0] if len(xs) == 1 else np.concatenate(xs))
                 x_BD = x_BD.to(self.dtype)
                 if self.device is not None:
                     x_BD = x_BD.to(self.device, non_blocking=True)
