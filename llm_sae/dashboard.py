@@ -66,7 +66,10 @@ def js_literal(obj: Any) -> str:
     line separators U+2028/U+2029 escaped (they end a line in older JS), and lone
     surrogates from broken byte tokens written as \\uXXXX escapes rather than invalid UTF-8.
     """
-    text = json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # rare: walk the object only when a NaN/inf is actually there
+        text = json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     text = (
         text.replace("<", "\\u003c")
         .replace(">", "\\u003e")
@@ -89,20 +92,26 @@ def _finite(obj: Any) -> Any:
 
 
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     # backslashreplace turns a lone surrogate into \udcXX, a valid escape inside a JS string.
-    path.write_bytes(text.encode("utf-8", "backslashreplace"))
+    data = text.encode("utf-8", "backslashreplace")
+    try:
+        path.write_bytes(data)
+    except FileNotFoundError:  # first file of its folder
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
 
 
 def feature_relpath(feature_id: int) -> str:
     return f"data/features/{feature_id // SHARD_SIZE:03d}/f_{feature_id:06d}.js"
 
 
-def round_sig(x: float, digits: int = 3) -> float | int:
-    """``x`` to ``digits`` significant digits; exact zeros stay the short ``0``."""
+def round_sig(x: float, digits: int = 3) -> float | int | None:
+    """``x`` to ``digits`` significant digits; zeros stay the short ``0``; NaN/inf → None."""
+    if x == 0:
+        return 0
     x = float(x)
-    if x == 0 or not math.isfinite(x):
-        return 0 if x == 0 else x
+    if not math.isfinite(x):
+        return None
     r = float(f"{x:.{digits}g}")
     return int(r) if r.is_integer() and abs(r) < 1e15 else r
 
@@ -110,6 +119,8 @@ def round_sig(x: float, digits: int = 3) -> float | int:
 # ------------------------------------------------------------------------ site records
 def _act(a: Any, digits: int) -> float | int | None:
     # null means the store had no row there (e.g. a skipped BOS): no activation exists.
+    if a == 0:  # most window tokens: skip the formatting
+        return 0
     return None if a is None else round_sig(a, digits)
 
 
