@@ -31,6 +31,7 @@ from llm_sae.data import StreamPos, dataset_spec, iter_documents, pack_contexts
 from llm_sae.errors import DataError, ModelError, StoreError
 from llm_sae.store import (
     MANIFEST,
+    NonFiniteError,
     StoreWriter,
     dtype_name,
     settings_diff,
@@ -416,15 +417,18 @@ def _run(cfg, model, hooks, writers, tok, special, stop, device, rank, world, sa
                 if prog[h]["contexts"] >= c_end:
                     continue
                 x_ND = acts[h][keep_dev]
-                if not bool(torch.isfinite(x_ND).all()):
-                    raise ModelError(
-                        f"hook {h!r} produced NaN/Inf activations in contexts {c}..{c_end - 1}; the "
-                        f"{len(writers[h].shards)} shards already written are kept. Run the model in "
-                        "float32 (--model-dtype float32) or check the model's weights"
-                    )
                 w = writers[h]
-                w.add_sequences(tokens_BL, torch.arange(c, c_end))
-                w.append(x_ND, tok_N, pos_N2, progress=new_prog)
+                try:
+                    # The writer checks finiteness after conversion to the store dtype.
+                    w.append(x_ND, tok_N, pos_N2, progress=new_prog,
+                             sequences=(tokens_BL, torch.arange(c, c_end)))
+                except NonFiniteError:
+                    raise ModelError(
+                        f"hook {h!r} produced NaN/Inf activations in contexts {c}..{c_end - 1} "
+                        f"(or they overflowed {w.meta['dtype']}); the {len(w.shards)} shards "
+                        "already written are kept. Run the model in float32 (--model-dtype "
+                        "float32), store as float32, or check the model's weights"
+                    ) from None
             own_rows += n_keep
         c, rows_total = c_end, rows_total + n_keep
         if bar is not None:

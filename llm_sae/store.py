@@ -134,36 +134,43 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> str:
-    """Write ``arr`` as .npy under a temp name, fsync, rename; return its checksum.
+def _atomic_save_npy(path: Path, pieces: list[np.ndarray]) -> tuple[str, tuple[int, ...]]:
+    """Write the row-wise concatenation of ``pieces`` as one .npy under a temp name, fsync,
+    rename; return its checksum and shape.
 
-    The checksum is computed from the bytes as they are written, so the file is not
-    read back.
+    Pieces are written one after another (no concatenated copy), and the checksum is
+    computed from the bytes as they are written, so the file is never read back.
     """
     tmp = path.with_name(path.name + ".tmp")
     h = _HASH()
-    arr = np.ascontiguousarray(arr)
+    pieces = [np.ascontiguousarray(p) for p in pieces]
+    shape = (sum(len(p) for p in pieces), *pieces[0].shape[1:])
     with open(tmp, "wb") as f:
-        header = _npy_header(arr)
+        header = _npy_header(shape, pieces[0].dtype)
         f.write(header)
         h.update(header)
-        mv = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
-        step = 64 * 2**20
-        for i in range(0, len(mv), step):
-            f.write(mv[i : i + step])
-            h.update(mv[i : i + step])
+        for arr in pieces:
+            if not arr.size:
+                continue
+            mv = memoryview(arr.reshape(-1).view(np.uint8))
+            step = 64 * 2**20
+            for i in range(0, len(mv), step):
+                f.write(mv[i : i + step])
+                h.update(mv[i : i + step])
             _maybe_kill("mid_file")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return h.hexdigest()
+    return h.hexdigest(), shape
 
 
-def _npy_header(arr: np.ndarray) -> bytes:
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     import io
 
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(arr))
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    )
     return buf.getvalue()
 
 
@@ -196,6 +203,10 @@ _KILL_COUNTS: dict[str, int] = {}
 
 # ---------------------------------------------------------------------------------------
 # Writing
+
+
+class NonFiniteError(StoreError):
+    """Rows with NaN/Inf were refused; the store is intact."""
 
 
 class StoreWriter:
@@ -264,7 +275,7 @@ class StoreWriter:
                 raise StoreError(f"unknown StoreWriter mode {mode!r}; use new, overwrite or resume")
         self._remove_unlisted()
 
-        self._buf: list[tuple[torch.Tensor, np.ndarray]] = []
+        self._buf: list[tuple[np.ndarray, np.ndarray]] = []
         self._buf_rows = 0
         self._seq_buf: list[np.ndarray] = []
         self._closed = False
@@ -309,17 +320,22 @@ class StoreWriter:
         positions_N2: torch.Tensor | np.ndarray | None = None,
         *,
         progress: dict[str, Any] | None = None,
+        sequences: tuple[Any, Any] | None = None,
     ) -> None:
         """Add rows. Missing token ids / positions are stored as -1.
 
         ``progress`` (JSON-able) says how far into the input these rows go; it is saved
         with the shard that completes them, so a resumed run knows where to restart.
+        ``sequences=(tokens_SL, seq_ids_S)`` records the contexts of these rows in the same
+        shard (all or nothing with the rows).
         """
         self._check_open()
-        x = torch.as_tensor(acts_ND)
-        if x.ndim != 2 or x.shape[1] != self.d_in:
-            raise StoreError(f"append expects acts of shape [rows, {self.d_in}], got {tuple(x.shape)}")
-        x = x.detach().to("cpu", self.torch_dtype)
+        given = torch.as_tensor(acts_ND)
+        if given.ndim != 2 or given.shape[1] != self.d_in:
+            raise StoreError(f"append expects acts of shape [rows, {self.d_in}], got {tuple(given.shape)}")
+        x = given.detach().to("cpu", self.torch_dtype)
+        if x.data_ptr() == given.data_ptr() and x.numel():
+            x = x.clone()  # buffered until the shard is written: the caller may reuse its memory
         n = x.shape[0]
         # numpy for the checks and stats: single-threaded and several times faster than
         # torch's small CPU reductions, and it keeps torch's threads for the model.
@@ -327,12 +343,14 @@ class StoreWriter:
         finite = np.isfinite(xf)
         if not finite.all():
             bad = int((~finite.all(axis=1)).sum())
-            raise StoreError(
+            raise NonFiniteError(
                 f"{bad} of {n} rows hold NaN/Inf (after conversion to {self.meta['dtype']}); "
                 f"nothing was written for them; the {len(self.shards)} shards already in "
                 f"{self.path} are intact. If the values overflowed float16, store as "
                 "bfloat16 or float32"
             )
+        if sequences is not None:
+            self.add_sequences(*sequences)
         rows = np.full((n, 3), -1, np.int32)
         if token_ids_N is not None:
             rows[:, 0] = _np(token_ids_N).reshape(n)
@@ -342,7 +360,9 @@ class StoreWriter:
         self._sum_norm += float(np.sqrt(np.einsum("nd,nd->n", xf, xf)).sum(dtype=np.float64))
         self._sum_x += xf.sum(0, dtype=np.float64)
         self._count += n
-        self._buf.append((x, rows))
+        # Buffer numpy views (bfloat16 as its raw uint16 bits): the writer thread streams
+        # them straight to disk without concatenating.
+        self._buf.append((x.view(torch.uint16).numpy() if x.dtype == torch.bfloat16 else x.numpy(), rows))
         self._buf_rows += n
         self.n_rows += n
         if progress is not None:
@@ -373,13 +393,12 @@ class StoreWriter:
         if not self._buf and not self._seq_buf:
             return
         self._raise_pending_errors()
-        d = self.d_in
-        acts = torch.cat([b[0] for b in self._buf]) if self._buf else torch.empty(0, d, dtype=self.torch_dtype)
-        rows = np.concatenate([b[1] for b in self._buf]) if self._buf else np.empty((0, 3), np.int32)
-        seqs = np.concatenate(self._seq_buf) if self._seq_buf else None
+        acts = [b[0] for b in self._buf] or [np.empty((0, self.d_in), self.np_dtype)]
+        rows = [b[1] for b in self._buf] or [np.empty((0, 3), np.int32)]
+        seqs = self._seq_buf or None
         self._buf, self._buf_rows, self._seq_buf = [], 0, []
         name = f"{self.prefix}-{len(self.shards):05d}"
-        entry: dict[str, Any] = {"name": name, "rows": int(len(rows)), "files": {}}
+        entry: dict[str, Any] = {"name": name, "rows": int(sum(len(r) for r in rows)), "files": {}}
         self.shards.append(entry)
         manifest = self._manifest(complete=False)
         job = (name, entry, acts, rows, seqs, manifest)
@@ -393,16 +412,15 @@ class StoreWriter:
             self._pending.append(self._pool.submit(self._write_shard, *job))
 
     def _write_shard(self, name, entry, acts, rows, seqs, manifest) -> None:
-        acts_np = acts.view(torch.uint16).numpy() if acts.dtype == torch.bfloat16 else acts.numpy()
-        files = {"acts": acts_np, "rows": rows}
+        files = {"acts": acts, "rows": rows}
         if seqs is not None:
             files["seqs"] = seqs
-        for kind, arr in files.items():
+        for kind, pieces in files.items():
             fname = f"{name}.{kind}.npy"
-            digest = _atomic_save_npy(self.path / fname, arr)
-            entry["files"][kind] = {"file": fname, CHECKSUM_ALGO: digest, "shape": list(arr.shape)}
+            digest, shape = _atomic_save_npy(self.path / fname, pieces)
+            entry["files"][kind] = {"file": fname, CHECKSUM_ALGO: digest, "shape": list(shape)}
         if seqs is not None:
-            entry["sequences"] = int(len(seqs))
+            entry["sequences"] = int(sum(len(q) for q in seqs))
         _fsync_dir(self.path)
         _maybe_kill("before_manifest")
         write_json_atomic(self.manifest_path, manifest)
