@@ -115,7 +115,7 @@
 
   // One <span> per token, shaded; hovering shows the shared tooltip.
   LS.tokenSpan = function (s, act, max) {
-    var span = LS.el("span", { cls: "tok" });
+    var span = LS.el("span", { cls: act === null || act === undefined ? "tok na" : "tok" });
     LS.fillToken(span, s);
     var bg = LS.actColor(act, max);
     if (bg) span.style.backgroundColor = bg;

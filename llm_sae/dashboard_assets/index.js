@@ -24,6 +24,7 @@
     var nDead = 0;
     for (var i = 0; i < n; i++) nDead += idx.dead[i] ? 1 : 0;
     var cards = [["features", String(n)], ["dead", nDead + "", n ? (100 * nDead / n).toFixed(1) + "%" : ""]];
+    if (meta.n_dense) cards.push(["dense", String(meta.n_dense), n ? (100 * meta.n_dense / n).toFixed(1) + "%" : ""]);
     if (meta.tokens_analysed) cards.push(["tokens analysed", String(meta.tokens_analysed)]);
     var metrics = meta.metrics || {};
     var names = { l0: "L0", fvu: "FVU", mse: "MSE", loss_recovered: "loss recovered", dense_fraction: "dense" };
