@@ -202,7 +202,9 @@ def merge_rank_manifests(out: Path, world: int) -> dict[str, Any]:
     m["n_rows"] = sum(p["n_rows"] for p in parts)
     m["n_sequences"] = sum(p["n_sequences"] for p in parts)
     m["next_sequence_id"] = max(p["next_sequence_id"] for p in parts)
-    m["progress"] = {"ranks": [p["progress"] for p in parts]}
+    # Where the text was left: the rank that took the last batch got furthest.
+    furthest = max((p["progress"] for p in parts), key=lambda q: q.get("contexts", 0))
+    m["progress"] = {**furthest, "ranks": [p["progress"] for p in parts]}
     count = sum(p["stats"]["count"] for p in parts)
     sum_norm = sum(p["stats"]["sum_norm"] for p in parts)
     sum_x = np.sum([np.asarray(p["stats"]["sum"]) for p in parts], axis=0)
