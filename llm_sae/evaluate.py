@@ -837,7 +837,7 @@ def _tick_label(v: float) -> str:
 
 
 def _panel(cv: _Canvas, x0: int, y0: int, w: int, h: int, pts: list[tuple[float, float, int]],
-           xlabel: str, ylabel: str) -> None:
+           groups: list[str], xlabel: str, ylabel: str) -> None:
     black, grey = (0, 0, 0), (225, 225, 225)
     left, bottom = 60, 40
     px0, py0, pw, ph = x0 + left, y0 + 10, w - left - 10, h - bottom - 10
@@ -867,9 +867,11 @@ def _panel(cv: _Canvas, x0: int, y0: int, w: int, h: int, pts: list[tuple[float,
         cv.text(px0 - 8 - len(lab) * 8, y - 5, lab)
     cv.text(px0 + pw // 2 - len(xlabel) * 4, py0 + ph + 24, xlabel)
     cv.text(x0 + 4, py0 + ph // 2 + len(ylabel) * 4, ylabel, vertical=True)
-    srt = sorted(fin)
-    for (a, b, _), (c, d, _) in zip(srt, srt[1:], strict=False):
-        cv.line(sx(a), sy(b), sx(c), sy(d), (170, 170, 170))
+    # A line joins SAEs of the same architecture, in order of L0: its frontier.
+    for g in set(groups):
+        srt = sorted(p for p, gg in zip(pts, groups, strict=True) if gg == g and p in fin)
+        for (a, b, _), (c, d, _) in zip(srt, srt[1:], strict=False):
+            cv.line(sx(a), sy(b), sx(c), sy(d), (170, 170, 170))
     for a, b, i in fin:
         col = _COLORS[i % len(_COLORS)]
         x, y = int(sx(a)), int(sy(b))
@@ -886,8 +888,9 @@ def write_frontier_png(report: dict[str, Any], path: str | Path) -> Path:
            for i, e in enumerate(report["saes"].values())]
     lr = [(e["sparsity"]["l0"].get("mean") or nan, e.get("downstream", {}).get("loss_recovered_mean", nan), i)
           for i, e in enumerate(report["saes"].values())]
-    _panel(cv, 0, 0, W // 2, H, fvu, "L0", "FVU")
-    _panel(cv, W // 2, 0, W // 2, H, lr, "L0", "LOSS RECOVERED (MEAN)")
+    archs = [str(e.get("arch")) for e in report["saes"].values()]
+    _panel(cv, 0, 0, W // 2, H, fvu, archs, "L0", "FVU")
+    _panel(cv, W // 2, 0, W // 2, H, lr, archs, "L0", "LOSS RECOVERED (MEAN)")
     for i, n in enumerate(names):
         x, y = 70 + (i % 2) * (W // 2), H + 6 + (i // 2) * 24
         cv.rect(x, y, x + 12, y + 12, _COLORS[i % len(_COLORS)])
