@@ -60,8 +60,9 @@ class RecoveryConfig:
     """Norm of a constant offset added to every sample."""
     tokens: int = 2_000_000
     """Training samples per architecture."""
-    batch_size: int = 4096
-    """Samples per optimiser step."""
+    batch_size: int = 1024
+    """Samples per optimiser step (small batches give more steps per token, which these
+    small SAEs need more than big batches)."""
     lr: float | None = None
     """Adam learning rate (default: the trainer's, 2e-4/sqrt(n_latents/2^14))."""
     l1_coef: float | None = None
