@@ -270,11 +270,26 @@ class SiteHandler(BaseHTTPRequestHandler):
             return None  # a symlink out of the site
         return Path(full)
 
+    def _host_ok(self) -> bool:
+        """On a localhost server, refuse requests for other host names: a web page cannot
+        then reach the site or the model through DNS rebinding."""
+        if str(self.server.server_address[0]) not in ("127.0.0.1", "::1"):
+            return True
+        host = (self.headers.get("Host") or "").strip().lower()
+        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+        return name in ("127.0.0.1", "localhost", "[::1]", "")
+
     # -- verbs
     def do_HEAD(self) -> None:
+        if not self._host_ok():
+            self._error(HTTPStatus.FORBIDDEN, head_only=True)
+            return
         self._static(head_only=True)
 
     def do_GET(self) -> None:
+        if not self._host_ok():
+            self._error(HTTPStatus.FORBIDDEN)
+            return
         url = urlsplit(self.path)
         if url.path == "/api/info":
             self._json(200, self.live.info() if self.live else {"live": False})
@@ -286,8 +301,15 @@ class SiteHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         url = urlsplit(self.path)
+        if not self._host_ok():
+            self._error(HTTPStatus.FORBIDDEN)
+            return
         if url.path != "/api/encode":
             self._error(HTTPStatus.NOT_FOUND)
+            return
+        # JSON only: a cross-site form cannot send it without a CORS preflight we never allow.
+        if not (self.headers.get("Content-Type") or "").startswith("application/json"):
+            self._json(415, {"error": "send the request as Content-Type: application/json"})
             return
         try:
             length = int(self.headers.get("Content-Length") or 0)

@@ -104,8 +104,17 @@ def test_absolute_paths_stay_inside_the_site(server, site):
 def test_api_without_live_view(server):
     status, _, body = _get(server, "/api/info")
     assert status == 200 and json.loads(body) == {"live": False}
-    status, _, body = _get(server, "/api/encode", method="POST", body=b'{"text": "hi"}')
+    status, _, body = _get(server, "/api/encode", method="POST", body=b'{"text": "hi"}',
+                           headers={"Content-Type": "application/json"})
     assert status == 404 and "--sae" in json.loads(body)["error"]
+
+
+def test_refuses_foreign_host_names_and_form_posts(server):
+    # DNS rebinding: a page on evil.example resolving to 127.0.0.1 sends its own Host.
+    assert _get(server, "/", headers={"Host": "evil.example:8000"})[0] == 403
+    assert _get(server, "/", headers={"Host": "localhost:1234"})[0] == 200
+    status, _, body = _get(server, "/api/encode", "POST", b'{"text": "x"}', {"Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in json.loads(body)["error"]
 
 
 def test_site_must_exist(tmp_path):
@@ -164,7 +173,7 @@ def test_live_view_encodes_text(live, site):
         assert status == 200 and "".join(got["tokens"][1:]) == "<script>alert(1)</script>"
         status, _, body = _get(server, "/api/encode?text=hello&feature=99")
         assert status == 400 and "out of range" in json.loads(body)["error"]
-        status, _, body = _get(server, "/api/encode", "POST", b"[1, 2]")
+        status, _, body = _get(server, "/api/encode", "POST", b"[1, 2]", {"Content-Type": "application/json"})
         assert status == 400
     finally:
         server.shutdown()
