@@ -60,9 +60,9 @@ class SAEConfig:
     """jumprelu: 'target' penalises l0_coef·d_in·(L0/k − 1)²; 'l0' penalises l0_coef·L0."""
     l0_coef: float = 1.0
     """jumprelu: coefficient of the L0 penalty (see jumprelu_sparsity)."""
-    bandwidth: float = 0.05
+    bandwidth: float = 0.1
     """jumprelu: width ε of the rectangle kernel in the threshold's straight-through gradient."""
-    init_threshold: float = 0.1
+    init_threshold: float = 1.0
     """jumprelu: initial threshold of every latent."""
     rho: float | None = None
     """kl_sigmoid: target mean activation ρ (default k / n_latents)."""

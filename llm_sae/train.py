@@ -1,0 +1,583 @@
+"""Train a sparse autoencoder from an activation store, with exact resume.
+
+``train(cfg)`` opens the store, builds the SAE, and hands a ``Trainer`` the store's batch
+iterator; ``Trainer`` is the reusable part (any SAE, any iterator of ``x_BD`` batches):
+one ``step`` per batch, dead-latent bookkeeping (AuxK or resampling), logging, and
+atomic checkpoints that restore every piece of state, so a killed run resumed with the
+same command ends bit-identical (on CPU) to one that never stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from llm_sae.config import ConfigError, add_arguments, from_args, to_dict
+from llm_sae.errors import CheckpointError, DataError, LlmSaeError, StoreError
+from llm_sae.sae import REGISTRY, SAE, ForwardOutput, SAEConfig, geometric_median
+
+
+class TrainingError(LlmSaeError):
+    """Training cannot go on (diverged, or bad data with on_nonfinite=stop)."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig(SAEConfig):
+    """Everything ``llm-sae train`` needs: the SAE's fields plus the run's."""
+
+    store: str
+    """Activation store directory (written by `llm-sae harvest`)."""
+    out: str
+    """Output directory: cfg.json + sae.safetensors, log.jsonl and the checkpoint."""
+    expansion: int = 32
+    """n_latents = expansion × d_in, unless --n-latents is given."""
+    tokens: int = 100_000_000
+    """Training length in tokens (activation rows); the store is cycled if smaller."""
+    batch_size: int = 4096
+    """Tokens per optimiser step."""
+    lr: float | None = None
+    """Adam learning rate (default 2e-4 / sqrt(n_latents / 2^14), as in sparsify)."""
+    lr_warmup: float = 0.01
+    """Fraction of training over which the learning rate rises linearly from 0."""
+    lr_schedule: str = "linear"
+    """After warm-up: 'linear' (constant, then linear decay to 0 over the last lr_decay)
+    or 'cosine' (cosine decay to 0 over the rest of training)."""
+    lr_decay: float = 0.2
+    """Fraction at the end of training over which a linear schedule decays to 0."""
+    adam_betas: tuple[float, ...] = (0.9, 0.999)
+    """Adam β1, β2."""
+    adam_eps: float = 1e-8
+    """Adam ε."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 turns clipping off)."""
+    dead_latents: str | None = None
+    """Dead-latent handling: auxk, resample or none (default: auxk for topk/batchtopk,
+    resample for relu_l1, none for the others)."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead after this many tokens without firing."""
+    seed: int = 0
+    """Seed for the initialisation, the data order and resampling."""
+    init_rows: int = 16384
+    """Rows sampled (with another seed) for the geometric-median b_dec initialisation."""
+    log_every: int = 100
+    """Steps between metric logs (progress bar, log.jsonl, wandb)."""
+    checkpoint_every: int = 20_000_000
+    """Tokens between checkpoints (0: only at the end)."""
+    resume: bool = True
+    """Resume from OUT/checkpoint when there is one; --no-resume starts over."""
+    on_nonfinite: str = "skip"
+    """A batch with NaN/Inf: 'skip' it (counted and logged) or 'stop' naming its rows."""
+    verify_store: bool = False
+    """Check the store's checksums and values before training (reads it all once)."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    wandb: bool = False
+    """Log to Weights & Biases (WANDB_MODE=offline works without an account)."""
+    wandb_project: str = "llm-sae"
+    """wandb project name."""
+
+
+def default_lr(n_latents: int) -> float:
+    return 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base learning rate at ``step`` of ``total``."""
+    warm = max(1, round(cfg.lr_warmup * total)) if cfg.lr_warmup > 0 else 0
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.lr_schedule == "cosine":
+        t = (step - warm) / max(1, total - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    decay_start = total - round(cfg.lr_decay * total)
+    if step < decay_start or cfg.lr_decay <= 0:
+        return 1.0
+    return max(0.0, (total - step) / max(1, total - decay_start))
+
+
+class Trainer:
+    """Trains ``sae`` one batch at a time; owns the optimiser and all training state.
+
+    ``input_scale`` multiplies every batch (so E‖x‖ = √D); ``export`` folds it back into
+    the weights. Without one, ``init_from_sample`` estimates it.
+    """
+
+    def __init__(
+        self,
+        sae: SAE,
+        cfg: TrainConfig,
+        *,
+        total_steps: int,
+        input_scale: float | None = None,
+        out_dir: str | Path | None = None,
+    ) -> None:
+        if cfg.on_nonfinite not in ("skip", "stop"):
+            raise ConfigError(f"on_nonfinite must be 'skip' or 'stop', got {cfg.on_nonfinite!r}")
+        if cfg.lr_schedule not in ("linear", "cosine"):
+            raise ConfigError(f"lr_schedule must be 'linear' or 'cosine', got {cfg.lr_schedule!r}")
+        self.dead_method = cfg.dead_latents or sae.default_dead_latents
+        if self.dead_method not in ("auxk", "resample", "none"):
+            raise ConfigError(f"dead_latents must be auxk, resample or none, got {self.dead_method!r}")
+        self.sae, self.cfg, self.total_steps = sae, cfg, int(total_steps)
+        self.input_scale = input_scale
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.device = sae.W_enc.device
+        self.base_lr = cfg.lr or default_lr(sae.n_latents)
+        betas = tuple(cfg.adam_betas)
+        if len(betas) != 2:
+            raise ConfigError(f"adam_betas needs two values, got {cfg.adam_betas}")
+        self.opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr, betas=betas, eps=cfg.adam_eps)  # type: ignore[arg-type]
+        N = sae.n_latents
+        self.tokens_since_fired_N = torch.zeros(N, dtype=torch.long, device=self.device)
+        self.step_idx = 0  # optimiser steps taken
+        self.batches_seen = 0  # batches consumed from the iterator (skipped ones too)
+        self.tokens = 0
+        self.skipped_batches = 0
+        self.last_resample_tokens = 0
+        self.n_resampled = 0
+        # Test hook: slow each step down so a crash test can kill a run mid-way.
+        self._test_sleep = float(os.environ.get("LLM_SAE_TEST_STEP_SLEEP", "0") or 0)
+        self._reset_window()
+
+    # --------------------------------------------------------------------- setup
+    @torch.no_grad()
+    def init_from_sample(self, x_sample_BD: Tensor) -> None:
+        """Input scale (if not given) and b_dec at the geometric median of the sample."""
+        x_BD = x_sample_BD.to(self.device, torch.float32)
+        x_BD = x_BD[torch.isfinite(x_BD).all(-1)]
+        if x_BD.shape[0] == 0:
+            raise DataError("the initialisation sample has no finite rows; check the store")
+        if self.input_scale is None:
+            self.input_scale = math.sqrt(x_BD.shape[1]) / float(x_BD.norm(dim=1).mean().clamp_min(1e-12))
+        self.sae.b_dec.copy_(geometric_median(x_BD * self.input_scale).to(self.device))
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired_N >= self.cfg.dead_tokens
+
+    # ---------------------------------------------------------------------- a step
+    def step(self, x_BD: Tensor, rows_B: Tensor | None = None) -> ForwardOutput | None:
+        """One optimiser step on a batch of raw activations; None if the batch was skipped."""
+        self.batches_seen += 1
+        x_BD = x_BD.to(self.device, torch.float32, non_blocking=True)
+        if not bool(torch.isfinite(x_BD).all()):
+            bad = (~torch.isfinite(x_BD).all(-1)).nonzero().squeeze(1)
+            where = rows_B[bad.cpu()].tolist() if rows_B is not None else bad.tolist()
+            if self.cfg.on_nonfinite == "stop":
+                raise DataError(
+                    f"batch {self.batches_seen - 1} has NaN/Inf in {len(where)} row(s), store rows "
+                    f"{where[:10]}; fix the store (`llm-sae store verify`) or pass --on-nonfinite skip"
+                )
+            self.skipped_batches += 1
+            return None
+        if self.input_scale is None:
+            self.init_from_sample(x_BD)
+        assert self.input_scale is not None
+        x_BD = x_BD * self.input_scale
+        sae = self.sae
+        sae.train()
+        sae.set_progress(self.step_idx / max(1, self.total_steps))
+        lr = self.base_lr * lr_factor(self.step_idx, self.total_steps, self.cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+        dead_N = self.dead_mask() if self.dead_method == "auxk" else None
+        out = sae(x_BD, dead_mask_N=dead_N)
+        if not bool(torch.isfinite(out.loss)):
+            raise TrainingError(
+                f"loss became {out.loss.item()} at step {self.step_idx}; lower --lr "
+                f"(now {self.base_lr:.3g}) or the sparsity coefficient. The last checkpoint is kept."
+            )
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.constrain_grads()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        sae.constrain_weights()
+
+        B = x_BD.shape[0]
+        self.tokens += B
+        self.tokens_since_fired_N += B
+        self.tokens_since_fired_N[out.fired_N > 0] = 0
+        if self.dead_method == "resample" and self.tokens - self.last_resample_tokens >= self.cfg.dead_tokens:
+            # Not in the last stretch: a resampled latent needs time to learn.
+            if self.step_idx < 0.8 * self.total_steps:
+                self.resample(x_BD, out.x_hat_BD.detach())
+            self.last_resample_tokens = self.tokens
+        self.step_idx += 1
+        self._accumulate(out, B)
+        if self._test_sleep:
+            time.sleep(self._test_sleep)
+        return out
+
+    @torch.no_grad()
+    def resample(self, x_BD: Tensor, x_hat_BD: Tensor) -> int:
+        """Anthropic-style resampling: dead latents restart at badly reconstructed inputs.
+
+        Inputs are drawn with probability ∝ (squared error)²; the atom becomes the
+        (centred, normalised) input, the encoder row the same direction at 0.2× the mean
+        alive encoder norm, b_enc 0, and their Adam moments are reset.
+        """
+        sae = self.sae
+        dead_M = self.dead_mask().nonzero().squeeze(1)
+        n_dead = dead_M.numel()
+        if n_dead == 0:
+            return 0
+        loss_B = (x_BD - x_hat_BD).pow(2).sum(-1)
+        p_B = loss_B.pow(2)
+        p_B = p_B if float(p_B.sum()) > 0 else torch.ones_like(p_B)
+        pick_M = torch.multinomial(p_B, n_dead, replacement=n_dead > x_BD.shape[0])
+        v_MD = x_BD[pick_M] - sae.b_dec
+        v_MD = v_MD / v_MD.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        alive_N = ~self.dead_mask()
+        enc_norm = float(sae.W_enc[alive_N].norm(dim=1).mean()) if bool(alive_N.any()) else 1.0
+        dec_norm = 1.0 if sae.unit_norm_decoder or not bool(alive_N.any()) else float(sae.W_dec[alive_N].norm(dim=1).mean())
+        sae.W_dec[dead_M] = v_MD * dec_norm
+        sae.W_enc[dead_M] = v_MD * (0.2 * enc_norm)
+        sae.b_enc[dead_M] = 0.0
+        for p in (sae.W_dec, sae.W_enc, sae.b_enc):
+            state = self.opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][dead_M] = 0.0
+        self.tokens_since_fired_N[dead_M] = 0
+        self.n_resampled += n_dead
+        return n_dead
+
+    # -------------------------------------------------------------------- logging
+    def _reset_window(self) -> None:
+        self._win_sums: dict[str, Tensor] = {}
+        self._win_steps = 0
+        self._win_tokens = 0
+        self._win_fired_N: Tensor | None = None
+        self._win_t0 = time.perf_counter()
+
+    def _accumulate(self, out: ForwardOutput, B: int) -> None:
+        for k, v in out.metrics.items():
+            self._win_sums[k] = self._win_sums.get(k, 0) + v.float()
+        self._win_steps += 1
+        self._win_tokens += B
+        self._win_fired_N = out.fired_N if self._win_fired_N is None else self._win_fired_N + out.fired_N
+
+    def window_metrics(self) -> dict[str, float]:
+        """Averages since the last call: metrics, dead/dense fractions, tokens/s."""
+        steps = max(1, self._win_steps)
+        m = {k: float(v) / steps for k, v in self._win_sums.items()}
+        m["dead_frac"] = float(self.dead_mask().float().mean())
+        if self._win_fired_N is not None and self._win_tokens:
+            m["dense_frac"] = float((self._win_fired_N / self._win_tokens > 0.1).float().mean())
+        m["tokens_per_s"] = self._win_tokens / max(1e-9, time.perf_counter() - self._win_t0)
+        m["lr"] = self.base_lr * lr_factor(max(0, self.step_idx - 1), self.total_steps, self.cfg)
+        m.update(step=self.step_idx, tokens=self.tokens, skipped_batches=self.skipped_batches)
+        if self.dead_method == "resample":
+            m["resampled"] = self.n_resampled
+        self._reset_window()
+        return m
+
+    # --------------------------------------------------------------------- the loop
+    def fit(self, batches: Iterable[Any], *, progress: bool = True) -> None:
+        """Step through ``batches`` (x_BD or (x_BD, rows_B)) until total_steps."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(total=self.total_steps, initial=self.step_idx, disable=not progress, unit="step", dynamic_ncols=True)
+        log_file = open(self.out_dir / "log.jsonl", "a") if self.out_dir is not None else None  # noqa: SIM115
+        wandb_run = self._wandb_init() if cfg.wandb else None
+        next_ckpt = self._next_checkpoint_tokens()
+        it: Iterator[Any] = iter(batches)
+        try:
+            while self.step_idx < self.total_steps:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    raise DataError(
+                        f"the batch iterator ran out after {self.batches_seen} batches, "
+                        f"before step {self.total_steps}; use a looping reader or fewer --tokens"
+                    ) from None
+                x_BD, rows_B = item if isinstance(item, (tuple, list)) else (item, None)
+                out = self.step(x_BD, rows_B)
+                if out is None:
+                    continue
+                bar.update(1)
+                if self.step_idx % cfg.log_every == 0 or self.step_idx == self.total_steps:
+                    m = self.window_metrics()
+                    bar.set_postfix(
+                        fvu=f"{m['fvu']:.4f}", l0=f"{m['l0']:.1f}", dead=f"{m['dead_frac']:.3f}",
+                        tok_s=f"{m['tokens_per_s']:.3g}",
+                    )
+                    if log_file is not None:
+                        log_file.write(json.dumps(m) + "\n")
+                        log_file.flush()
+                    if wandb_run is not None:
+                        wandb_run.log(m, step=self.step_idx)
+                if self.out_dir is not None and next_ckpt is not None and self.tokens >= next_ckpt:
+                    self.save_checkpoint(self.out_dir / "checkpoint")
+                    next_ckpt = self._next_checkpoint_tokens()
+        finally:
+            bar.close()
+            if log_file is not None:
+                log_file.close()
+            if wandb_run is not None:
+                wandb_run.finish()
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def _next_checkpoint_tokens(self) -> int | None:
+        every = self.cfg.checkpoint_every
+        if every <= 0:
+            return None
+        return (self.tokens // every + 1) * every
+
+    def _wandb_init(self) -> Any:
+        import wandb
+
+        assert self.out_dir is not None
+        id_file = self.out_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        return wandb.init(
+            project=self.cfg.wandb_project, id=run_id, resume="allow", dir=str(self.out_dir),
+            name=self.out_dir.name, config=to_dict(self.cfg),
+        )
+
+    # ------------------------------------------------------------------ state / ckpt
+    def state_dict(self) -> dict[str, Any]:
+        rng = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+        }
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "sae": self.sae.state_dict(),
+            "opt": self.opt.state_dict(),
+            "tokens_since_fired_N": self.tokens_since_fired_N,
+            "counters": {
+                "step_idx": self.step_idx, "batches_seen": self.batches_seen, "tokens": self.tokens,
+                "skipped_batches": self.skipped_batches, "last_resample_tokens": self.last_resample_tokens,
+                "n_resampled": self.n_resampled, "input_scale": self.input_scale,
+            },
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["opt"])
+        self.tokens_since_fired_N.copy_(state["tokens_since_fired_N"])
+        for k, v in state["counters"].items():
+            setattr(self, k, v)
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Atomically write the full training state to directory ``path``.
+
+        Written under a temporary name, fsynced, then swapped in; a crash at any moment
+        leaves either the previous checkpoint or the new one, never a torn one.
+        """
+        path = Path(path)
+        tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        blob = buf.getvalue()
+        meta = {
+            "step": self.step_idx, "tokens": self.tokens, "batches_seen": self.batches_seen,
+            "sha256": hashlib.sha256(blob).hexdigest(), "sae": to_dict(self.sae.cfg),
+            "train": to_dict(self.cfg),
+        }
+        for name, data in (("state.pt", blob), ("meta.json", json.dumps(meta, indent=2).encode())):
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore the state written by ``save_checkpoint``; CheckpointError if unusable."""
+        path = Path(path)
+        meta = read_checkpoint_meta(path)
+        blob = (path / "state.pt").read_bytes()
+        if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt (state.pt checksum mismatch); delete {path} "
+                "to start over, or rerun with --no-resume"
+            )
+        saved = meta.get("sae", {})
+        mine = to_dict(self.sae.cfg)
+        for key in ("arch", "d_in", "n_latents"):
+            if saved.get(key) != mine[key]:
+                raise CheckpointError(
+                    f"checkpoint {path} has {key}={saved.get(key)} but this run has {key}={mine[key]} "
+                    "(different store or SAE width); use the original settings, another --out, "
+                    "or --no-resume to start over"
+                )
+        try:
+            state = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=False)
+            self.load_state_dict(state)
+        except Exception as e:  # anything torch raises on a damaged or foreign file
+            raise CheckpointError(f"cannot restore checkpoint {path}: {e}; delete it or use --no-resume") from e
+
+    # ------------------------------------------------------------------------ export
+    def export(self, out_dir: str | Path) -> Path:
+        """Save the SAE for inference (cfg.json + sae.safetensors), input scale folded in."""
+        import copy
+
+        sae = copy.deepcopy(self.sae).cpu()
+        sae.fold_input_scale(self.input_scale or 1.0)
+        return sae.save(out_dir)
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({e}); delete it to start over, or use --no-resume"
+        ) from e
+
+
+def find_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: OUT/checkpoint, or .old if a swap was interrupted."""
+    out_dir = Path(out_dir)
+    for name in ("checkpoint", "checkpoint.old"):
+        p = out_dir / name
+        if (p / "meta.json").exists():
+            return p
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_sae(cfg: TrainConfig, d_in: int) -> SAE:
+    """The SAE a TrainConfig asks for, on an input of width ``d_in``."""
+    n = cfg.n_latents or cfg.expansion * d_in
+    sae_cfg = dataclasses.replace(cfg, d_in=d_in, n_latents=n).resolved()
+    return REGISTRY[sae_cfg.arch](sae_cfg)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train an SAE from ``cfg.store`` into ``cfg.out``; returns the output directory."""
+    from llm_sae.store import open_store, verify_store
+
+    store = open_store(cfg.store)
+    if store.n_rows == 0:
+        raise StoreError(f"the store at {cfg.store} has no rows; harvest some activations first")
+    if cfg.verify_store:
+        problems = verify_store(cfg.store)
+        if problems:
+            raise StoreError(f"store {cfg.store} failed verification: {'; '.join(problems[:5])}")
+    if not math.isfinite(store.mean_norm) or store.mean_norm <= 0:
+        raise StoreError(
+            f"the store at {cfg.store} has mean norm {store.mean_norm}; its statistics are "
+            "broken (NaN/Inf rows?): run `llm-sae store verify` and harvest again"
+        )
+    total_steps = cfg.tokens // cfg.batch_size
+    if total_steps <= 0:
+        raise ConfigError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(cfg.device)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    sae = build_sae(cfg, store.d_in).to(device)
+    trainer = Trainer(
+        sae, cfg, total_steps=total_steps, input_scale=math.sqrt(store.d_in) / store.mean_norm,
+        out_dir=out,
+    )
+    ckpt = find_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        trainer.load_checkpoint(ckpt)
+    else:
+        for stale in ("checkpoint", "checkpoint.old", "log.jsonl"):
+            p = out / stale
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        trainer.init_from_sample(_sample_rows(store, cfg))
+    (out / "train_cfg.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+    if trainer.step_idx < total_steps:
+        reader = store.reader(
+            cfg.batch_size, seed=cfg.seed, start_batch=trainer.batches_seen, loop=True,
+            with_rows=True, device=device,
+        )
+        trainer.fit(reader)
+        trainer.save_checkpoint(out / "checkpoint")
+    trainer.export(out)
+    return out
+
+
+def _sample_rows(store: Any, cfg: TrainConfig) -> Tensor:
+    """A shuffled sample for initialisation, drawn with its own seed (not the training order)."""
+    n = min(cfg.init_rows, store.n_rows)
+    bs = min(n, 4096)
+    reader = store.reader(bs, seed=cfg.seed + 1_000_003, loop=True)
+    rows, it = [], iter(reader)
+    try:
+        while sum(r.shape[0] for r in rows) < n:
+            rows.append(next(it).float())
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    return torch.cat(rows)[:n]
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser, TrainConfig, exclude=("d_in",))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = from_args(TrainConfig, args)
+    out = train(cfg)
+    print(f"saved SAE to {out} (load with llm_sae.sae.load_sae)")
+    return 0
