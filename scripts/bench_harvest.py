@@ -3,8 +3,10 @@
 In one run, on one model, text and batch size:
   1. bare    — tokenize/pack + the model's forward pass up to the hook's layer, nothing kept;
   2. harvest — the full `harvest()` (same forward + copying rows out, stats, checksums, writes);
-  3. reader  — one shuffled epoch of the store through `store.reader()` (GB/s, rows/s);
-  4. peak    — this machine's memory bandwidth, measured as a large tensor copy.
+  3. writer/reader — a synthetic store of --reader-gb written by StoreWriter, then one
+     shuffled epoch of it through `store.reader()` (GB/s, rows/s);
+  4. peaks   — this machine's memory bandwidth (a large tensor copy) and disk write speed
+     (one large write + fsync), the ceilings for the reader and the writer.
 The store's overhead is harvest/bare - 1 (target: under 5%). The reader is reported
 against the measured memory bandwidth.
 
@@ -39,6 +41,20 @@ def memory_bandwidth(nbytes: int = 2**29, repeats: int = 5) -> float:
     return 2 * nbytes / best
 
 
+def disk_write_bandwidth(folder: Path, nbytes: int = 2**28) -> float:
+    """Bytes per second of one large write + fsync: the ceiling for the store writer."""
+    data = os.urandom(2**20) * (nbytes // 2**20)
+    path = folder / "disk_probe.bin"
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    dt = time.perf_counter() - t
+    path.unlink()
+    return nbytes / dt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--d-model", type=int, default=256, help="width of the tiny random model")
@@ -50,6 +66,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="store dtype")
     ap.add_argument("--device", default="cpu", help="model device")
     ap.add_argument("--reader-batch", type=int, default=4096, help="rows per reader batch")
+    ap.add_argument("--reader-gb", type=float, default=1.0, help="size of the synthetic store the reader reads")
+    ap.add_argument("--reader-budget-gb", type=float, default=0.25, help="reader memory budget")
     ap.add_argument("--workdir", default=None, help="where to build the model and store (default: a temp dir)")
     ap.add_argument("--json-out", default=None, help="write the results here as JSON")
     args = ap.parse_args()
@@ -106,17 +124,32 @@ def main() -> None:
     harvest_s = H.LAST_RUN["seconds"]
     bare_s = min(bare_s, bare())
 
-    # 3. reader: one shuffled epoch.
-    st = open_store(out)
+    # 3. writer + reader on a store big enough to need several shuffle groups: random rows
+    # of the same width, so this part does not wait on the model.
+    from llm_sae.store import StoreWriter
+
+    syn = work / "synthetic"
+    shutil.rmtree(syn, ignore_errors=True)
+    n_syn = int(args.reader_gb * 1e9) // (args.d_model * 4)
+    block = torch.randn(8192, args.d_model)
+    t = time.perf_counter()
+    with StoreWriter(syn, meta={"d_in": args.d_model, "dtype": "float32"}) as w:
+        for a in range(0, n_syn, len(block)):
+            w.append(block[: min(len(block), n_syn - a)])
+    write_s = time.perf_counter() - t
+    st = open_store(syn)
+    budget = int(args.reader_budget_gb * 2**30)
     t = time.perf_counter()
     n = 0
-    for x in st.reader(args.reader_batch, seed=0, dtype=torch.float32):
+    for x in st.reader(args.reader_batch, seed=0, dtype=torch.float32, memory_budget_bytes=budget):
         n += x.shape[0]
     read_s = time.perf_counter() - t
     read_bytes = n * st.row_bytes
+    shutil.rmtree(syn, ignore_errors=True)
 
-    # 4. peak
+    # 4. peaks
     bw = memory_bandwidth()
+    disk = disk_write_bandwidth(work)
 
     res = {
         "device": args.device, "threads": torch.get_num_threads(), "d_model": args.d_model,
@@ -124,6 +157,8 @@ def main() -> None:
         "batch_size": args.batch_size, "store_dtype": args.dtype,
         "bare_forward_s": bare_s, "harvest_s": harvest_s, "harvest_over_bare": harvest_s / bare_s,
         "harvest_tokens_per_s": args.tokens / harvest_s, "bare_tokens_per_s": args.tokens / bare_s,
+        "writer_GBps": st.n_rows * st.row_bytes / write_s / 1e9, "disk_write_GBps": disk / 1e9,
+        "reader_store_GB": st.n_rows * st.row_bytes / 1e9, "reader_budget_GB": args.reader_budget_gb,
         "reader_rows": n, "reader_s": read_s, "reader_GBps": read_bytes / read_s / 1e9,
         "reader_rows_per_s": n / read_s, "memcopy_GBps": bw / 1e9,
         "reader_vs_memcopy": (read_bytes / read_s) / bw,
@@ -132,6 +167,8 @@ def main() -> None:
         ("bare forward (pack + model to hook)", f"{bare_s:8.2f} s", f"{res['bare_tokens_per_s']:,.0f} tok/s"),
         ("full harvest (to store)", f"{harvest_s:8.2f} s", f"{res['harvest_tokens_per_s']:,.0f} tok/s"),
         ("harvest / bare", f"{res['harvest_over_bare']:8.3f}", "target < 1.05"),
+        ("store writer (synthetic rows)", f"{res['writer_GBps']:8.2f} GB/s",
+         f"disk write+fsync peak {res['disk_write_GBps']:.2f} GB/s"),
         ("reader, one shuffled epoch", f"{res['reader_GBps']:8.2f} GB/s", f"{res['reader_rows_per_s']:,.0f} rows/s"),
         ("memory bandwidth (tensor copy)", f"{res['memcopy_GBps']:8.2f} GB/s",
          f"reader at {100 * res['reader_vs_memcopy']:.0f}% of it"),

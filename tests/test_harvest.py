@@ -49,7 +49,9 @@ def test_every_hook_kind_matches_a_direct_forward(tiny_gpt2_dir, text_dir, tmp_p
     for h, st in stores.items():
         assert st.n_rows == 250 and st.d_in == 32 and st.hook == h
         assert torch.allclose(st.acts(0, 250), ref[h], atol=1e-5), h
-        assert verify_store(dirs[h]) == []
+    from llm_sae.cli import main
+
+    assert main(["store", "verify", str(tmp_path / "o")]) == 0  # the parent: every hook's store
     # The residual stream adds up: post = pre + attn_out + mlp_out.
     a = {h: stores[h].acts(0, 250) for h in hooks}
     assert torch.equal(a["blocks.0.hook_resid_post"], a["blocks.1.hook_resid_pre"])
