@@ -68,8 +68,8 @@ class EvalConfig:
     """Evaluate the store's last N rows. train.py samples every row of its store, so these
     are truly held out only when the SAE was trained on another store (e.g. one harvested
     from another --split): harvest a separate evaluation store for a clean split."""
-    batch_size: int = 4096
-    """Rows per SAE forward pass."""
+    batch_size: int = 2048
+    """Rows per SAE forward pass (the dense latents of a batch, rows × latents floats, must fit)."""
     active_threshold: float | None = None
     """τ: a latent is active when z > τ (default: the architecture's rule, z > 0, or > 0.5 for sigmoid units)."""
     dense_threshold: float = 0.1
@@ -167,10 +167,14 @@ class ReconstructionStats:
         self.fired_N += on_BN.sum(0).double().cpu()
         l0_B = on_BN.sum(-1)
         self.l0_counts += torch.bincount(l0_B.cpu(), minlength=self.N + 1).double()[: self.N + 1]
-        a_BN = z_BN.abs().double()
-        self.sum_a_N += a_BN.sum(0).cpu()
-        self.sum_a2_N += a_BN.pow(2).sum(0).cpu()
-        self.pop_tr.append(_treves_rolls(a_BN, dim=1).float().cpu())
+        # float32 per batch (a float64 [B, N] copy would be gigabytes for wide SAEs),
+        # accumulated across batches in float64.
+        a_BN = z_BN.abs()
+        a2_BN = a_BN * a_BN
+        self.sum_a_N += a_BN.sum(0).double().cpu()
+        self.sum_a2_N += a2_BN.sum(0).double().cpu()
+        self.pop_tr.append(_tr(a_BN.mean(1), a2_BN.mean(1), a_BN.shape[1]).float().cpu())
+        del a_BN, a2_BN
         if tokens_B is not None and self.want_tokens:
             rows, feats = on_BN.nonzero(as_tuple=True)
             toks = tokens_B.to(rows.device)[rows]
@@ -271,12 +275,6 @@ def selectivity(
     gini_N[dead] = float("nan")
     share_N = torch.where(dead, torch.full_like(max_N, float("nan")), max_N / sum_N.clamp_min(1e-300))
     return gini_N.float(), share_N.float(), top_tok_N
-
-
-def _treves_rolls(a: Tensor, dim: int) -> Tensor:
-    n = a.shape[dim]
-    m1, m2 = a.mean(dim), a.pow(2).mean(dim)
-    return _tr(m1, m2, n)
 
 
 def _treves_rolls_from_sums(s1: Tensor, s2: Tensor, n: int) -> Tensor:
