@@ -612,6 +612,10 @@ class Store:
         key = (shard, kind)
         if key not in self._mmaps:
             f = self.shards[shard]["files"][kind]["file"]
+            if len(self._mmaps) >= 256:
+                # Bounded: a big store has thousands of shards and a process only gets
+                # ~65k memory maps (vm.max_map_count). Arrays handed out stay valid.
+                self._mmaps.pop(next(iter(self._mmaps)))
             try:
                 self._mmaps[key] = np.load(self.path / f, mmap_mode="r")
             except (OSError, ValueError) as e:

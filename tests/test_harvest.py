@@ -186,6 +186,20 @@ def test_sigkilled_harvest_resumes_byte_identical(tiny_gpt2_dir, text_dir, tmp_p
         m = out / "blocks.0.hook_resid_post" / "manifest.json"
         seen.append(json.loads(m.read_text())["n_rows"] if m.exists() else 0)
     assert seen[0] < seen[1] < seen[2] < 700  # each rerun made progress
+    # And killed from outside at an arbitrary moment, once the store has grown a little.
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "llm_sae.cli", *_cli_args(tiny_gpt2_dir, text_dir, out)],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    m = out / "blocks.1.hook_mlp_out" / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if json.loads(m.read_text())["n_rows"] > seen[2]:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     assert main(_cli_args(tiny_gpt2_dir, text_dir, out)) == 0  # the same command again
     assert _snapshot(out) == _snapshot(ref)
     for h in ("blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"):
