@@ -18,6 +18,7 @@ references the fast path is tested against. Leading batch dimensions are flatten
 from __future__ import annotations
 
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -82,8 +83,23 @@ def _rows_outer_add_(
 
 
 def _gathered_dot(W_ND: Tensor, idx_BK: Tensor, y_BD: Tensor, chunk: int) -> Tensor:
-    """out[b, k] = W[idx[b, k]] · y[b], gathering only the k active rows (chunked)."""
+    """out[b, k] = W[idx[b, k]] · y[b], computing only the B·K sampled dot products."""
     B, K = idx_BK.shape
+    if W_ND.device.type == "cpu":
+        # One sampled dense-dense product (SDDMM) on the [B, N] pattern given by idx: a
+        # single multithreaded op, 3-4x faster on CPU than gathering rows chunk by chunk.
+        crow = torch.arange(0, B * K + 1, K, device=idx_BK.device)
+        with warnings.catch_warnings():  # "CSR support is in beta": it is tested here
+            warnings.simplefilter("ignore", UserWarning)
+            pattern_BN = torch.sparse_csr_tensor(
+                crow,
+                idx_BK.reshape(-1),
+                y_BD.new_empty(B * K),
+                (B, W_ND.shape[0]),
+                check_invariants=False,
+            )
+        out = torch.sparse.sampled_addmm(pattern_BN, y_BD, W_ND.t(), beta=0.0)
+        return out.values().view(B, K)
     D = W_ND.shape[1]
     out_BK = torch.empty(B, K, dtype=W_ND.dtype, device=W_ND.device)
     for s in range(0, B, chunk):

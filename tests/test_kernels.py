@@ -132,7 +132,8 @@ class _ShapeRecorder(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor):
-                self.numels.append(t.numel())
+                # A sparse tensor holds only its nonzeros, whatever its logical shape.
+                self.numels.append(t._nnz() if t.layout != torch.strided else t.numel())
         return out
 
 
