@@ -15,10 +15,12 @@ import argparse
 import difflib
 import json
 import os
+import queue
 import re
 import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -394,9 +396,10 @@ def _run(cfg, model, hooks, writers, tok, special, stop, device, rank, world, sa
                    desc="harvest", dynamic_ncols=True, file=sys.stderr)
     produced_any = c > 0
     t0 = time.perf_counter()
+    batches = _batches_ahead(contexts, B)
     while rows_total < N:
-        batch = _take(contexts, B)
-        if not batch:
+        batch = next(batches, None)
+        if batch is None:
             break
         produced_any = True
         tokens_BL = torch.from_numpy(np.stack([t for t, _ in batch]))
@@ -437,6 +440,7 @@ def _run(cfg, model, hooks, writers, tok, special, stop, device, rank, world, sa
             bar.update(n_keep if world == 1 else 0)
             if world > 1:
                 bar.set_postfix_str(f"rank0 {own_rows:,} tok")
+    batches.close()
     if bar is not None:
         bar.close()
     if not produced_any:
@@ -454,6 +458,45 @@ def _run(cfg, model, hooks, writers, tok, special, stop, device, rank, world, sa
     dt = time.perf_counter() - t0
     LAST_RUN.update(seconds=dt, rows=rows_total, hooks=len(hooks))
     say(f"harvest: wrote {rows_total:,} tokens per hook for {len(hooks)} hook(s) in {dt:.1f}s")
+
+
+def _batches_ahead(contexts: Iterable, n: int, depth: int = 4) -> Iterator[list]:
+    """Batches of ``n`` contexts, tokenized on a background thread (tokenizers release the
+    GIL), so the model never waits on text; order is unchanged."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def work() -> None:
+        try:
+            it = iter(contexts)
+            while not stop.is_set():
+                batch = _take(it, n)
+                _put(batch if batch else end)
+                if not batch:
+                    return
+        except BaseException as e:  # re-raised on the harvesting thread
+            _put(e)
+
+    def _put(item: Any) -> None:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    threading.Thread(target=work, daemon=True, name="harvest-text").start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _take(it: Iterable, n: int) -> list:
