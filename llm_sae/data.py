@@ -20,6 +20,9 @@ import numpy as np
 
 from llm_sae.errors import DataError
 
+#: The short dataset name of the offline default corpus (see llm_sae.corpus).
+STDLIB = "stdlib"
+
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 TextSource = str | Path | Iterable[str] | Callable[[], Iterable[str]]
@@ -71,9 +74,15 @@ def iter_documents(
     if not isinstance(dataset, str | Path):
         yield from _check_strings(dataset, "the iterable")
         return
+    path = Path(dataset).expanduser()
+    if str(dataset) == STDLIB and not path.exists():
+        # The offline default corpus: the standard library's own source (llm_sae.corpus).
+        from llm_sae.corpus import iter_documents as stdlib_documents
+
+        yield from (doc.text for doc in stdlib_documents(split))
+        return
     import datasets
 
-    path = Path(dataset).expanduser()
     try:
         if path.exists():
             files = _local_files(path)
