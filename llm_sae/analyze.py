@@ -109,18 +109,22 @@ def pair_hash(rows: torch.Tensor, feats: torch.Tensor, seed: int) -> torch.Tenso
 class BottomSlots:
     """For each of ``n`` buckets, the ``p`` items with the smallest (prim, row) seen so far.
 
-    This one structure is both the top-k buffer (prim = -activation, so equal activations
-    are ordered by row) and the reservoirs (prim = a hash of (row, feature): the smallest
-    p hashes are a uniform random sample of the bucket, and two samples merge exactly).
-    Each item carries its activation, (sequence, position) and its window of activations.
+    This one structure is both the top-k buffer (prim = a key that falls as the activation
+    rises, so equal activations are ordered by row) and the reservoirs (prim = a hash of
+    (row, feature): the smallest p hashes are a uniform random sample of the bucket, and
+    two such samples merge exactly). ``prim`` is an integer in [0, 2^32). Each item
+    carries its activation, (sequence, position) and its window of activations.
+
+    Items must be offered in increasing row order across calls (the pass reads the store
+    in order): then one stable sort on (bucket, prim) also orders ties by row.
     """
 
-    EMPTY_ROW = (1 << 62)
+    EMPTY = 1 << 32
 
     def __init__(self, n: int, p: int, W: int, device: torch.device | str) -> None:
         self.n, self.p, self.W = n, p, W
-        self.prim = torch.full((n, p), math.inf, dtype=torch.float64, device=device)
-        self.row = torch.full((n, p), self.EMPTY_ROW, dtype=torch.int64, device=device)
+        self.prim = torch.full((n, p), self.EMPTY, dtype=torch.int64, device=device)
+        self.row = torch.full((n, p), -1, dtype=torch.int64, device=device)
         self.val = torch.zeros((n, p), dtype=torch.float32, device=device)
         self.seqpos = torch.full((n, p), -1, dtype=torch.int64, device=device)
         self.win = torch.zeros((n, p, W), dtype=torch.float16, device=device)
@@ -141,61 +145,67 @@ class BottomSlots:
         called for the items that actually enter, which after warm-up are few)."""
         if bucket_M.numel() == 0:
             return
-        # Cheap pre-filter: an item can only enter if it beats its bucket's current last.
-        tp, tr = self.prim[bucket_M, -1], self.row[bucket_M, -1]
-        ok = (prim_M < tp) | ((prim_M == tp) & (row_M < tr))
-        item = ok.nonzero().squeeze(1)
+        dev, p = bucket_M.device, self.p
+        # Cheap pre-filter: an item can only enter if it beats its bucket's current last
+        # (rows only grow, so an equal prim never beats an item already kept).
+        item = (prim_M < self.prim[bucket_M, -1]).nonzero().squeeze(1)
         if item.numel() == 0:
             return
-        bucket_M, prim_M, row_M = bucket_M[item], prim_M[item], row_M[item]
-        touched = torch.unique(bucket_M)
-        p = self.p
-        old_b = touched.repeat_interleave(p)
-        old_prim = self.prim[touched].reshape(-1)
-        old_row = self.row[touched].reshape(-1)
-        keep_old = old_prim < math.inf
-        old_src = torch.arange(old_b.numel(), device=old_b.device)[keep_old]
-        b = torch.cat([old_b[keep_old], bucket_M])
-        pr = torch.cat([old_prim[keep_old], prim_M])
-        rw = torch.cat([old_row[keep_old], row_M])
-        n_old = old_src.numel()
-        # Lexicographic order (bucket, prim, row) by stable sorts, least significant first.
-        order = torch.argsort(rw, stable=True)
-        order = order[torch.argsort(pr[order], stable=True)]
-        order = order[torch.argsort(b[order], stable=True)]
-        b_sorted = b[order]
-        rank = torch.arange(b_sorted.numel(), device=b.device) - torch.searchsorted(b_sorted, b_sorted)
-        win_mask = rank < p
-        sel, rank = order[win_mask], rank[win_mask]
-        dst_b = b[sel]
-        is_old = sel < n_old
-        # Gather everything the winners carry before the touched buckets are cleared.
-        flat = lambda t: t[touched].reshape(-1, *t.shape[2:])  # noqa: E731
-        new_val = torch.empty(sel.numel(), dtype=self.val.dtype, device=b.device)
-        new_sp = torch.empty(sel.numel(), dtype=torch.int64, device=b.device)
-        new_win = torch.empty(sel.numel(), self.W, dtype=self.win.dtype, device=b.device)
-        o = old_src[sel[is_old]]
-        new_val[is_old], new_sp[is_old], new_win[is_old] = flat(self.val)[o], flat(self.seqpos)[o], flat(self.win)[o]
-        n_idx = item[sel[~is_old] - n_old]
-        new_val[~is_old], new_sp[~is_old] = val_M[n_idx], seqpos_M[n_idx]
-        if n_idx.numel():
-            new_win[~is_old] = windows(n_idx).to(self.win.dtype)
-        self.prim[touched] = math.inf
-        self.row[touched] = self.EMPTY_ROW
-        self.prim[dst_b, rank], self.row[dst_b, rank] = pr[sel], rw[sel]
-        self.val[dst_b, rank], self.seqpos[dst_b, rank], self.win[dst_b, rank] = new_val, new_sp, new_win
+        # The best p new items per bucket: one stable sort of the survivors (ties stay in
+        # row order), rank within bucket by a running max of bucket starts.
+        key, o = torch.sort(bucket_M[item] << 32 | prim_M[item], stable=True)
+        item = item[o]
+        b = key >> 32
+        start = torch.ones_like(b, dtype=torch.bool)
+        start[1:] = b[1:] != b[:-1]
+        ar = torch.arange(b.numel(), device=dev)
+        rank = ar - torch.where(start, ar, 0).cummax(0).values
+        keep = rank < p
+        item, key, rank, start = item[keep], key[keep], rank[keep], start[keep]
+        touched = (key >> 32)[start]
+        t_of = start.cumsum(0) - 1
+        # Merge with the p kept so far: a small sort of [old p | new ≤p] per touched bucket.
+        T = touched.numel()
+        cand = torch.full((T, 2 * p), self.EMPTY, dtype=torch.int64, device=dev)
+        cand[:, :p] = self.prim[touched]
+        cand[t_of, p + rank] = key & _M32
+        src = torch.full((T, 2 * p), -1, dtype=torch.int64, device=dev)
+        src[:, :p] = touched[:, None] * p + torch.arange(p, device=dev)
+        src[t_of, p + rank] = -2 - torch.arange(item.numel(), device=dev)
+        cand, oo = torch.sort(cand, dim=1, stable=True)
+        src = src.gather(1, oo[:, :p])
+        # Gather for every slot with clamped indices and pick with where: no masks to
+        # compact. Windows are computed only for the new winners.
+        is_old, is_new = src >= 0, src <= -2
+        so = src.clamp(min=0)
+        ni = item[(-2 - src).clamp(min=0)]
+        row = torch.where(is_old, self.row.view(-1)[so], torch.where(is_new, row_M[ni], -1))
+        val = torch.where(is_old, self.val.view(-1)[so], torch.where(is_new, val_M[ni], 0.0))
+        sp = torch.where(is_old, self.seqpos.view(-1)[so], torch.where(is_new, seqpos_M[ni], -1))
+        win = self.win.view(-1, self.W)[so]
+        new_at = is_new.nonzero(as_tuple=True)
+        if new_at[0].numel():
+            win[new_at] = windows(ni[new_at]).to(self.win.dtype)
+        self.prim[touched], self.row[touched], self.val[touched] = cand[:, :p], row, val
+        self.seqpos[touched], self.win[touched] = sp, win
 
     def take(self, buckets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Remove and return the valid items of ``buckets`` (bucket, prim, row, val, seqpos, win)."""
+        """Remove and return the valid items of ``buckets`` (bucket, prim, row, val, seqpos,
+        win), in row order."""
         p = self.p
         b = buckets.repeat_interleave(p)
         pr, rw = self.prim[buckets].reshape(-1), self.row[buckets].reshape(-1)
         val, sp = self.val[buckets].reshape(-1), self.seqpos[buckets].reshape(-1)
         win = self.win[buckets].reshape(-1, self.W)
-        ok = pr < math.inf
-        self.prim[buckets] = math.inf
-        self.row[buckets] = self.EMPTY_ROW
+        ok = (pr < self.EMPTY).nonzero().squeeze(1)
+        ok = ok[torch.argsort(rw[ok], stable=True)]
+        self.prim[buckets] = self.EMPTY
         return b[ok], pr[ok], rw[ok], val[ok], sp[ok], win[ok]
+
+
+def act_key(v: torch.Tensor) -> torch.Tensor:
+    """An integer in [0, 2^31) that falls as a positive float32 rises (IEEE bits are monotone)."""
+    return (2**31 - 1) - v.float().contiguous().view(torch.int32).to(torch.int64)
 
 
 def _pow2_exponent(x: torch.Tensor) -> torch.Tensor:
@@ -282,9 +292,9 @@ class FeatureAccumulator:
     # -- examples (deferred until the neighbouring batch is encoded) ----------------------
     def add_examples(self, row_M, f_M, v_M, seqpos_M, windows: Callable) -> None:
         if self.top is not None:
-            self.top.merge(f_M, -v_M.double(), row_M, v_M, seqpos_M, windows)
+            self.top.merge(f_M, act_key(v_M), row_M, v_M, seqpos_M, windows)
         if self.res is not None:
-            key = pair_hash(row_M, f_M, self.seed).double()
+            key = pair_hash(row_M, f_M, self.seed)
             self.res.merge(f_M * self.R + self._cells(f_M, v_M, self.R), key, row_M, v_M, seqpos_M, windows)
 
 
@@ -298,40 +308,74 @@ class _Batch:
 
     start: int
     seqpos: torch.Tensor  # [B] int64 (-1 where unknown)
-    key: torch.Tensor  # sorted row·N + feature of the active pairs
-    val: torch.Tensor  # their values
+    fkey: torch.Tensor  # sorted feature·2^40 + row of the active pairs
+    fval: torch.Tensor  # their values
+
+
+ROW_BITS = 40
 
 
 class _Span:
-    """Lookup over a few consecutive encoded batches: (seq, pos) → row → activation."""
+    """Lookup over a few consecutive encoded batches: (seq, pos) → row, and a feature's
+    active pairs near a row."""
 
-    def __init__(self, batches: list[_Batch], n: int, before: int, after: int) -> None:
-        self.n, self.before, self.after = n, before, after
-        sp = torch.cat([b.seqpos for b in batches])
-        rows = torch.cat([torch.arange(b.start, b.start + b.seqpos.numel(), device=sp.device) for b in batches])
-        self.sp_sorted, order = torch.sort(sp)
-        self.sp_rows = rows[order]
-        self.key = torch.cat([b.key for b in batches])
-        self.val = torch.cat([b.val for b in batches])
+    def __init__(self, batches: list[_Batch], before: int, after: int) -> None:
+        self.before, self.after = before, after
+        self.batches = batches
+        self.start = batches[0].start
+        self.sp = torch.cat([b.seqpos for b in batches])  # row start + i has (seq, pos) sp[i]
+        self.sp_sorted, self.sp_order = None, None
 
-    def windows(self, seqpos_M: torch.Tensor, f_M: torch.Tensor) -> torch.Tensor:
-        """[M, W] activations of feature f_M at (seq, pos + d), d in [-before, after];
-        NaN where no row of the span has that position."""
-        d = torch.arange(-self.before, self.after + 1, device=seqpos_M.device)
+    def _rows(self, q: torch.Tensor, guess: torch.Tensor) -> torch.Tensor:
+        """Row of position q (seq·SEQ_MUL + pos), or -1. Rows of one sequence are nearly
+        always consecutive, so row + d is tried first; a search only where that misses."""
+        n = self.sp.numel()
+        i = (guess - self.start).clamp(0, max(0, n - 1))
+        ok = (guess - self.start >= 0) & (guess - self.start < n) & (self.sp[i] == q)
+        rows = torch.where(ok, guess, -1)
+        miss = (~ok & (q >= 0)).nonzero(as_tuple=True)
+        if miss[0].numel() and n:
+            if self.sp_sorted is None:
+                self.sp_sorted, self.sp_order = torch.sort(self.sp)
+            qm = q[miss]
+            j = torch.searchsorted(self.sp_sorted, qm).clamp(max=n - 1)
+            hit = self.sp_sorted[j] == qm
+            rows[miss] = torch.where(hit, self.sp_order[j] + self.start, -1)
+        return rows
+
+    def windows(self, row_M: torch.Tensor, seqpos_M: torch.Tensor, f_M: torch.Tensor) -> torch.Tensor:
+        """[M, W] activations of feature f_M at (seq, pos + d), d in [-before, after]:
+        0 where it does not fire, NaN where no row of the span has that position."""
+        dev = row_M.device
+        B, A = self.before, self.after
+        d = torch.arange(-B, A + 1, device=dev)
         q = seqpos_M[:, None] + d[None, :]
         valid = (seqpos_M[:, None] >= 0) & ((seqpos_M[:, None] % SEQ_MUL) + d[None, :] >= 0)
-        i = torch.searchsorted(self.sp_sorted, q).clamp(max=max(0, self.sp_sorted.numel() - 1))
-        found = valid & (self.sp_sorted[i] == q) if self.sp_sorted.numel() else valid & False
-        row = self.sp_rows[i]
-        k = row * self.n + f_M[:, None]
-        j = torch.searchsorted(self.key, k).clamp(max=max(0, self.key.numel() - 1))
-        hit = (self.key[j] == k) if self.key.numel() else torch.zeros_like(found)
-        out = torch.where(hit, self.val[j], torch.zeros((), device=q.device))
-        return torch.where(found, out, torch.full((), float("nan"), device=q.device))
+        rows = self._rows(torch.where(valid, q, -1), row_M[:, None] + d[None, :])
+        win = torch.where(rows >= 0, 0.0, float("nan"))
+        # The feature's pairs in rows [row - before, row + after] (a sequence's rows are
+        # ordered by position, so its window lies there): two searches per batch, then
+        # place each hit by its true position.
+        lo_key = f_M << ROW_BITS | (row_M - B).clamp(min=0)
+        hi_key = f_M << ROW_BITS | (row_M + A + 1)
+        for b in self.batches:
+            lo = torch.searchsorted(b.fkey, lo_key)
+            cnt = torch.searchsorted(b.fkey, hi_key) - lo
+            total = int(cnt.sum())
+            if total == 0:
+                continue
+            owner = torch.repeat_interleave(torch.arange(row_M.numel(), device=dev), cnt)
+            first = torch.cumsum(cnt, 0) - cnt
+            idx = lo[owner] + torch.arange(total, device=dev) - first[owner]
+            hit_row = b.fkey[idx] & ((1 << ROW_BITS) - 1)
+            dd = self.sp[hit_row - self.start] - seqpos_M[owner]
+            ok = (dd >= -B) & (dd <= A) & (seqpos_M[owner] >= 0)
+            win[owner[ok], dd[ok] + B] = b.fval[idx[ok]]
+        return win
 
 
 def encode_pairs(sae: Any, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Active (local row, feature, value) triples of a batch, sorted by (row, feature).
+    """Active (local row, feature, value) triples of a batch, in row order.
 
     Uses the TopK sparse form when the SAE has one (no dense [B, N] tensor); otherwise
     the dense encode and the SAE's own notion of firing.
@@ -340,10 +384,7 @@ def encode_pairs(sae: Any, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         vals_BK, idx_BK = sae.encode_topk(x_BD)
         on = vals_BK > 0
         r = torch.arange(x_BD.shape[0], device=x_BD.device)[:, None].expand_as(idx_BK)[on]
-        f, v = idx_BK[on], vals_BK[on]
-        key = r * sae.n_latents + f
-        key, order = torch.sort(key)
-        return r[order], f[order], v[order].float()
+        return r, idx_BK[on], vals_BK[on].float()
     z_BN = sae.encode(x_BD)
     nz = sae.fired(z_BN).nonzero()
     r, f = nz[:, 0], nz[:, 1]
@@ -372,7 +413,6 @@ def run_pass(
     feeding ``acc``. Returns row counts."""
     from tqdm.auto import tqdm
 
-    N = acc.n
     read_to = min(store.n_rows, n_rows + acc.after + 1)
     ex_ids = torch.tensor(sorted(set(exclude_ids)), dtype=torch.int64, device=device)
     ex_pos = torch.tensor(sorted(set(exclude_positions)), dtype=torch.int64, device=device)
@@ -383,8 +423,19 @@ def run_pass(
 
     def flush(p):
         r, f, v, sp = p
-        span = _Span(list(batches), N, acc.before, acc.after)
-        acc.add_examples(r, f, v, sp, lambda i: span.windows(sp[i], f[i]))
+        span = _Span(list(batches), acc.before, acc.after)
+        # Items entering both the top-k and a reservoir get their window computed once.
+        cache = torch.empty(r.numel(), acc.before + acc.after + 1, device=r.device)
+        have = torch.zeros(r.numel(), dtype=torch.bool, device=r.device)
+
+        def windows(i):
+            need = i[~have[i]]
+            if need.numel():
+                cache[need] = span.windows(r[need], sp[need], f[need])
+                have[need] = True
+            return cache[i]
+
+        acc.add_examples(r, f, v, sp, windows)
 
     with torch.no_grad():
         for start in range(0, read_to, batch_size):
@@ -401,7 +452,8 @@ def run_pass(
             if ex_pos.numel():
                 include &= ~torch.isin(pos_B2[:, 1], ex_pos)
             excluded += int((~include[: max(0, min(stop, n_rows) - start)]).sum())
-            batches.append(_Batch(start, seqpos, (r + start) * N + f, v))
+            fkey, o = torch.sort(f << ROW_BITS | (r + start))
+            batches.append(_Batch(start, seqpos, fkey, v[o]))
             if pending is not None:
                 flush(pending)
             m = include[r]
@@ -543,11 +595,40 @@ def _r(x: float) -> float | None:
     return float(f"{x:.4g}")
 
 
-def _fine_edges(m: float, e: int, n_bins: int, G: int = FINE_BINS) -> np.ndarray:
-    """Fine-cell indices of n_bins near-equal bins covering [0, max]: c_0 = 0 < ... < c_n."""
-    used = min(G, int(math.floor(math.ldexp(m, -e) * G)) + 1)
-    n_bins = max(1, min(n_bins, used))
-    return np.floor(np.arange(n_bins + 1) * used / n_bins + 0.5).astype(np.int64)
+def round4(a: Any) -> np.ndarray:
+    """Round to 4 significant digits, vectorised; the results print as short decimals
+    (an integer divided by a power of ten is the double nearest that decimal)."""
+    a = np.array(a, dtype=np.float64)
+    nz = np.isfinite(a) & (a != 0)
+    x = a[nz]
+    e = np.floor(np.log10(np.abs(x))).astype(np.int64) - 3
+    r = np.empty_like(x)
+    neg = e < 0
+    r[neg] = np.round(x[neg] * 10.0 ** (-e[neg])) / 10.0 ** (-e[neg])
+    r[~neg] = np.round(x[~neg] / 10.0 ** e[~neg]) * 10.0 ** e[~neg]
+    a[nz] = r
+    return a
+
+
+def _lst(a: Any) -> list[float | None]:
+    """A rounded JSON list; NaN/Inf (no value) become null."""
+    return [v if math.isfinite(v) else None for v in round4(a).tolist()]
+
+
+def _round_windows(w: np.ndarray) -> np.ndarray:
+    w = round4(w)
+    w[~np.isfinite(w)] = np.nan  # float16 overflow or "no row": both written as null
+    return w
+
+
+def _edge_cells(max_N: torch.Tensor, exp_N: torch.Tensor, n_bins: int, G: int = FINE_BINS) -> torch.Tensor:
+    """[N, n_bins+1] fine-cell indices of n_bins near-equal bins covering [0, max]:
+    c_0 = 0 < c_1 < ... < c_n = the cell holding max, plus one. Since max ≥ U/2, at least
+    G/2 + 1 cells are in use, so n_bins ≤ G/2 bins are never empty of cells."""
+    scale = torch.exp2((-exp_N).double().clamp(max=1000) + math.log2(G))
+    used = (max_N.double() * scale).floor().long().add(1).clamp(1, G)
+    j = torch.arange(n_bins + 1, dtype=torch.float64)
+    return torch.floor(j[None, :] * used[:, None].double() / n_bins + 0.5).long()
 
 
 def _density_histogram(dens: np.ndarray) -> dict[str, Any]:
@@ -589,6 +670,13 @@ class _Tokens:
             return self.strings[i]
         return f"<id {i}>"
 
+    def many(self, ids: list[int]) -> list[str]:
+        S = self.strings
+        if S is None:
+            return [f"<id {i}>" for i in ids]
+        n = len(S)
+        return [S[i] if 0 <= i < n else f"<id {i}>" for i in ids]
+
     def contexts(self, seqs: list[int]) -> dict[int, np.ndarray]:
         seqs = sorted({s for s in seqs if s >= 0})
         if not seqs or not self.has_seqs:
@@ -597,51 +685,65 @@ class _Tokens:
             toks = self.store.sequence_tokens(seqs).numpy()
         except StoreError:
             return {}
-        return dict(zip(seqs, toks, strict=True))
+        return dict(zip(seqs, toks.tolist(), strict=True))
 
 
-def _example(row: int, seqpos: int, act: float, win: np.ndarray, before: int, ctx: dict, tk: _Tokens) -> dict:
-    seq, pos = (seqpos // SEQ_MUL, seqpos % SEQ_MUL) if seqpos >= 0 else (-1, -1)
-    W = len(win)
-    if seq >= 0 and seq in ctx:
-        full = ctx[seq]
-        a, b = max(0, pos - before), min(len(full), pos - before + W)
-        ids = full[a:b].tolist()
-        acts = win[a - (pos - before) : b - (pos - before)]
+def _example(row: int, seqpos: int, act: float, win: list, before: int, ctx: dict, tk: _Tokens) -> dict:
+    """One example; ``act`` and ``win`` (a list with NaN for "no row") are already rounded."""
+    seq, pos = divmod(seqpos, SEQ_MUL) if seqpos >= 0 else (-1, -1)
+    full = ctx.get(seq)
+    if full is not None:
+        a, b = max(0, pos - before), min(len(full), pos - before + len(win))
+        ids, acts, peak = full[a:b], win[a - (pos - before) : b - (pos - before)], pos - a
     else:  # no stored contexts: show the token alone
-        ids = [int(tk.store.token_ids(row, row + 1)[0])]
-        a, acts = pos, win[before : before + 1]
-    peak = pos - a if seq >= 0 else 0
-    out_acts = [_r(float(x)) if math.isfinite(float(x)) else None for x in acts]
-    if 0 <= peak < len(out_acts):
-        out_acts[peak] = _r(act)
-    return {"row": row, "seq": int(seq), "pos": int(pos), "act": _r(act), "peak": int(peak),
-            "tokens": [tk.s(i) for i in ids], "acts": out_acts}
+        ids, acts, peak = [int(tk.store.token_ids(row, row + 1)[0])], win[before : before + 1], 0
+    acts = [None if v != v else (v or 0) for v in acts]  # zeros as 0: shorter JSON
+    if 0 <= peak < len(acts):
+        acts[peak] = act
+    return {"row": row, "seq": seq, "pos": pos, "act": act, "peak": peak, "tokens": tk.many(ids), "acts": acts}
 
 
-def _interval_picks(
-    f: int, vals: np.ndarray, rows: np.ndarray, fine: np.ndarray, e: int, edges: np.ndarray,
-    R: int, per_bin: int, seed: int,
-) -> list[list[int]]:
-    """Indices into the feature's reservoir entries chosen for each final bin."""
-    G = len(fine)
-    if vals.size == 0:
-        return [[] for _ in range(len(edges) - 1)]
-    cell_f = np.clip(np.floor(np.ldexp(vals, -e) * G).astype(np.int64), 0, G - 1)
-    cell_r = cell_f // (G // R)
-    n_r = fine.reshape(R, G // R).sum(1)
-    s_r = np.bincount(cell_r, minlength=R)
-    w = n_r[cell_r] / np.maximum(1, s_r[cell_r])
-    # Weighted sampling without replacement (Efraimidis–Spirakis): largest log(u)/w.
-    u = (pair_hash(torch.from_numpy(rows), torch.full((rows.size,), f), seed + 1).numpy() + 0.5) / 2.0**32
-    score = np.log(u) / np.maximum(w, 1e-300)
-    bin_ = np.searchsorted(edges, cell_f, side="right") - 1
-    picks = []
-    for j in range(len(edges) - 1):
-        cand = np.nonzero(bin_ == j)[0]
-        cand = cand[np.lexsort((rows[cand], -score[cand]))][:per_bin]
-        picks.append(cand[np.argsort(-vals[cand], kind="stable")].tolist())
-    return picks
+def interval_selection(acc: FeatureAccumulator, n_bins: int, per_bin: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Choose the interval examples of every feature at once.
+
+    Returns (edges [N, n_bins+1] in fine cells, pick_bin [N, R·p]: the bin each reservoir
+    entry was chosen for, or -1). A final bin draws from the reservoir entries whose value
+    lies in it; each entry stands for (its cell's count / samples kept in that cell)
+    activations, and ``per_bin`` are drawn by weighted sampling without replacement
+    (Efraimidis–Spirakis: the largest log(u)/w, u a hash of (row, feature)).
+    """
+    assert acc.res is not None
+    N, G, R, res = acc.n, acc.G, acc.R, acc.res
+    P = R * res.p
+    dev = acc.device
+    val = res.val.view(N, P).double()
+    row = res.row.view(N, P)
+    valid = res.prim.view(N, P) < res.EMPTY
+    scale = torch.exp2((-acc.exp).double().clamp(max=1000) + math.log2(G))
+    cell = (val * scale[:, None]).floor().clamp(0, G - 1).long()
+    cell_r = cell // (G // R)
+    n_r = acc.fine.view(N, R, G // R).sum(-1).double()
+    s_r = torch.zeros(N, R, dtype=torch.float64, device=dev).scatter_add_(1, cell_r, valid.double())
+    w = n_r.gather(1, cell_r) / s_r.gather(1, cell_r).clamp_min(1)
+    f_NP = torch.arange(N, device=dev)[:, None].expand(N, P)
+    u = (pair_hash(row.clamp_min(0), f_NP, seed + 1).double() + 0.5) / 2.0**32
+    score = torch.where(valid, u.log() / w.clamp_min(1e-300), -math.inf)
+    edges = _edge_cells(acc.max, acc.exp, n_bins, G)
+    bin_ = torch.searchsorted(edges, cell, right=True) - 1
+    bin_ = torch.where(valid, bin_.clamp(0, n_bins - 1), n_bins)
+    # Per feature: order by (bin, score desc, row); rank within bin; keep the first per_bin.
+    o = torch.argsort(row, dim=1, stable=True)
+    o = o.gather(1, torch.argsort(-score.gather(1, o), dim=1, stable=True))
+    o = o.gather(1, torch.argsort(bin_.gather(1, o), dim=1, stable=True))
+    b_sorted = bin_.gather(1, o)
+    start = torch.ones_like(b_sorted, dtype=torch.bool)
+    start[:, 1:] = b_sorted[:, 1:] != b_sorted[:, :-1]
+    ar = torch.arange(P, device=dev)[None, :].expand(N, P)
+    rank = ar - torch.where(start, ar, 0).cummax(1).values
+    chosen = (rank < per_bin) & (b_sorted < n_bins)
+    pick = torch.full((N, P), -1, dtype=torch.int64, device=dev)
+    pick.scatter_(1, o, torch.where(chosen, b_sorted, -1))
+    return edges, pick
 
 
 # ======================================================================================
@@ -739,58 +841,77 @@ def write_output(cfg, store, sae, acc, counts, strings, tok, logits, logit_info,
 
     out = Path(cfg.out)
     (out / "features").mkdir(parents=True, exist_ok=True)
-    N, T = acc.n, max(1, counts["tokens_analysed"])
+    N, T, G = acc.n, max(1, counts["tokens_analysed"]), acc.G
     if strings is not None:
         special = sorted(int(i) for i in getattr(tok, "all_special_ids", []))
         _write_json(out / "vocab.json", {"tokens": strings, "special_ids": special})
     tk = _Tokens(strings, store)
     cnt = acc.count.cpu().numpy()
-    mean = (acc.sum.cpu() / acc.count.cpu().clamp_min(1)).numpy()
-    mx = acc.max.cpu().numpy()
-    exp = acc.exp.cpu().numpy()
-    fine = acc.fine.cpu().numpy()
+    mean = round4((acc.sum.cpu() / acc.count.cpu().clamp_min(1)).numpy())
+    mx = round4(acc.max.cpu().numpy())
     dens = cnt / T
-    nb_vals, nb_idx = (t.numpy() for t in neighbours)
-    top = [t.cpu().numpy() for t in (acc.top.row, acc.top.val, acc.top.seqpos, acc.top.win.float(), acc.top.prim)] \
-        if acc.top is not None else None
-    res = None
+    log_dens = round4(np.log10(np.maximum(dens, 1e-300)))
+    dens_r = round4(dens)
+    # Histograms and interval bins of every feature at once, exact from the fine cells.
+    width = torch.exp2(acc.exp.double().clamp(min=-1000)) / G
+    cum = torch.cat([torch.zeros(N, 1, dtype=torch.int64, device=acc.device), acc.fine.long().cumsum(1)], 1)
+    h_cells = _edge_cells(acc.max, acc.exp, cfg.hist_bins, G)
+    h_edges = round4((h_cells * width[:, None]).cpu().numpy())
+    h_counts = cum.gather(1, h_cells).diff(dim=1).cpu().numpy()
     if acc.res is not None:
-        R, p = acc.R, acc.res.p
-        res = [t.cpu().numpy().reshape(N, R * p, *t.shape[2:])
-               for t in (acc.res.row, acc.res.val, acc.res.seqpos, acc.res.win.float(), acc.res.prim)]
+        i_cells, pick = interval_selection(acc, cfg.n_bins, cfg.per_bin, cfg.seed)
+        pick = pick.cpu().numpy()
+        P = acc.R * acc.res.p
+        res = [t.view(N, P, *t.shape[2:]) for t in (acc.res.row, acc.res.val, acc.res.seqpos, acc.res.win)]
+    else:
+        i_cells = _edge_cells(acc.max, acc.exp, cfg.n_bins, G)
+        pick, res = None, None
+    i_edges = round4((i_cells * width[:, None]).cpu().numpy())
+    i_counts = cum.gather(1, i_cells).diff(dim=1).cpu().numpy()
+    i_share = round4(i_counts / np.maximum(cnt, 1)[:, None])
+    top = None
+    if acc.top is not None:
+        top = [acc.top.row, acc.top.val, acc.top.seqpos, acc.top.win]
+        top_n = (acc.top.prim < acc.top.EMPTY).sum(1).cpu().numpy()
+    nb_vals, nb_idx = neighbours[0].numpy(), neighbours[1].numpy()
+    nb_vals = round4(nb_vals)
     if logits is not None:
         pv, pi, sv, si = (t.numpy() for t in logits)
+        pv, sv = round4(pv), round4(sv)
     S = cfg.shard_size
     n_shards = (N + S - 1) // S
     index_lines = []
+    def shard_np(arrs, a, b):
+        # One shard's slice on the host, rounded: transient memory is per shard, not per SAE.
+        out = [t[a:b].cpu().numpy() for t in arrs[:3]]
+        return [out[0], round4(out[1]), out[2], _round_windows(arrs[3][a:b].float().cpu().numpy())]
+
     for s in tqdm(range(n_shards), desc="write", unit="shard", disable=not cfg.progress):
-        feats = range(s * S, min(N, (s + 1) * S))
-        # Examples of this shard: their contexts are read in one go.
-        ex: dict[int, tuple] = {}
+        a0 = s * S
+        feats = range(a0, min(N, (s + 1) * S))
+        tp = shard_np(top, a0, feats.stop) if top is not None else None
+        rs = shard_np(res, a0, feats.stop) if res is not None else None
+        # The contexts of this shard's examples are read in one go.
         seqs: list[int] = []
         for f in feats:
-            tsel = np.nonzero(top[4][f] < np.inf)[0] if top is not None else np.array([], int)
-            rsel = np.nonzero(res[4][f] < np.inf)[0] if res is not None else np.array([], int)
-            ex[f] = (tsel, rsel)
-            if top is not None:
-                seqs += (top[2][f][tsel] // SEQ_MUL).tolist()
-            if res is not None:
-                seqs += (res[2][f][rsel] // SEQ_MUL).tolist()
-        ctx = tk.contexts([q for q in seqs])
+            if tp is not None:
+                seqs += (tp[2][f - a0][: top_n[f]] // SEQ_MUL).tolist()
+            if rs is not None:
+                seqs += (rs[2][f - a0][pick[f] >= 0] // SEQ_MUL).tolist()
+        ctx = tk.contexts(seqs)
         lines, offsets = [], [0]
         for f in feats:
             dead = bool(cnt[f] == 0)
             rec: dict[str, Any] = {
                 "id": f, "dead": dead, "dense": bool(dens[f] > cfg.dense_threshold),
-                "count": int(cnt[f]), "density": _r(float(dens[f])),
-                "log10_density": None if dead else _r(math.log10(dens[f])),
-                "mean_act": _r(float(mean[f])), "max_act": _r(float(mx[f])),
+                "count": int(cnt[f]), "density": float(dens_r[f]),
+                "log10_density": None if dead else float(log_dens[f]),
+                "mean_act": float(mean[f]), "max_act": float(mx[f]),
             }
-            tsel, rsel = ex[f]
             tops = []
             if top is not None:
-                tops = [_example(int(top[0][f][i]), int(top[2][f][i]), float(top[1][f][i]), top[3][f][i],
-                                 cfg.context_before, ctx, tk) for i in tsel]
+                rows, vals, sps, wins = (tp[j][f - a0][: top_n[f]].tolist() for j in range(4))
+                tops = [_example(*z, cfg.context_before, ctx, tk) for z in zip(rows, sps, vals, wins, strict=True)]
             seen: list[str] = []
             for e in tops:
                 t = e["tokens"][e["peak"]] if 0 <= e["peak"] < len(e["tokens"]) else None
@@ -801,36 +922,31 @@ def write_output(cfg, store, sae, acc, counts, strings, tok, logits, logit_info,
                 rec["histogram"] = {"edges": [], "counts": []}
                 rec["interval_examples"] = []
             else:
-                he = _fine_edges(float(mx[f]), int(exp[f]), cfg.hist_bins)
-                w = math.ldexp(1.0, int(exp[f])) / FINE_BINS
-                cf = np.concatenate([[0], np.cumsum(fine[f])])
-                rec["histogram"] = {"edges": [_r(c * w) for c in he.tolist()],
-                                    "counts": np.diff(cf[he]).tolist()}
-                ie = _fine_edges(float(mx[f]), int(exp[f]), cfg.n_bins)
-                picks = [[] for _ in range(len(ie) - 1)]
-                if res is not None:
-                    picks = _interval_picks(f, res[1][f][rsel].astype(np.float64), res[0][f][rsel], fine[f],
-                                            int(exp[f]), ie, acc.R, cfg.per_bin, cfg.seed)
+                rec["histogram"] = {"edges": h_edges[f].tolist(), "counts": h_counts[f].tolist()}
                 bins = []
-                for j in range(len(ie) - 1):
-                    c = int(cf[ie[j + 1]] - cf[ie[j]])
-                    exs = [_example(int(res[0][f][rsel[i]]), int(res[2][f][rsel[i]]), float(res[1][f][rsel[i]]),
-                                    res[3][f][rsel[i]], cfg.context_before, ctx, tk) for i in picks[j]]
-                    bins.append({"lo": _r(ie[j] * w), "hi": _r(ie[j + 1] * w), "count": c,
-                                 "share": _r(c / max(1, int(cnt[f]))), "examples": exs})
+                for j in range(cfg.n_bins):
+                    exs = []
+                    if pick is not None:
+                        idx = np.nonzero(pick[f] == j)[0]
+                        g = f - a0
+                        idx = idx[np.lexsort((rs[0][g][idx], -rs[1][g][idx]))]
+                        exs = [_example(int(rs[0][g][i]), int(rs[2][g][i]), float(rs[1][g][i]),
+                                        rs[3][g][i].tolist(), cfg.context_before, ctx, tk) for i in idx]
+                    bins.append({"lo": float(i_edges[f][j]), "hi": float(i_edges[f][j + 1]),
+                                 "count": int(i_counts[f][j]), "share": float(i_share[f][j]), "examples": exs})
                 rec["interval_examples"] = bins
             rec["top_examples"] = tops
             if logits is not None:
                 rec["logits"] = {
-                    "promoted": [{"token": tk.s(int(i)), "id": int(i), "value": _r(float(v))}
+                    "promoted": [{"token": tk.s(int(i)), "id": int(i), "value": float(v)}
                                  for v, i in zip(pv[f], pi[f], strict=True)],
-                    "suppressed": [{"token": tk.s(int(i)), "id": int(i), "value": _r(float(v))}
+                    "suppressed": [{"token": tk.s(int(i)), "id": int(i), "value": float(v)}
                                    for v, i in zip(sv[f], si[f], strict=True)],
                 }
             else:
                 rec["logits"] = None
             rec["neighbours"] = {
-                "decoder_cosine": [{"id": int(i), "value": _r(float(v))}
+                "decoder_cosine": [{"id": int(i), "value": float(v)}
                                    for v, i in zip(nb_vals[f], nb_idx[f], strict=True)],
                 "cooccurrence": None,
             }

@@ -13,6 +13,7 @@ from llm_sae.analyze import (
     AnalyzeConfig,
     AnalyzeError,
     BottomSlots,
+    act_key,
     analyze,
     load_feature,
     load_index,
@@ -217,14 +218,14 @@ def test_bottom_slots_ties_are_ordered_by_row_in_any_batching():
     g = torch.Generator().manual_seed(1)
     n_items = 500
     bucket = torch.randint(0, 5, (n_items,), generator=g)
-    val = torch.randint(0, 4, (n_items,), generator=g).float()  # many ties
-    row = torch.randperm(n_items, generator=g)
+    val = torch.randint(1, 5, (n_items,), generator=g).float() / 8  # many ties
+    row = torch.arange(n_items) * 3  # the pass offers rows in increasing order
     outs = []
     for chunk in (n_items, 7, 64):
         s = BottomSlots(5, 6, 1, "cpu")
         for a in range(0, n_items, chunk):
             sl = slice(a, a + chunk)
-            s.merge(bucket[sl], -val[sl].double(), row[sl], val[sl], row[sl], lambda i: torch.zeros(len(i), 1))
+            s.merge(bucket[sl], act_key(val[sl]), row[sl], val[sl], row[sl], lambda i: torch.zeros(len(i), 1))
         outs.append((s.row.clone(), s.val.clone()))
     for b in range(5):
         m = bucket == b
