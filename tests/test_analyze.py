@@ -352,3 +352,20 @@ def test_end_to_end_on_a_harvested_store(request, tmp_path):
         __import__("transformers").AutoTokenizer.from_pretrained(tiny_gpt2_dir))[int(toks[e["pos"]])]
     assert len(json.dumps(rec)) < 30_000
     assert not any(math.isnan(a) for ex in rec["top_examples"] for a in ex["acts"] if a is not None)
+
+
+def test_cli_runs_and_reports_errors_without_traceback(synth, tmp_path, capsys):
+    from llm_sae.cli import main
+
+    root = synth[0]
+    args = ["analyze", "--sae", str(root / "sae"), "--store", str(root / "store"), "--out", str(tmp_path / "c"),
+            "--top-k", "4", "--context-before", "2", "--context-after", "1", "--exclude-positions", "1,6",
+            "--device", "cpu", "--no-progress", "--batch-size", "64"]
+    assert main(args) == 0
+    assert "4 features" in capsys.readouterr().out
+    rec = load_feature(tmp_path / "c", 0)
+    assert len(rec["top_examples"]) == 4 and all(len(e["tokens"]) <= 4 for e in rec["top_examples"])
+    assert load_summary(tmp_path / "c")["options"]["exclude_positions"] == [1, 6]
+    bad = ["analyze", "--sae", str(tmp_path / "nope"), "--store", str(root / "store"), "--out", str(tmp_path / "d")]
+    assert main(bad) == 1
+    assert "no SAE" in capsys.readouterr().err
