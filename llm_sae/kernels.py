@@ -94,7 +94,7 @@ def _gathered_dot(W_ND: Tensor, idx_BK: Tensor, y_BD: Tensor, chunk: int) -> Ten
             pattern_BN = torch.sparse_csr_tensor(
                 crow,
                 idx_BK.reshape(-1),
-                y_BD.new_empty(B * K),
+                y_BD.new_zeros(B * K),  # beta=0 still propagates NaN from garbage values
                 (B, W_ND.shape[0]),
                 check_invariants=False,
             )
