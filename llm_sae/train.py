@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import secrets
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -69,8 +70,9 @@ class TrainConfig(SAEConfig):
     dead_latents: str | None = None
     """Dead-latent handling: auxk, resample or none (default: auxk for topk/batchtopk,
     resample for relu_l1, none for the others)."""
-    dead_tokens: int = 10_000_000
-    """A latent is dead after this many tokens without firing."""
+    dead_tokens: int | None = None
+    """A latent is dead after this many tokens without firing (default: 10M as in Gao et
+    al., or a tenth of --tokens for shorter runs, so AuxK/resampling can act at all)."""
     seed: int = 0
     """Seed for the initialisation, the data order and resampling."""
     init_rows: int = 16384
@@ -144,6 +146,8 @@ class Trainer:
             raise ConfigError(f"adam_betas needs two values, got {cfg.adam_betas}")
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr, betas=betas, eps=cfg.adam_eps)  # type: ignore[arg-type]
         N = sae.n_latents
+        total_tokens = self.total_steps * cfg.batch_size
+        self.dead_tokens = int(cfg.dead_tokens or min(10_000_000, max(1, total_tokens // 10)))
         self.tokens_since_fired_N = torch.zeros(N, dtype=torch.long, device=self.device)
         self.step_idx = 0  # optimiser steps taken
         self.batches_seen = 0  # batches consumed from the iterator (skipped ones too)
@@ -168,7 +172,7 @@ class Trainer:
         self.sae.b_dec.copy_(geometric_median(x_BD * self.input_scale).to(self.device))
 
     def dead_mask(self) -> Tensor:
-        return self.tokens_since_fired_N >= self.cfg.dead_tokens
+        return self.tokens_since_fired_N >= self.dead_tokens
 
     # ---------------------------------------------------------------------- a step
     def step(self, x_BD: Tensor, rows_B: Tensor | None = None) -> ForwardOutput | None:
@@ -215,7 +219,7 @@ class Trainer:
         self.tokens += B
         self.tokens_since_fired_N += B
         self.tokens_since_fired_N[out.fired_N > 0] = 0
-        if self.dead_method == "resample" and self.tokens - self.last_resample_tokens >= self.cfg.dead_tokens:
+        if self.dead_method == "resample" and self.tokens - self.last_resample_tokens >= self.dead_tokens:
             # Not in the last stretch: a resampled latent needs time to learn.
             if self.step_idx < 0.8 * self.total_steps:
                 self.resample(x_BD, out.x_hat_BD.detach())
@@ -350,7 +354,7 @@ class Trainer:
 
         assert self.out_dir is not None
         id_file = self.out_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(8)
         id_file.write_text(run_id)
         return wandb.init(
             project=self.cfg.wandb_project, id=run_id, resume="allow", dir=str(self.out_dir),
