@@ -755,7 +755,7 @@ def analyze(cfg: AnalyzeConfig) -> dict[str, Any]:
     from llm_sae.sae import load_sae
     from llm_sae.store import open_store
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _check_config(cfg)
     device = _resolve_device(cfg.device)
     store = open_store(cfg.store)
@@ -789,7 +789,7 @@ def analyze(cfg: AnalyzeConfig) -> dict[str, Any]:
         sae, store, acc, n_rows=n_rows, batch_size=batch_size, exclude_ids=exclude_ids,
         exclude_positions=cfg.exclude_positions, device=device, progress=cfg.progress,
     )
-    t_pass = time.perf_counter() - t0
+    t_pass, c_pass = time.perf_counter() - t0, time.process_time() - c0
 
     W_dec_ND = sae.W_dec.detach()
     logits, logit_info = None, {"available": False, "reason": "disabled (--no-logits)", "norm": None}
@@ -809,6 +809,7 @@ def analyze(cfg: AnalyzeConfig) -> dict[str, Any]:
     )
     summary["elapsed_s"] = round(time.perf_counter() - t0, 3)
     summary["pass_s"] = round(t_pass, 3)
+    summary["pass_cpu_s"] = round(c_pass, 3)
     _write_json(Path(cfg.out) / "summary.json", summary)
     return summary
 
