@@ -24,8 +24,9 @@ manifest order. Every row carries the token it was computed at and its
 ``manifest.json`` holds: ``format``/``version``; ``complete`` (false while a harvest is
 still running or was killed); ``d_in``, ``dtype``, ``model``, ``hook``,
 ``context_length``, ``tokenizer``, ``dataset`` (the dataset spec) and ``harvest`` (the
-settings that made the store); ``progress`` (how far into the dataset the rows go, e.g.
-contexts consumed); ``n_rows``; ``shards``, each with its row count and one checksum per
+settings that made the store); ``progress`` (how far into the dataset the rows go: for a
+harvest, ``contexts`` consumed, the ``doc``/``offset`` where the next context starts, and
+``rows``); ``n_rows``; ``shards``, each with its row count and one checksum per
 file (``checksum_algo``: xxh3_128 where the ``xxhash`` package is installed, else
 sha256); and ``stats``: the running ``mean_norm`` E‖x‖ and ``mean`` E[x] (plus the exact
 float64 sums they come from, so a resumed harvest continues them bit for bit).
@@ -35,6 +36,13 @@ only then is the manifest rewritten (temp + fsync + rename). A store killed at a
 moment therefore shows exactly the shards its manifest lists; files beyond it are
 leftovers that a resumed writer deletes. Use ``llm-sae store verify DIR`` to check the
 checksums, row counts and finiteness of every shard.
+
+A distributed harvest writes ``shard-r{RANK}-NNNNN.*`` and ``manifest.rank{RANK}.json``
+per rank; rank 0 merges them into ``manifest.json`` at the end.
+
+Reading: ``open_store(path)`` gives row ranges (``acts``, ``token_ids``, ``positions``),
+whole contexts (``sequence_tokens``) and ``reader(...)``, shuffled batches under a memory
+budget with background prefetch (see :class:`StoreReader`).
 """
 
 from __future__ import annotations
