@@ -86,7 +86,7 @@ def _build_step(impl: str, a: argparse.Namespace, x_BD):  # noqa: C901 - one bra
                 g = W_dec.grad
                 # Per-row dot products without an [N, D] temporary.
                 dots = torch.bmm(g.unsqueeze(1), W_dec.unsqueeze(2)).view(N, 1)
-                g.sub_(W_dec * dots)
+                g.addcmul_(W_dec, dots, value=-1.0)
                 opt.step()
                 W_dec.div_(W_dec.norm(dim=1, keepdim=True))
 
