@@ -374,6 +374,19 @@ class _Span:
         return win
 
 
+class _threads:
+    """Restore the torch thread count on exit, however the block ends."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_num_threads(self.n)
+
+
 def encode_pairs(sae: Any, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Active (local row, feature, value) triples of a batch, in row order.
 
@@ -437,12 +450,19 @@ def run_pass(
 
         acc.add_examples(r, f, v, sp, windows)
 
-    with torch.no_grad():
+    # The encoder gets all threads; the bookkeeping is many small ops, for which CPU
+    # threads cost more than they give (10× slower with 2 threads on a busy 2-core machine:
+    # every op waits for a descheduled worker).
+    threads = torch.get_num_threads()
+    small_threads = 1 if device.type == "cpu" else threads
+    with torch.no_grad(), _threads(threads):
         for start in range(0, read_to, batch_size):
             stop = min(read_to, start + batch_size)
             x_BD = store.acts(start, stop).to(device=device, dtype=torch.float32, non_blocking=True)
             pos_B2 = store.positions(start, stop).to(device)
+            torch.set_num_threads(threads)
             r, f, v = encode_pairs(sae, x_BD)
+            torch.set_num_threads(small_threads)
             seqpos = torch.where(pos_B2[:, 0] >= 0, pos_B2[:, 0] * SEQ_MUL + pos_B2[:, 1], -1)
             rows = torch.arange(start, stop, device=device)
             include = rows < n_rows
@@ -804,9 +824,12 @@ def analyze(cfg: AnalyzeConfig) -> dict[str, Any]:
         logit_info["reason"] = "the store names no model; pass --model"
     nb_vals, nb_idx = (t.cpu() for t in decoder_neighbours(W_dec_ND, cfg.n_neighbours))
 
-    summary = write_output(
-        cfg, store, sae, acc, counts, strings, tok, logits, logit_info, (nb_vals, nb_idx), model_name,
-    )
+    with _threads(torch.get_num_threads()):
+        if device.type == "cpu":
+            torch.set_num_threads(1)  # small ops and Python: threads only add waiting
+        summary = write_output(
+            cfg, store, sae, acc, counts, strings, tok, logits, logit_info, (nb_vals, nb_idx), model_name,
+        )
     summary["elapsed_s"] = round(time.perf_counter() - t0, 3)
     summary["pass_s"] = round(t_pass, 3)
     summary["pass_cpu_s"] = round(c_pass, 3)
