@@ -196,7 +196,7 @@ def main() -> int:
     print(f"D={args.d_in} N={args.n_latents} k={args.k} batch={args.batch_size} device={args.device}; "
           f"measured matmul peak {peak / 1e9:.1f} GFLOP/s")
     hdr = f"{'tokens':>8} {'bare s':>8} {'analyze s':>9} {'(pass)':>7} {'(after)':>7} {'ratio':>6} " \
-          f"{'bare %pk':>8} {'anl %pk':>7} {'bare MB':>8} {'anl MB':>7} {'state MB':>8}"
+          f"{'pass ratio':>10} {'cpu ratio':>9} {'pass cpu':>8} {'bare %pk':>8} {'anl %pk':>7} {'bare MB':>8} {'anl MB':>7} {'state MB':>8}"
     print(hdr)
     for r in rows:
         print(f"{r['tokens']:>8} {r['bare_s']:>8.2f} {r['analyze_s']:>9.2f} {r['analyze_pass_s']:>7.2f} "
