@@ -75,10 +75,21 @@ def _rows_outer_add_(
     row updates, chunked over the batch so the [chunk, K, D] temporary stays small."""
     B, K = idx_BK.shape
     D = rows_BD.shape[1]
-    for s in range(0, B, chunk):
-        e = min(B, s + chunk)
-        upd_CKD = coef_BK[s:e, :, None] * rows_BD[s:e, None, :]
-        out_ND.index_add_(0, idx_BK[s:e].reshape(-1), upd_CKD.reshape(-1, D))
+    # On CPU, torch's multithreaded index_add_ is 2-3x slower than its serial loop for
+    # this shape (measured: 510 vs 201 ms at B=4096, K=32, D=768 on 2 cores), so the
+    # row updates run on one thread; the rest of the step keeps all threads.
+    threads = torch.get_num_threads()
+    serial = out_ND.device.type == "cpu" and threads > 1
+    if serial:
+        torch.set_num_threads(1)
+    try:
+        for s in range(0, B, chunk):
+            e = min(B, s + chunk)
+            upd_CKD = coef_BK[s:e, :, None] * rows_BD[s:e, None, :]
+            out_ND.index_add_(0, idx_BK[s:e].reshape(-1), upd_CKD.reshape(-1, D))
+    finally:
+        if serial:
+            torch.set_num_threads(threads)
     return out_ND
 
 
