@@ -520,7 +520,9 @@ def _load_tokenizer(name: str | None) -> Any:
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(name)
+        from llm_sae.models import resolve_model
+
+        return AutoTokenizer.from_pretrained(resolve_model(name))
     except Exception as e:  # noqa: BLE001 - any failure means: no token strings
         warnings.warn(f"analyze: no tokenizer from {name!r} ({type(e).__name__}: {e}); "
                       "tokens are written as <id N>; pass --model to fix", stacklevel=2)
@@ -537,7 +539,9 @@ def unembedding(model_name: str, d_in: int) -> tuple[torch.Tensor | None, str | 
     try:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_name)
+        from llm_sae.models import resolve_model
+
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(model_name))
     except Exception as e:  # noqa: BLE001
         return None, None, f"could not load model {model_name!r} ({type(e).__name__}: {e})"
     emb = model.get_output_embeddings()

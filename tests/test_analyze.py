@@ -369,3 +369,15 @@ def test_cli_runs_and_reports_errors_without_traceback(synth, tmp_path, capsys):
     bad = ["analyze", "--sae", str(tmp_path / "nope"), "--store", str(root / "store"), "--out", str(tmp_path / "d")]
     assert main(bad) == 1
     assert "no SAE" in capsys.readouterr().err
+
+
+def test_short_model_names_give_real_token_strings():
+    """`--model tiny-stdlib` (a short name, not a path) must still find the tokenizer."""
+    from llm_sae.analyze import _load_tokenizer, token_strings, unembedding
+
+    tok = _load_tokenizer("tiny-stdlib")
+    assert tok is not None
+    strings = token_strings(tok)
+    assert "self" in strings and not any(s.startswith("<id ") for s in strings[:100])
+    W_U, _, why = unembedding("tiny-stdlib", 128)
+    assert W_U is not None, why
