@@ -120,7 +120,7 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
 
         report = stage("eval", evaluate, EvalConfig(
             sae=[str(sae_dir)], store=store_dir, out=str(out / "eval"), device=cfg.device,
-            n_contexts=16 if cfg.small else 128, amortization=not cfg.small,
+            n_contexts=16 if cfg.small else 64, amortization=not cfg.small, amortization_rows=256,
             eval_rows=8192 if cfg.small else 65536,
         ))
         (entry,) = report["saes"].values()
