@@ -51,3 +51,15 @@ def tiny_store(tmp_path_factory, tiny_gpt2_dir, text_dir):
         shard_rows=512, progress=False,
     ))
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread. Its tensors are tiny: intra-op threads only add
+    synchronisation, which on a busy machine costs orders of magnitude more than the math."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

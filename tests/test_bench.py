@@ -9,14 +9,7 @@ import torch
 
 from llm_sae.bench import RecoveryConfig, _Dictionary, make_data, recovery, score_sae
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw) -> RecoveryConfig:

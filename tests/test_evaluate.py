@@ -21,15 +21,7 @@ from llm_sae.evaluate import (
 )
 from llm_sae.sae import REGISTRY, SAEConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tensors here are tiny: intra-op threads only add synchronisation, which on a busy
-    # machine costs orders of magnitude more than the math.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _topk(d=8, n=24, k=3, seed=0):

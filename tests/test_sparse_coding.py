@@ -7,15 +7,7 @@ import torch
 
 from llm_sae.sparse_coding import fista, fista_matched_l0, lipschitz_constant, soft_threshold
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tensors here are tiny: intra-op threads only add synchronisation, which on a busy
-    # machine costs orders of magnitude more than the math.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _orthonormal(n: int, seed: int = 0) -> torch.Tensor:
