@@ -15,10 +15,8 @@ import argparse
 import difflib
 import json
 import os
-import queue
 import re
 import sys
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from llm_sae.store import (
     NonFiniteError,
     StoreWriter,
     dtype_name,
+    iter_in_background,
     settings_diff,
     write_json_atomic,
 )
@@ -473,40 +472,13 @@ def _run(cfg, model, hooks, writers, tok, special, stop, device, rank, world, sa
 def _batches_ahead(contexts: Iterable, n: int, depth: int = 4) -> Iterator[list]:
     """Batches of ``n`` contexts, tokenized on a background thread (tokenizers release the
     GIL), so the model never waits on text; order is unchanged."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
 
-    def work() -> None:
-        try:
-            it = iter(contexts)
-            while not stop.is_set():
-                batch = _take(it, n)
-                _put(batch if batch else end)
-                if not batch:
-                    return
-        except BaseException as e:  # re-raised on the harvesting thread
-            _put(e)
+    def batches() -> Iterator[list]:
+        it = iter(contexts)
+        while batch := _take(it, n):
+            yield batch
 
-    def _put(item: Any) -> None:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    threading.Thread(target=work, daemon=True, name="harvest-text").start()
-    try:
-        while True:
-            item = q.get()
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+    return iter_in_background(batches(), depth, name="harvest-text")
 
 
 def _take(it: Iterable, n: int) -> list:

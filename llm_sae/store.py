@@ -54,7 +54,7 @@ import os
 import queue
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -904,37 +904,48 @@ class StoreReader:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def __iter__(self) -> Iterator[Any]:
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        done = object()
+        return iter_in_background(self._batches(), self.prefetch, name="store-prefetch")
 
-        def produce():
+
+def iter_in_background(items: Iterable[Any], depth: int, *, name: str) -> Iterator[Any]:
+    """Iterate ``items`` on a daemon thread, keeping up to ``depth`` items ready.
+
+    Order is unchanged; an exception in the producer is re-raised in the consumer; a
+    consumer that stops early (break, close, garbage collection) stops the producer.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
             try:
-                for item in self._batches():
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                q.put(done)
-            except BaseException as e:  # surfaced in the consumer
-                q.put(e)
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-        t = threading.Thread(target=produce, daemon=True, name="store-prefetch")
-        t.start()
+    def produce() -> None:
         try:
-            while True:
-                item = q.get()
-                if item is done:
+            for item in items:
+                if not put(item):
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
+            put(end)
+        except BaseException as e:  # re-raised on the consuming thread
+            put(e)
+
+    threading.Thread(target=produce, daemon=True, name=name).start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 # ---------------------------------------------------------------------------------------

@@ -179,3 +179,40 @@ def test_resume_mode_drops_unlisted_leftovers_and_checks_settings(tmp_path):
     assert st.acts(0, 4)[:, 0].tolist() == [1, 1, 2, 2]
     assert json.loads((tmp_path / "r" / "manifest.json").read_text())["progress"] == {"contexts": 2}
     assert st.mean_norm == pytest.approx((2 * 3**0.5 + 2 * 12**0.5) / 4)
+
+
+def test_background_iteration_keeps_order_raises_and_stops_early():
+    import threading
+
+    from llm_sae.store import iter_in_background
+
+    assert list(iter_in_background(iter(range(50)), 3, name="t")) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("producer broke")
+
+    it = iter_in_background(failing(), 2, name="t")
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="producer broke"):
+        next(it)
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    it = iter_in_background(endless(), 2, name="t-endless")
+    assert [next(it) for _ in range(5)] == list(range(5))
+    it.close()  # the consumer stops: the producer must not run on forever
+    import time
+
+    time.sleep(0.5)
+    n = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == n <= 5 + 2 + 2
+    assert not any(t.name == "t-endless" for t in threading.enumerate())
