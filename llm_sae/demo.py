@@ -49,14 +49,13 @@ class DemoConfig:
 
 
 def _middle_hook(model: str) -> str:
+    """The residual stream after the middle block; AutoConfig knows every architecture's
+    layer count (``n_layer``, ``num_hidden_layers``, …) for local directories and hub names."""
+    from transformers import AutoConfig
+
     from llm_sae.models import resolve_model
 
-    path = Path(resolve_model(model))
-    n_layers = 4
-    cfg_file = path / "config.json"
-    if cfg_file.is_file():
-        c = json.loads(cfg_file.read_text())
-        n_layers = int(c.get("n_layer") or c.get("num_hidden_layers") or n_layers)
+    n_layers = AutoConfig.from_pretrained(resolve_model(model)).num_hidden_layers
     return f"blocks.{n_layers // 2}.hook_resid_post"
 
 

@@ -30,3 +30,11 @@ def test_demo_small_runs_every_stage_on_the_shipped_model(tmp_path):
     assert json.loads((out / "demo_summary.json").read_text())["dashboard"].endswith("index.html")
     text = format_summary(s)
     assert "FVU" in text and str(out / "site" / "index.html") in text
+
+
+def test_default_hook_is_the_middle_block_of_any_architecture(tiny_gpt2_dir, tiny_llama_dir):
+    from llm_sae.demo import _middle_hook
+
+    assert _middle_hook("tiny-stdlib") == "blocks.2.hook_resid_post"  # 4 layers (n_layer)
+    assert _middle_hook(str(tiny_gpt2_dir)) == "blocks.1.hook_resid_post"  # 2 layers
+    assert _middle_hook(str(tiny_llama_dir)) == "blocks.1.hook_resid_post"  # num_hidden_layers
