@@ -38,7 +38,7 @@ class SAEConfig:
     """What defines an SAE: its shape, its sparsity mechanism and that mechanism's knobs."""
 
     arch: str = "topk"
-    """SAE architecture: topk, batchtopk, relu_l1, jumprelu, kl_sigmoid or wta."""
+    """SAE architecture: topk, batchtopk, relu_l1, jumprelu, kl_sigmoid, wta or lista."""
     d_in: int = 0
     """Input width (the model's d_model at the hook); taken from the store when training."""
     n_latents: int | None = None
@@ -70,6 +70,8 @@ class SAEConfig:
     """kl_sigmoid: weight β of the KL(ρ‖ρ̂) sparsity penalty."""
     stat_momentum: float = 0.99
     """Momentum of running statistics: kl_sigmoid's ρ̂, batchtopk's and wta's inference thresholds."""
+    lista_steps: int = 3
+    """lista: unrolled ISTA steps T after the one-layer first guess (0 = a ReLU encoder)."""
 
     def resolved(self) -> SAEConfig:
         """Only the SAE's own fields (a TrainConfig is an SAEConfig), with checks."""
@@ -610,3 +612,7 @@ def _update_ema(buf: Tensor, value: Tensor, momentum: float) -> None:
 
 def _warmup(progress: float, frac: float) -> float:
     return 1.0 if frac <= 0 else min(1.0, progress / frac)
+
+
+# Registers "lista" (llm_sae/lista.py): it subclasses SAE, so it is imported last.
+import llm_sae.lista  # noqa: E402, F401

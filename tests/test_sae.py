@@ -26,7 +26,7 @@ def warm_up(sae, steps: int = 3) -> None:
 
 
 def test_registry_has_every_architecture():
-    assert set(REGISTRY) == {"topk", "batchtopk", "relu_l1", "jumprelu", "kl_sigmoid", "wta"}
+    assert set(REGISTRY) == {"topk", "batchtopk", "relu_l1", "jumprelu", "kl_sigmoid", "wta", "lista"}
     for name, cls in REGISTRY.items():
         assert make(name).cfg.arch == name == cls.arch
 
