@@ -125,6 +125,31 @@ def _weighted_row_sum(W_ND: Tensor, idx_BK: Tensor, w_BK: Tensor) -> Tensor:
     return F.embedding_bag(idx_BK, W_ND, per_sample_weights=w_BK, mode="sum")
 
 
+# --- Triton dispatch (issue 11): the kernels live in llm_sae/triton_kernels.py; the torch
+# code below stays the reference they are tested against. CUDA tensors take the Triton
+# path whenever triton imports; CPU tensors only under LLM_SAE_TRITON=1 TRITON_INTERPRET=1.
+def _use_triton(t: Tensor) -> bool:
+    from llm_sae import triton_kernels
+
+    return triton_kernels.usable_for(t)
+
+
+def _triton_encode_backward(ctx, grad_vals_BK: Tensor) -> tuple:
+    from llm_sae import triton_kernels
+
+    x_BD, W_enc_ND, vals_BK, idx_BK = ctx.saved_tensors
+    g_BK = torch.where(vals_BK > 0, grad_vals_BK, 0).to(W_enc_ND.dtype)
+    grads = triton_kernels.encode_backward(x_BD, W_enc_ND, g_BK, idx_BK, ctx.needs_input_grad[:3])
+    return (*grads, None)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type``, or None outside autocast."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 class TopKEncode(torch.autograd.Function):
     """ReLU(x W_encᵀ + b_enc) restricted to its top k entries; sparse backward."""
 
@@ -149,6 +174,8 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_vals_BK: Tensor, _grad_idx: Tensor | None):  # type: ignore[override]
+        if _use_triton(ctx.saved_tensors[1]):  # Triton dispatch (see _use_triton)
+            return _triton_encode_backward(ctx, grad_vals_BK)
         x_BD, W_enc_ND, vals_BK, idx_BK = ctx.saved_tensors
         # ReLU's derivative: zero where the winner was not positive.
         g_BK = torch.where(vals_BK > 0, grad_vals_BK, 0).to(W_enc_ND.dtype)
@@ -170,12 +197,24 @@ class TopKDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vals_BK: Tensor, idx_BK: Tensor, W_dec_ND: Tensor):  # type: ignore[override]
         ctx.save_for_backward(vals_BK, idx_BK, W_dec_ND)
+        if _use_triton(W_dec_ND):  # Triton dispatch (see _use_triton)
+            from llm_sae import triton_kernels
+
+            return triton_kernels.decode_forward(vals_BK, idx_BK, W_dec_ND)
         return _weighted_row_sum(W_dec_ND, idx_BK, vals_BK.to(W_dec_ND.dtype))
 
     @staticmethod
     def backward(ctx, grad_out_BD: Tensor):  # type: ignore[override]
         vals_BK, idx_BK, W_dec_ND = ctx.saved_tensors
         grad_out_BD = grad_out_BD.contiguous()
+        if _use_triton(W_dec_ND):  # Triton dispatch (see _use_triton)
+            from llm_sae import triton_kernels
+
+            need = ctx.needs_input_grad
+            gv, gw = triton_kernels.decode_backward(
+                vals_BK, idx_BK, W_dec_ND, grad_out_BD, need[0], need[2]
+            )
+            return gv, None, gw
         chunk = _chunk_rows(idx_BK.shape[1], W_dec_ND.shape[1], W_dec_ND.element_size())
         grad_vals = grad_W = None
         if ctx.needs_input_grad[0]:
@@ -203,7 +242,14 @@ def topk_encode(x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) -> tupl
     lead = x_BD.shape[:-1]
     if not 0 < k <= W_enc_ND.shape[0]:
         raise ValueError(f"k={k} must be in 1..n_latents={W_enc_ND.shape[0]}")
-    vals_BK, idx_BK = TopKEncode.apply(x_BD.reshape(-1, x_BD.shape[-1]), W_enc_ND, b_enc_N, k)
+    x_BD = x_BD.reshape(-1, x_BD.shape[-1])
+    amp = _autocast_dtype(x_BD.device.type)
+    if amp is not None:
+        # Under autocast the encoder matmul runs in the autocast dtype (ops with out= are
+        # not autocast by torch), on cast copies of the float32 master weights; the casts'
+        # backward returns the gradients to the masters in float32.
+        x_BD, W_enc_ND, b_enc_N = x_BD.to(amp), W_enc_ND.to(amp), b_enc_N.to(amp)
+    vals_BK, idx_BK = TopKEncode.apply(x_BD, W_enc_ND, b_enc_N, k)
     return vals_BK.view(*lead, k), idx_BK.view(*lead, k)
 
 
