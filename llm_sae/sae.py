@@ -317,10 +317,17 @@ class SAE(nn.Module):
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load a saved SAE for inference (eval mode, no training state)."""
+    """Load a saved SAE for inference (eval mode, no training state).
+
+    Directories written by SAELens or sparsify load too, converted exactly (docs/interop.md).
+    """
     from safetensors.torch import load_file
 
+    from llm_sae.interop import load_peer, peer_format  # lazy: interop imports this module
+
     path = Path(path)
+    if peer_format(path) is not None:
+        return load_peer(path).to(device).eval()
     cfg_file, weights = path / "cfg.json", path / "sae.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
         raise CheckpointError(
