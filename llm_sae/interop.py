@@ -37,8 +37,11 @@ SAELENS_FORMAT_VERSION = "6.54.12"
 SAELENS_TO_OURS = {"standard": "relu_l1", "topk": "topk", "jumprelu": "jumprelu"}
 # Ours → SAELens. batchtopk and wta are thresholded ReLUs at inference: JumpReLU exactly.
 OURS_TO_SAELENS = {
-    "relu_l1": "standard", "topk": "topk", "jumprelu": "jumprelu",
-    "batchtopk": "jumprelu", "wta": "jumprelu",
+    "relu_l1": "standard",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "batchtopk": "jumprelu",
+    "wta": "jumprelu",
 }
 # Input normalisations SAELens applies per token at run time: not foldable into weights.
 _SAELENS_RUNTIME_NORMS = ("layer_norm", "constant_norm_rescale")
@@ -75,14 +78,18 @@ def _is_sparsify_cfg(cfg_file: Path) -> bool:
         cfg = json.loads(cfg_file.read_text())
     except (OSError, ValueError):
         return False  # a damaged cfg.json: load_sae reports it
-    return isinstance(cfg, dict) and "arch" not in cfg and {"d_in", "k"} <= set(cfg) and (
-        "num_latents" in cfg or "expansion_factor" in cfg
+    return (
+        isinstance(cfg, dict)
+        and "arch" not in cfg
+        and {"d_in", "k"} <= set(cfg)
+        and ("num_latents" in cfg or "expansion_factor" in cfg)
     )
 
 
 def _sparsify_hookpoints(path: Path) -> list[str]:
     return sorted(
-        d.name for d in path.iterdir()
+        d.name
+        for d in path.iterdir()
         if d.is_dir() and (d / SPARSIFY_WEIGHTS).is_file() and _is_sparsify_cfg(d / SPARSIFY_CFG)
     )
 
@@ -170,8 +177,12 @@ def load_sparsify(path: str | Path) -> SAE:
         )
     W_enc_ND = _get(state, "encoder.weight", path)
     return _build(
-        "topk", W_enc_ND, _get(state, "encoder.bias", path), _get(state, "W_dec", path),
-        _get(state, "b_dec", path), k=int(cfg["k"]),
+        "topk",
+        W_enc_ND,
+        _get(state, "encoder.bias", path),
+        _get(state, "W_dec", path),
+        _get(state, "b_dec", path),
+        k=int(cfg["k"]),
     )
 
 
@@ -210,8 +221,16 @@ def log_threshold(theta_N: Tensor) -> Tensor:
     return best_N
 
 
-def _build(arch: str, W_enc_ND: Tensor, b_enc_N: Tensor, W_dec_ND: Tensor, b_dec_D: Tensor,
-           *, k: int | None, **extra: Tensor) -> SAE:
+def _build(
+    arch: str,
+    W_enc_ND: Tensor,
+    b_enc_N: Tensor,
+    W_dec_ND: Tensor,
+    b_dec_D: Tensor,
+    *,
+    k: int | None,
+    **extra: Tensor,
+) -> SAE:
     """Our SAE of ``arch`` holding exactly these weights (float32, eval mode)."""
     N, D = W_dec_ND.shape
     if W_enc_ND.shape != (N, D) or b_enc_N.shape != (N,) or b_dec_D.shape != (D,):
@@ -223,7 +242,9 @@ def _build(arch: str, W_enc_ND: Tensor, b_enc_N: Tensor, W_dec_ND: Tensor, b_dec
         raise InteropError(f"k={k} does not fit {N} latents")
     # k only matters at inference for TopK; for the others it is a training knob, but it
     # must still be a valid one.
-    cfg = SAEConfig(arch=arch, d_in=D, n_latents=N, k=k if k is not None else min(SAEConfig.k, N - 1))
+    cfg = SAEConfig(
+        arch=arch, d_in=D, n_latents=N, k=k if k is not None else min(SAEConfig.k, N - 1)
+    )
     sae = REGISTRY[arch](cfg)
     state = {"W_enc": W_enc_ND, "b_enc": b_enc_N, "W_dec": W_dec_ND, "b_dec": b_dec_D, **extra}
     sae.load_state_dict({k_: v.detach().float().contiguous() for k_, v in state.items()})
@@ -258,8 +279,9 @@ def saelens_weights(sae: SAE) -> tuple[str, dict[str, Tensor]]:
     return OURS_TO_SAELENS[arch], {k: v.float().contiguous().cpu() for k, v in state.items()}
 
 
-def saelens_cfg(sae: SAE, arch: str, *, hook_name: str | None, model_name: str | None,
-                context_size: int | None) -> dict[str, Any]:
+def saelens_cfg(
+    sae: SAE, arch: str, *, hook_name: str | None, model_name: str | None, context_size: int | None
+) -> dict[str, Any]:
     """SAELens v6 cfg.json for ``sae``, with the field names SAELens writes itself."""
     cfg: dict[str, Any] = {
         "architecture": arch,
@@ -290,8 +312,12 @@ def saelens_cfg(sae: SAE, arch: str, *, hook_name: str | None, model_name: str |
 
 
 def export_saelens(
-    sae: SAE | str | Path, out_dir: str | Path, *, hook_name: str | None = None,
-    model_name: str | None = None, context_size: int | None = None,
+    sae: SAE | str | Path,
+    out_dir: str | Path,
+    *,
+    hook_name: str | None = None,
+    model_name: str | None = None,
+    context_size: int | None = None,
 ) -> Path:
     """Write ``sae`` (an SAE or a saved SAE's directory) as a SAELens directory.
 
@@ -306,7 +332,10 @@ def export_saelens(
         sae = load_sae(sae)
     arch, state = saelens_weights(sae)
     cfg = saelens_cfg(
-        sae, arch, hook_name=hook_name or known.get("hook"), model_name=model_name or known.get("model"),
+        sae,
+        arch,
+        hook_name=hook_name or known.get("hook"),
+        model_name=model_name or known.get("model"),
         context_size=context_size or known.get("context_length"),
     )
     out = Path(out_dir)
@@ -351,9 +380,16 @@ class NeuronpediaInfo:
 
 
 def export_neuronpedia(
-    analysis_dir: str | Path, out_dir: str | Path, *, model_id: str | None = None,
-    layer: int | None = None, source_set: str = "llm-sae", release: str = "llm-sae",
-    creator_name: str = "llm_sae", creator_id: str = "llm-sae", features_per_batch: int = 1000,
+    analysis_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    model_id: str | None = None,
+    layer: int | None = None,
+    source_set: str = "llm-sae",
+    release: str = "llm-sae",
+    creator_name: str = "llm_sae",
+    creator_id: str = "llm-sae",
+    features_per_batch: int = 1000,
 ) -> Path:
     """Write ``analysis_dir`` in Neuronpedia's export layout; returns the source directory.
 
@@ -365,7 +401,9 @@ def export_neuronpedia(
     from llm_sae.analyze import load_feature, load_summary
 
     summary = load_summary(analysis_dir)
-    info = _neuronpedia_info(summary, model_id, layer, source_set, release, creator_name, creator_id)
+    info = _neuronpedia_info(
+        summary, model_id, layer, source_set, release, creator_name, creator_id
+    )
     src = Path(out_dir) / info.model_id / info.source_id
     (src / "features").mkdir(parents=True, exist_ok=True)
     (src / "activations").mkdir(parents=True, exist_ok=True)
@@ -384,12 +422,21 @@ def export_neuronpedia(
     return src
 
 
-def _neuronpedia_info(summary: dict[str, Any], model_id: str | None, layer: int | None,
-                      source_set: str, release: str, creator_name: str, creator_id: str) -> NeuronpediaInfo:
+def _neuronpedia_info(
+    summary: dict[str, Any],
+    model_id: str | None,
+    layer: int | None,
+    source_set: str,
+    release: str,
+    creator_name: str,
+    creator_id: str,
+) -> NeuronpediaInfo:
     store = summary.get("store") or {}
     model_id = model_id or summary.get("model") or store.get("model")
     if not model_id:
-        raise ConfigError("the analysis names no model; pass --model-name (Neuronpedia's model id, e.g. gpt2-small)")
+        raise ConfigError(
+            "the analysis names no model; pass --model-name (Neuronpedia's model id, e.g. gpt2-small)"
+        )
     hook = store.get("hook") or ""
     if layer is None:
         m = re.match(r"blocks\.(\d+)\.", hook)
@@ -397,47 +444,104 @@ def _neuronpedia_info(summary: dict[str, Any], model_id: str | None, layer: int 
             raise ConfigError(f"cannot tell the layer from hook {hook!r}; pass --layer")
         layer = int(m.group(1))
     return NeuronpediaInfo(
-        model_id=str(model_id).replace("/", "-"), layer=int(layer), source_set=source_set,
-        release=release, creator_name=creator_name, creator_id=creator_id,
+        model_id=str(model_id).replace("/", "-"),
+        layer=int(layer),
+        source_set=source_set,
+        release=release,
+        creator_name=creator_name,
+        creator_id=creator_id,
         description=f"llm_sae {summary.get('sae', {}).get('cfg', {}).get('arch', 'SAE')} at {hook}, "
-                    f"{summary['n_features']} features",
-        dataset=None, context_length=store.get("context_length"),
+        f"{summary['n_features']} features",
+        dataset=None,
+        context_length=store.get("context_length"),
     )
 
 
-def _neuronpedia_headers(info: NeuronpediaInfo, summary: dict[str, Any], now: str) -> dict[str, dict]:
+def _neuronpedia_headers(
+    info: NeuronpediaInfo, summary: dict[str, Any], now: str
+) -> dict[str, dict]:
     """The one-line release, model, source set and source records of an export."""
     return {
         "release": {
-            "name": info.release, "description": info.description, "creatorName": info.creator_name,
-            "creatorId": info.creator_id, "visibility": "PUBLIC", "isNewUi": False, "featured": False,
-            "descriptionShort": info.description, "urls": [], "creatorEmail": None,
-            "creatorNameShort": info.creator_name, "defaultSourceSetName": None,
-            "defaultSourceId": None, "defaultUmapSourceIds": [], "createdAt": now,
+            "name": info.release,
+            "description": info.description,
+            "creatorName": info.creator_name,
+            "creatorId": info.creator_id,
+            "visibility": "PUBLIC",
+            "isNewUi": False,
+            "featured": False,
+            "descriptionShort": info.description,
+            "urls": [],
+            "creatorEmail": None,
+            "creatorNameShort": info.creator_name,
+            "defaultSourceSetName": None,
+            "defaultSourceId": None,
+            "defaultUmapSourceIds": [],
+            "createdAt": now,
         },
         "model": {
-            "id": info.model_id, "instruct": info.model_id.endswith("-it"), "creatorId": info.creator_id,
-            "displayNameShort": info.model_id, "displayName": info.model_id, "tlensId": None,
-            "dimension": summary.get("d_in"), "visibility": "PUBLIC", "defaultSourceSetName": None,
-            "defaultSourceId": None, "inferenceEnabled": True, "layers": 0, "neuronsPerLayer": 0,
-            "createdAt": now, "owner": "", "updatedAt": now, "website": None,
+            "id": info.model_id,
+            "instruct": info.model_id.endswith("-it"),
+            "creatorId": info.creator_id,
+            "displayNameShort": info.model_id,
+            "displayName": info.model_id,
+            "tlensId": None,
+            "dimension": summary.get("d_in"),
+            "visibility": "PUBLIC",
+            "defaultSourceSetName": None,
+            "defaultSourceId": None,
+            "inferenceEnabled": True,
+            "layers": 0,
+            "neuronsPerLayer": 0,
+            "createdAt": now,
+            "owner": "",
+            "updatedAt": now,
+            "website": None,
         },
         "sourceset": {
-            "modelId": info.model_id, "name": info.source_set, "creatorId": info.creator_id,
-            "hasDashboards": True, "visibility": "PUBLIC", "description": info.description, "type": "",
-            "creatorName": info.creator_name, "urls": [], "creatorEmail": None,
-            "releaseName": info.release, "defaultOfModelId": None, "defaultRange": 1,
-            "defaultShowBreaks": True, "showDfa": False, "showCorrelated": False,
-            "showHeadAttribution": False, "showUmap": False, "createdAt": now,
+            "modelId": info.model_id,
+            "name": info.source_set,
+            "creatorId": info.creator_id,
+            "hasDashboards": True,
+            "visibility": "PUBLIC",
+            "description": info.description,
+            "type": "",
+            "creatorName": info.creator_name,
+            "urls": [],
+            "creatorEmail": None,
+            "releaseName": info.release,
+            "defaultOfModelId": None,
+            "defaultRange": 1,
+            "defaultShowBreaks": True,
+            "showDfa": False,
+            "showCorrelated": False,
+            "showHeadAttribution": False,
+            "showUmap": False,
+            "createdAt": now,
         },
         "source": {
-            "id": info.source_id, "modelId": info.model_id, "setName": info.source_set,
-            "creatorId": info.creator_id, "hasDashboards": True, "inferenceEnabled": False,
-            "inferenceHosts": [], "saelensConfig": None, "saelensRelease": None, "saelensSaeId": None,
-            "hfRepoId": None, "hfFolderId": None, "visibility": "PUBLIC", "defaultOfModelId": None,
-            "hasUmap": False, "hasUmapLogSparsity": False, "hasUmapClusters": False,
-            "num_prompts": None, "num_tokens_in_prompt": info.context_length, "dataset": info.dataset,
-            "notes": None, "createdAt": now,
+            "id": info.source_id,
+            "modelId": info.model_id,
+            "setName": info.source_set,
+            "creatorId": info.creator_id,
+            "hasDashboards": True,
+            "inferenceEnabled": False,
+            "inferenceHosts": [],
+            "saelensConfig": None,
+            "saelensRelease": None,
+            "saelensSaeId": None,
+            "hfRepoId": None,
+            "hfFolderId": None,
+            "visibility": "PUBLIC",
+            "defaultOfModelId": None,
+            "hasUmap": False,
+            "hasUmapLogSparsity": False,
+            "hasUmapClusters": False,
+            "num_prompts": None,
+            "num_tokens_in_prompt": info.context_length,
+            "dataset": info.dataset,
+            "notes": None,
+            "createdAt": now,
         },
     }
 
@@ -449,14 +553,28 @@ def neuronpedia_feature(rec: dict[str, Any], info: NeuronpediaInfo, now: str) ->
     logits = rec.get("logits") or {"promoted": [], "suppressed": []}
     cos = (rec.get("neighbours") or {}).get("decoder_cosine") or []
     return {
-        "modelId": info.model_id, "layer": info.source_id, "index": str(rec["id"]),
-        "creatorId": info.creator_id, "createdAt": now, "maxActApprox": rec["max_act"],
-        "hasVector": False, "vector": [], "vectorLabel": None, "vectorDefaultSteerStrength": 10,
+        "modelId": info.model_id,
+        "layer": info.source_id,
+        "index": str(rec["id"]),
+        "creatorId": info.creator_id,
+        "createdAt": now,
+        "maxActApprox": rec["max_act"],
+        "hasVector": False,
+        "vector": [],
+        "vectorLabel": None,
+        "vectorDefaultSteerStrength": 10,
         "hookName": None,
-        "topkCosSimIndices": [c["id"] for c in cos], "topkCosSimValues": [c["value"] for c in cos],
-        "neuron_alignment_indices": [], "neuron_alignment_values": [], "neuron_alignment_l1": [],
-        "correlated_neurons_indices": [], "correlated_neurons_pearson": [], "correlated_neurons_l1": [],
-        "correlated_features_indices": [], "correlated_features_pearson": [], "correlated_features_l1": [],
+        "topkCosSimIndices": [c["id"] for c in cos],
+        "topkCosSimValues": [c["value"] for c in cos],
+        "neuron_alignment_indices": [],
+        "neuron_alignment_values": [],
+        "neuron_alignment_l1": [],
+        "correlated_neurons_indices": [],
+        "correlated_neurons_pearson": [],
+        "correlated_neurons_l1": [],
+        "correlated_features_indices": [],
+        "correlated_features_pearson": [],
+        "correlated_features_l1": [],
         "neg_str": [t["token"] for t in logits["suppressed"]],
         "neg_values": [t["value"] for t in logits["suppressed"]],
         "pos_str": [t["token"] for t in logits["promoted"]],
@@ -464,13 +582,18 @@ def neuronpedia_feature(rec: dict[str, Any], info: NeuronpediaInfo, now: str) ->
         "frac_nonzero": rec["density"],
         # Bars at the bin centres, heights = counts (SAEDashboard's activation histogram).
         "freq_hist_data_bar_heights": list(hist["counts"]),
-        "freq_hist_data_bar_values": [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:], strict=False)],
-        "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [],
+        "freq_hist_data_bar_values": [
+            (a + b) / 2 for a, b in zip(edges[:-1], edges[1:], strict=False)
+        ],
+        "logits_hist_data_bar_heights": [],
+        "logits_hist_data_bar_values": [],
         "decoder_weights_dist": [],
     }
 
 
-def neuronpedia_activations(rec: dict[str, Any], info: NeuronpediaInfo, now: str) -> list[dict[str, Any]]:
+def neuronpedia_activations(
+    rec: dict[str, Any], info: NeuronpediaInfo, now: str
+) -> list[dict[str, Any]]:
     """The feature's example windows as lines of ``activations/batch-i.jsonl``.
 
     Top examples first (no bin), then the interval examples with their bin's range and
@@ -483,17 +606,33 @@ def neuronpedia_activations(rec: dict[str, Any], info: NeuronpediaInfo, now: str
         values = [float(v) if v is not None else 0.0 for v in ex["acts"]]
         top = max(values)
         key = f"{info.model_id}/{info.source_id}/{rec['id']}/{n}"
-        out.append({
-            # Neuronpedia ids are 25-character cuids; a hash keeps exports reproducible.
-            "id": "c" + hashlib.sha1(key.encode()).hexdigest()[:24],
-            "tokens": ex["tokens"], "index": str(rec["id"]), "layer": info.source_id,
-            "modelId": info.model_id, "maxValue": top, "maxValueTokenIndex": values.index(top),
-            "minValue": min(values), "values": values, "creatorId": info.creator_id,
-            "dataSource": None, "dataIndex": None, "dfaValues": [], "dfaTargetIndex": None,
-            "dfaMaxValue": None, "createdAt": now, "lossValues": [], "logitContributions": None,
-            "binMin": b["lo"] if b else None, "binMax": b["hi"] if b else None,
-            "binContains": b["share"] if b else None, "qualifyingTokenIndex": ex["peak"],
-        })
+        out.append(
+            {
+                # Neuronpedia ids are 25-character cuids; a hash keeps exports reproducible.
+                "id": "c" + hashlib.sha1(key.encode()).hexdigest()[:24],
+                "tokens": ex["tokens"],
+                "index": str(rec["id"]),
+                "layer": info.source_id,
+                "modelId": info.model_id,
+                "maxValue": top,
+                "maxValueTokenIndex": values.index(top),
+                "minValue": min(values),
+                "values": values,
+                "creatorId": info.creator_id,
+                "dataSource": None,
+                "dataIndex": None,
+                "dfaValues": [],
+                "dfaTargetIndex": None,
+                "dfaMaxValue": None,
+                "createdAt": now,
+                "lossValues": [],
+                "logitContributions": None,
+                "binMin": b["lo"] if b else None,
+                "binMax": b["hi"] if b else None,
+                "binContains": b["share"] if b else None,
+                "qualifyingTokenIndex": ex["peak"],
+            }
+        )
     return out
 
 
@@ -546,10 +685,18 @@ def export(cfg: ExportConfig) -> Path:
         return export_saelens(cfg.sae, cfg.out, hook_name=cfg.hook_name, model_name=cfg.model_name)
     if cfg.format == "neuronpedia":
         if not cfg.analysis:
-            raise ConfigError("--format neuronpedia needs --analysis DIR (the output of `llm-sae analyze`)")
+            raise ConfigError(
+                "--format neuronpedia needs --analysis DIR (the output of `llm-sae analyze`)"
+            )
         return export_neuronpedia(
-            cfg.analysis, cfg.out, model_id=cfg.model_name, layer=cfg.layer, source_set=cfg.source_set,
-            release=cfg.release, creator_name=cfg.creator_name, creator_id=cfg.creator_id,
+            cfg.analysis,
+            cfg.out,
+            model_id=cfg.model_name,
+            layer=cfg.layer,
+            source_set=cfg.source_set,
+            release=cfg.release,
+            creator_name=cfg.creator_name,
+            creator_id=cfg.creator_id,
             features_per_batch=cfg.features_per_batch,
         )
     raise ConfigError(f"unknown --format {cfg.format!r}; choose saelens or neuronpedia")
@@ -567,6 +714,14 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "ExportConfig", "InteropError", "export", "export_saelens", "export_neuronpedia", "load_peer",
-    "load_saelens", "load_sparsify", "peer_format", "log_threshold",
+    "ExportConfig",
+    "InteropError",
+    "export",
+    "export_saelens",
+    "export_neuronpedia",
+    "load_peer",
+    "load_saelens",
+    "load_sparsify",
+    "peer_format",
+    "log_threshold",
 ]

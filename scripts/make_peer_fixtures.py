@@ -55,8 +55,13 @@ def _metadata():
     from sae_lens.saes.sae import SAEMetadata
 
     return SAEMetadata(
-        model_name="tiny-peer-model", hook_name="blocks.0.hook_resid_post", hook_head_index=None,
-        context_size=32, prepend_bos=True, seqpos_slice=[None], model_from_pretrained_kwargs={},
+        model_name="tiny-peer-model",
+        hook_name="blocks.0.hook_resid_post",
+        hook_head_index=None,
+        context_size=32,
+        prepend_bos=True,
+        seqpos_slice=[None],
+        model_from_pretrained_kwargs={},
     )
 
 
@@ -68,8 +73,10 @@ def _saelens_reference(path: Path, x_BD: torch.Tensor) -> None:
     with torch.no_grad():
         z_BN = sae.encode(x_BD)
         x_hat_BD = sae.decode(z_BN)
-    save_file({"x": x_BD, "encoded": z_BN.contiguous(), "decoded": x_hat_BD.contiguous()},
-              str(path / "reference.safetensors"))
+    save_file(
+        {"x": x_BD, "encoded": z_BN.contiguous(), "decoded": x_hat_BD.contiguous()},
+        str(path / "reference.safetensors"),
+    )
 
 
 def make_saelens(out: Path, g: torch.Generator, x_BD: torch.Tensor) -> None:
@@ -88,15 +95,22 @@ def make_saelens(out: Path, g: torch.Generator, x_BD: torch.Tensor) -> None:
     made = {
         "standard": StandardTrainingSAE(StandardTrainingSAEConfig(**common, metadata=_metadata())),
         # Some SAELens SAEs do not subtract b_dec from the input: the import must move it.
-        "standard_no_bdec": StandardTrainingSAE(StandardTrainingSAEConfig(
-            **common, apply_b_dec_to_input=False, metadata=_metadata())),
+        "standard_no_bdec": StandardTrainingSAE(
+            StandardTrainingSAEConfig(**common, apply_b_dec_to_input=False, metadata=_metadata())
+        ),
         # SAELens's TopK default: pre-activations scaled by the decoder row norms.
-        "topk": TopKTrainingSAE(TopKTrainingSAEConfig(
-            **common, k=K, rescale_acts_by_decoder_norm=True, metadata=_metadata())),
+        "topk": TopKTrainingSAE(
+            TopKTrainingSAEConfig(
+                **common, k=K, rescale_acts_by_decoder_norm=True, metadata=_metadata()
+            )
+        ),
         "jumprelu": JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common, metadata=_metadata())),
         # Saved as a JumpReLU whose threshold is the learned global one, for every latent.
-        "batchtopk": BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
-            **common, k=K, rescale_acts_by_decoder_norm=False, metadata=_metadata())),
+        "batchtopk": BatchTopKTrainingSAE(
+            BatchTopKTrainingSAEConfig(
+                **common, k=K, rescale_acts_by_decoder_norm=False, metadata=_metadata()
+            )
+        ),
     }
     for name, sae in made.items():
         _set(sae, _random_weights(g))
@@ -131,8 +145,10 @@ def make_sparsify(out: Path, g: torch.Generator, x_BD: torch.Tensor) -> None:
             top_acts_BK, top_idx_BK, _ = loaded.encode(x_BD)
             z_BN = torch.zeros(B, N).scatter_(-1, top_idx_BK, top_acts_BK)
             x_hat_BD = loaded.decode(top_acts_BK, top_idx_BK)
-        save_file({"x": x_BD, "encoded": z_BN, "decoded": x_hat_BD.contiguous()},
-                  str(path / "reference.safetensors"))
+        save_file(
+            {"x": x_BD, "encoded": z_BN, "decoded": x_hat_BD.contiguous()},
+            str(path / "reference.safetensors"),
+        )
 
 
 def main() -> None:
