@@ -72,12 +72,12 @@ def _rows_outer_add_(
     out_ND: Tensor, idx_BK: Tensor, coef_BK: Tensor, rows_BD: Tensor, chunk: int
 ) -> Tensor:
     """out[idx[b, k]] += coef[b, k] · rows[b]: a sparse-transpose × dense product done as
-    row updates, chunked over the batch so the [chunk, K, D] temporary stays small."""
+    row updates, chunked over the batch so the [chunk, K, D] temporary stays small.
+
+    The fallback of ``_sparse_t_dense``; on CPU it runs on one thread, because torch's
+    multithreaded ``index_add_`` is 2-3x slower than its serial loop for this shape."""
     B, K = idx_BK.shape
     D = rows_BD.shape[1]
-    # On CPU, torch's multithreaded index_add_ is 2-3x slower than its serial loop for
-    # this shape (measured: 510 vs 201 ms at B=4096, K=32, D=768 on 2 cores), so the
-    # row updates run on one thread; the rest of the step keeps all threads.
     threads = torch.get_num_threads()
     serial = out_ND.device.type == "cpu" and threads > 1
     if serial:
@@ -91,6 +91,40 @@ def _rows_outer_add_(
         if serial:
             torch.set_num_threads(threads)
     return out_ND
+
+
+def _sparse_t_dense(idx_BK: Tensor, coef_BK: Tensor, rows_BD: Tensor, n: int, chunk: int) -> Tensor:
+    """G[n] = Σ_{(b, k): idx[b, k] = n} coef[b, k] · rows[b], as a new [n, D] tensor.
+
+    This is Sᵀ·rows for the sparse [B, n] matrix S with entries coef at idx: both TopK
+    weight gradients have this form. It is also exactly the weight gradient of
+    ``embedding_bag(idx, W, per_sample_weights=coef, mode="sum")`` given ``rows`` as the
+    output gradient, and torch's kernel for that (sort the pairs by latent, then one
+    multithreaded sum per latent row, no atomics, deterministic) is 2.5-3x faster on CPU
+    than row updates with ``index_add_`` (measured: 34 vs 94 ms at B=4096, K=32, D=768,
+    n=24576 on 2 cores). It is an internal op, so any failure falls back to row updates.
+    """
+    rows_BD = rows_BD.to(coef_BK.dtype).contiguous()
+    try:
+        return _embedding_bag_weight_grad(idx_BK, coef_BK, rows_BD, n)
+    except (RuntimeError, TypeError, AttributeError):  # the op's signature is torch's own
+        out_ND = torch.zeros(n, rows_BD.shape[1], dtype=coef_BK.dtype, device=coef_BK.device)
+        return _rows_outer_add_(out_ND, idx_BK, coef_BK, rows_BD, chunk)
+
+
+def _embedding_bag_weight_grad(idx_BK: Tensor, coef_BK: Tensor, rows_BD: Tensor, n: int) -> Tensor:
+    B, K = idx_BK.shape
+    return torch.ops.aten._embedding_bag_dense_backward(
+        rows_BD,
+        idx_BK.reshape(-1),
+        torch.arange(B, device=idx_BK.device).repeat_interleave(K),  # offset2bag: pair → row b
+        torch.full((B,), K, dtype=torch.long, device=idx_BK.device),  # bag sizes
+        idx_BK.new_empty(0),  # maximum_indices: only read in mode "max"
+        n,
+        False,  # scale_grad_by_freq
+        0,  # mode "sum"
+        coef_BK.reshape(-1).contiguous(),
+    )
 
 
 def _gathered_dot(W_ND: Tensor, idx_BK: Tensor, y_BD: Tensor, chunk: int) -> Tensor:
@@ -184,7 +218,7 @@ class TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _weighted_row_sum(W_enc_ND, idx_BK, g_BK)
         if ctx.needs_input_grad[1]:
-            grad_W = _rows_outer_add_(torch.zeros_like(W_enc_ND), idx_BK, g_BK, x_BD, chunk)
+            grad_W = _sparse_t_dense(idx_BK, g_BK, x_BD, W_enc_ND.shape[0], chunk)
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W_enc_ND.shape[0], dtype=g_BK.dtype, device=g_BK.device)
             grad_b.index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
@@ -220,9 +254,8 @@ class TopKDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_vals = _gathered_dot(W_dec_ND, idx_BK, grad_out_BD, chunk).to(vals_BK.dtype)
         if ctx.needs_input_grad[2]:
-            grad_W = _rows_outer_add_(
-                torch.zeros_like(W_dec_ND), idx_BK, vals_BK.to(W_dec_ND.dtype), grad_out_BD, chunk
-            )
+            coef_BK = vals_BK.to(W_dec_ND.dtype)
+            grad_W = _sparse_t_dense(idx_BK, coef_BK, grad_out_BD, W_dec_ND.shape[0], chunk)
         return grad_vals, None, grad_W
 
 
