@@ -10,6 +10,7 @@ same command ends bit-identical (on CPU) to one that never stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from llm_sae.config import ConfigError, add_arguments, from_args, to_dict
+from llm_sae.distributed import Parallel, make_parallel, report_rank_failure
 from llm_sae.errors import CheckpointError, DataError, LlmSaeError, StoreError
 from llm_sae.sae import REGISTRY, SAE, ForwardOutput, SAEConfig, geometric_median
 
@@ -93,6 +95,9 @@ class TrainConfig(SAEConfig):
     """Log to Weights & Biases (WANDB_MODE=offline works without an account)."""
     wandb_project: str = "llm-sae"
     """wandb project name."""
+    shard_latents: int = 1
+    """Under torchrun: split the latents over this many ranks (TopK only; model parallel);
+    the world size divided by it is the data-parallel degree. 1: data parallel only."""
 
 
 def default_lr(n_latents: int) -> float:
@@ -128,7 +133,10 @@ class Trainer:
         total_steps: int,
         input_scale: float | None = None,
         out_dir: str | Path | None = None,
+        parallel: Parallel | None = None,
     ) -> None:
+        # The distributed hooks (no-ops in one process): see llm_sae/distributed.py.
+        self.par = parallel or Parallel()
         if cfg.on_nonfinite not in ("skip", "stop"):
             raise ConfigError(f"on_nonfinite must be 'skip' or 'stop', got {cfg.on_nonfinite!r}")
         if cfg.lr_schedule not in ("linear", "cosine"):
@@ -148,7 +156,7 @@ class Trainer:
         # per-op Adam on CPU for SAE-sized weights (38 vs 274 ms, 2 x [24576, 768], 2 cores).
         fused = self.device.type in ("cpu", "cuda")
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr, betas=betas, eps=cfg.adam_eps, fused=fused)  # type: ignore[arg-type]
-        N = sae.n_latents
+        N = sae.W_enc.shape[0]  # this rank's latents (all of them unless sharded)
         total_tokens = self.total_steps * cfg.batch_size
         self.dead_tokens = int(cfg.dead_tokens or min(10_000_000, max(1, total_tokens // 10)))
         self.tokens_since_fired_N = torch.zeros(N, dtype=torch.long, device=self.device)
@@ -182,7 +190,7 @@ class Trainer:
         """One optimiser step on a batch of raw activations; None if the batch was skipped."""
         self.batches_seen += 1
         x_BD = x_BD.to(self.device, torch.float32, non_blocking=True)
-        if not bool(torch.isfinite(x_BD).all()):
+        if self.par.any(not bool(torch.isfinite(x_BD).all())):
             bad = (~torch.isfinite(x_BD).all(-1)).nonzero().squeeze(1)
             where = rows_B[bad.cpu()].tolist() if rows_B is not None else bad.tolist()
             if self.cfg.on_nonfinite == "stop":
@@ -212,20 +220,22 @@ class Trainer:
             )
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        self.par.after_backward(sae)
         sae.constrain_grads()
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
+            self.par.clip_grad_norm_(sae, self.cfg.grad_clip)
         self.opt.step()
         sae.constrain_weights()
+        self.par.sync_buffers(sae)
 
-        B = x_BD.shape[0]
+        out.fired_N, B = self.par.reduce_fired(out.fired_N, x_BD.shape[0])
         self.tokens += B
         self.tokens_since_fired_N += B
         self.tokens_since_fired_N[out.fired_N > 0] = 0
         if self.dead_method == "resample" and self.tokens - self.last_resample_tokens >= self.dead_tokens:
             # Not in the last stretch: a resampled latent needs time to learn.
             if self.step_idx < 0.8 * self.total_steps:
-                self.resample(x_BD, out.x_hat_BD.detach())
+                self.resample(*self.par.global_batch(x_BD, out.x_hat_BD.detach()))
             self.last_resample_tokens = self.tokens
         self.step_idx += 1
         self._accumulate(out, B)
@@ -285,7 +295,7 @@ class Trainer:
     def window_metrics(self) -> dict[str, float]:
         """Averages since the last call: metrics, dead/dense fractions, tokens/s."""
         steps = max(1, self._win_steps)
-        m = {k: float(v) / steps for k, v in self._win_sums.items()}
+        m = {k: float(v) / steps for k, v in self.par.mean_metrics(self._win_sums).items()}
         m["dead_frac"] = float(self.dead_mask().float().mean())
         if self._win_fired_N is not None and self._win_tokens:
             m["dense_frac"] = float((self._win_fired_N / self._win_tokens > 0.1).float().mean())
@@ -303,9 +313,10 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        bar = tqdm(total=self.total_steps, initial=self.step_idx, disable=not progress, unit="step", dynamic_ncols=True)
-        log_file = open(self.out_dir / "log.jsonl", "a") if self.out_dir is not None else None  # noqa: SIM115
-        wandb_run = self._wandb_init() if cfg.wandb else None
+        main = self.par.is_main  # rank 0 alone shows progress, logs and writes
+        bar = tqdm(total=self.total_steps, initial=self.step_idx, disable=not (progress and main), unit="step", dynamic_ncols=True)
+        log_file = open(self.out_dir / "log.jsonl", "a") if self.out_dir is not None and main else None  # noqa: SIM115
+        wandb_run = self._wandb_init() if cfg.wandb and main else None
         next_ckpt = self._next_checkpoint_tokens()
         it: Iterator[Any] = iter(batches)
         try:
@@ -373,10 +384,12 @@ class Trainer:
         }
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        # Unsharded and rank-independent, so a run resumes with any number of ranks.
+        sae_state, opt_state, dead_N = self.par.full_state(self.sae, self.opt, self.tokens_since_fired_N)
         return {
-            "sae": self.sae.state_dict(),
-            "opt": self.opt.state_dict(),
-            "tokens_since_fired_N": self.tokens_since_fired_N,
+            "sae": sae_state,
+            "opt": opt_state,
+            "tokens_since_fired_N": dead_N,
             "counters": {
                 "step_idx": self.step_idx, "batches_seen": self.batches_seen, "tokens": self.tokens,
                 "skipped_batches": self.skipped_batches, "last_resample_tokens": self.last_resample_tokens,
@@ -386,9 +399,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sae.load_state_dict(state["sae"])
-        self.opt.load_state_dict(state["opt"])
-        self.tokens_since_fired_N.copy_(state["tokens_since_fired_N"])
+        self.par.load_full_state(self.sae, self.opt, self.tokens_since_fired_N, state)
         for k, v in state["counters"].items():
             setattr(self, k, v)
         rng = state["rng"]
@@ -405,11 +416,15 @@ class Trainer:
         leaves either the previous checkpoint or the new one, never a torn one.
         """
         path = Path(path)
+        state = self.state_dict()  # a collective when distributed: every rank calls it
+        if not self.par.is_main:
+            self.par.barrier()
+            return path
         tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         buf = io.BytesIO()
-        torch.save(self.state_dict(), buf)
+        torch.save(state, buf)
         blob = buf.getvalue()
         meta = {
             "step": self.step_idx, "tokens": self.tokens, "batches_seen": self.batches_seen,
@@ -428,6 +443,7 @@ class Trainer:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
+        self.par.barrier()
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -458,9 +474,9 @@ class Trainer:
     # ------------------------------------------------------------------------ export
     def export(self, out_dir: str | Path) -> Path:
         """Save the SAE for inference (cfg.json + sae.safetensors), input scale folded in."""
-        import copy
-
-        sae = copy.deepcopy(self.sae).cpu()
+        sae = self.par.full_sae(self.sae)  # unsharded copy on rank 0, None elsewhere
+        if sae is None:
+            return Path(out_dir)
         sae.fold_input_scale(self.input_scale or 1.0)
         return sae.save(out_dir)
 
@@ -512,7 +528,17 @@ def build_sae(cfg: TrainConfig, d_in: int) -> SAE:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train an SAE from ``cfg.store`` into ``cfg.out``; returns the output directory."""
+    """Train an SAE from ``cfg.store`` into ``cfg.out``; returns the output directory.
+
+    Under ``torchrun`` every rank runs this: data parallel, latent-sharded with
+    ``cfg.shard_latents`` > 1, or both (docs/distributed.md).
+    """
+    par = make_parallel(cfg.shard_latents)
+    with report_rank_failure("training") if par.world_size > 1 else contextlib.nullcontext():
+        return _train(cfg, par)
+
+
+def _train(cfg: TrainConfig, par: Parallel) -> Path:
     from llm_sae.store import open_store, verify_store
 
     store = open_store(cfg.store)
@@ -532,32 +558,39 @@ def train(cfg: TrainConfig) -> Path:
         raise ConfigError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg.device)
+    device = par.device(cfg.device)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    sae = build_sae(cfg, store.d_in).to(device)
+    # Built whole (same seed on every rank), then cut to this rank's latents if sharded.
+    sae = par.shard(build_sae(cfg, store.d_in)).to(device)
     trainer = Trainer(
         sae, cfg, total_steps=total_steps, input_scale=math.sqrt(store.d_in) / store.mean_norm,
-        out_dir=out,
+        out_dir=out, parallel=par,
     )
     ckpt = find_checkpoint(out) if cfg.resume else None
+    par.barrier()  # every rank has looked before rank 0 clears anything
     if ckpt is not None:
         trainer.load_checkpoint(ckpt)
     else:
-        for stale in ("checkpoint", "checkpoint.old", "log.jsonl"):
-            p = out / stale
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if par.is_main:
+            for stale in ("checkpoint", "checkpoint.old", "log.jsonl"):
+                p = out / stale
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         trainer.init_from_sample(_sample_rows(store, cfg))
-    (out / "train_cfg.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    if par.is_main:
+        (out / "train_cfg.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
     if trainer.step_idx < total_steps:
+        # Every rank reads the one-rank (global) batch order and keeps its slice: step t
+        # sees the same global batch whatever the world size, so resuming with another
+        # number of ranks continues the same run.
         reader = store.reader(
             cfg.batch_size, seed=cfg.seed, start_batch=trainer.batches_seen, loop=True,
-            with_rows=True, device=device,
+            with_rows=True, device=device, rank=0, world_size=1,
         )
-        trainer.fit(reader)
+        trainer.fit(par.data(reader))
         trainer.save_checkpoint(out / "checkpoint")
     trainer.export(out)
     return out
@@ -567,7 +600,7 @@ def _sample_rows(store: Any, cfg: TrainConfig) -> Tensor:
     """A shuffled sample for initialisation, drawn with its own seed (not the training order)."""
     n = min(cfg.init_rows, store.n_rows)
     bs = min(n, 4096)
-    reader = store.reader(bs, seed=cfg.seed + 1_000_003, loop=True)
+    reader = store.reader(bs, seed=cfg.seed + 1_000_003, loop=True, rank=0, world_size=1)
     rows, it = [], iter(reader)
     try:
         while sum(r.shape[0] for r in rows) < n:
