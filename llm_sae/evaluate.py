@@ -32,10 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import struct
 import sys
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ from torch import Tensor
 
 from llm_sae.config import ConfigError, add_arguments, from_args, to_dict
 from llm_sae.errors import DataError, LlmSaeError, StoreError
+from llm_sae.png import encode_png
 
 
 class EvalError(LlmSaeError):
@@ -814,13 +813,7 @@ class _Canvas:
                         self.rect(px, py, px + scale, py + scale, c)
 
     def png(self) -> bytes:
-        raw = b"".join(b"\x00" + self.px[y].tobytes() for y in range(self.h))
-
-        def chunk(tag: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-        ihdr = struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0)
-        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+        return encode_png(self.px)
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
