@@ -120,7 +120,8 @@ def load_saelens(path: str | Path) -> SAE:
     """
     path = Path(path)
     cfg, state = _read(path / SAELENS_CFG, path / SAELENS_WEIGHTS)
-    arch = cfg.get("architecture", "standard")
+    cfg = _saelens_v6(cfg)
+    arch = cfg["architecture"]
     if arch not in SAELENS_TO_OURS:
         raise InteropError(
             f"{path} holds a SAELens {arch!r} SAE; llm_sae can import {sorted(SAELENS_TO_OURS)} "
@@ -139,6 +140,11 @@ def load_saelens(path: str | Path) -> SAE:
             "(sae.fold_activation_norm_scaling_factor(f) or fold_activation_whitening, then "
             "sae.save_model(dir)) and import that directory"
         )
+    if "scaling_factor" in state and not torch.all(state["scaling_factor"] == 1):
+        raise InteropError(
+            f"{path} has a pre-6 SAELens finetuning scaling_factor; load and save it with "
+            "SAELens 6 (SAE.load_from_disk(dir).save_model(new_dir)) and import that directory"
+        )
     W_enc_ND = _get(state, "W_enc", path).T
     W_dec_ND, b_enc_N, b_dec_D = (_get(state, k, path) for k in ("W_dec", "b_enc", "b_dec"))
     if not cfg.get("apply_b_dec_to_input", True):
@@ -152,9 +158,28 @@ def load_saelens(path: str | Path) -> SAE:
         W_dec_ND = W_dec_ND / n_N[:, None]
     extra: dict[str, Tensor] = {}
     if arch == "jumprelu":
-        extra["log_threshold"] = log_threshold(_get(state, "threshold", path))
+        if "threshold" not in state and "log_threshold" in state:  # older SAELens saves
+            extra["log_threshold"] = state["log_threshold"]
+        else:
+            extra["log_threshold"] = log_threshold(_get(state, "threshold", path))
     k = int(cfg["k"]) if arch == "topk" else None
     return _build(SAELENS_TO_OURS[arch], W_enc_ND, b_enc_N, W_dec_ND, b_dec_D, k=k, **extra)
+
+
+def _saelens_v6(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A SAELens cfg in v6 terms. Pre-6 saves (no sae_lens_version) are read the way SAELens's
+    own loader reads them: standard unless activation_fn is topk with a k."""
+    cfg = dict(cfg)
+    version = cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version")
+    major = re.match(r"\d+", str(version or ""))
+    if major is None or int(major.group()) < 6:
+        cfg.setdefault("apply_b_dec_to_input", True)
+        fn = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+        k = (cfg.get("activation_fn_kwargs") or {}).get("k")
+        if fn == "topk" and k is not None:
+            cfg["architecture"], cfg["k"] = "topk", k
+    cfg.setdefault("architecture", "standard")
+    return cfg
 
 
 def load_sparsify(path: str | Path) -> SAE:

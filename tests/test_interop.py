@@ -152,6 +152,37 @@ def test_what_cannot_be_converted_exactly_is_refused(tmp_path, src, changes, mes
         load_sae(path)
 
 
+def test_pre_6_saelens_saves_load_as_saelens_reads_them(tmp_path):
+    """SAELens < 6 named the TopK through activation_fn and kept JumpReLU's log θ."""
+    old_topk = tmp_path / "topk"
+    shutil.copytree(PEERS / "saelens" / "topk", old_topk)
+    cfg = json.loads((old_topk / "cfg.json").read_text())
+    for key in ("architecture", "metadata", "k", "rescale_acts_by_decoder_norm"):
+        cfg.pop(key)
+    cfg.update(
+        activation_fn="topk", activation_fn_kwargs={"k": K}, hook_point="blocks.0.hook_resid_post"
+    )
+    (old_topk / "cfg.json").write_text(json.dumps(cfg))
+    sae = load_sae(old_topk)
+    assert sae.cfg.arch == "topk" and sae.cfg.k == K
+
+    old_jump = tmp_path / "jumprelu"
+    shutil.copytree(PEERS / "saelens" / "jumprelu", old_jump)
+    w = load_file(str(old_jump / "sae_weights.safetensors"))
+    log_N = torch.log(w.pop("threshold").clamp_min(1e-3))
+    save_file({**w, "log_threshold": log_N}, str(old_jump / "sae_weights.safetensors"))
+    assert torch.equal(load_sae(old_jump).log_threshold, log_N)
+
+
+def test_export_takes_hook_and_model_from_the_training_store(tmp_path, tiny_store):
+    random_sae("topk", d_in=32, n=64).save(tmp_path / "sae")
+    (tmp_path / "sae" / "train_cfg.json").write_text(json.dumps({"store": str(tiny_store)}))
+    out = export_saelens(tmp_path / "sae", tmp_path / "out")
+    meta = json.loads((out / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == "blocks.0.hook_resid_post" and meta["context_size"] == 32
+    assert meta["model_name"].endswith("tiny_gpt2")
+
+
 def test_log_threshold_reproduces_thresholds_through_exp():
     g = torch.Generator().manual_seed(0)
     near_one_N = 0.4 + 2.1 * torch.rand(5000, generator=g)
