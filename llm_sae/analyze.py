@@ -289,6 +289,35 @@ class FeatureAccumulator:
         f = b // R
         self.res.merge(f * R + self._cells(f, val, R), pr, rw, val, sp, lambda i: win[i])
 
+    # -- merging (ranks under torchrun) ---------------------------------------------------
+    def merge_from(self, other: FeatureAccumulator) -> None:
+        """Fold in the state of a pass over later rows (every row of ``other`` comes after
+        every row of this one): the result equals one pass over both, up to the float
+        summation order of ``sum``. Top-k buffers and reservoirs keep the p smallest keys
+        per bucket, so the union's are among the two parts' (exact)."""
+        self.rows_analysed += other.rows_analysed
+        self.count += other.count
+        self.sum += other.sum
+        self.max = torch.maximum(self.max, other.max)
+        n0, n1 = self.l0_counts.numel(), other.l0_counts.numel()
+        self.l0_counts = torch.nn.functional.pad(self.l0_counts, (0, max(0, n1 - n0)))
+        self.l0_counts[:n1] += other.l0_counts
+        # One histogram scale U = 2^exp per feature: the larger; coarser cells merge exactly.
+        new_e = torch.maximum(self.exp, other.exp)
+        self.fine = _fine_at(self.fine, self.exp, new_e) + _fine_at(other.fine, other.exp, new_e)
+        grew = ((new_e > self.exp) & (self.exp > -(1 << 20))).nonzero().squeeze(1)
+        self.exp = new_e
+        if self.res is not None and grew.numel():
+            self._rebin_reservoirs(grew)
+        if self.top is not None and other.top is not None:
+            b, pr, rw, val, sp, win = other.top.take(torch.arange(other.n, device=self.device))
+            self.top.merge(b, pr, rw, val, sp, lambda i: win[i])
+        if self.res is not None and other.res is not None:
+            R = self.R
+            b, pr, rw, val, sp, win = other.res.take(torch.arange(other.n * R, device=self.device))
+            f = b // R
+            self.res.merge(f * R + self._cells(f, val, R), pr, rw, val, sp, lambda i: win[i])
+
     # -- examples (deferred until the neighbouring batch is encoded) ----------------------
     def add_examples(self, row_M, f_M, v_M, seqpos_M, windows: Callable) -> None:
         if self.top is not None:
@@ -296,6 +325,49 @@ class FeatureAccumulator:
         if self.res is not None:
             key = pair_hash(row_M, f_M, self.seed)
             self.res.merge(f_M * self.R + self._cells(f_M, v_M, self.R), key, row_M, v_M, seqpos_M, windows)
+
+
+def _fine_at(fine_NG: torch.Tensor, exp_N: torch.Tensor, new_N: torch.Tensor) -> torch.Tensor:
+    """Fine histograms recounted on the grid of the larger scale 2^new (cells merge 2^s → 1)."""
+    shift = (new_N - exp_N).clamp(0, 30)
+    shift = torch.where(exp_N > -(1 << 20), shift, 0)  # unset: no counts to move
+    G = fine_NG.shape[1]
+    idx = torch.arange(G, device=fine_NG.device)[None, :] >> shift[:, None]
+    return torch.zeros_like(fine_NG).scatter_add_(1, idx, fine_NG)
+
+
+def _to_device(acc: FeatureAccumulator, device: torch.device) -> FeatureAccumulator:
+    """Move an accumulator's tensors (in place) to ``device``; returns it."""
+    for obj in (acc, acc.top, acc.res):
+        if obj is None:
+            continue
+        for k, v in vars(obj).items():
+            if isinstance(v, torch.Tensor):
+                setattr(obj, k, v.to(device))
+    acc.device = torch.device(device)
+    return acc
+
+
+def merge_ranks(acc: FeatureAccumulator, counts: dict[str, int]) -> dict[str, int] | None:
+    """Under torchrun: gather every rank's accumulator to rank 0 and merge them in rank
+    order (ranks hold consecutive row ranges). Rank 0 gets the merged counts, others None."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = acc.device
+    parts: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object((_to_device(acc, torch.device("cpu")), counts), parts, dst=0)
+    if parts is None:
+        return None
+    merged, total = _to_device(parts[0][0], dev), dict(parts[0][1])
+    for other, c in parts[1:]:
+        merged.merge_from(_to_device(other, dev))
+        for k in ("rows_read", "rows_excluded"):
+            total[k] += c[k]
+    _to_device(merged, dev)
+    acc.__dict__.update(merged.__dict__)
+    total["tokens_analysed"] = acc.rows_analysed
+    return total
 
 
 # ======================================================================================
@@ -421,18 +493,20 @@ def run_pass(
     exclude_positions: list[int] = (),  # type: ignore[assignment]
     device: torch.device,
     progress: bool = True,
+    row_start: int = 0,
 ) -> dict[str, int]:
-    """Encode rows [0, n_rows) (plus a few rows of look-ahead for the last windows) once,
-    feeding ``acc``. Returns row counts."""
+    """Encode rows [row_start, n_rows) (plus a few rows of look-behind and look-ahead for
+    the windows at the ends) once, feeding ``acc``. Returns row counts."""
     from tqdm.auto import tqdm
 
+    first = max(0, row_start - acc.before)
     read_to = min(store.n_rows, n_rows + acc.after + 1)
     ex_ids = torch.tensor(sorted(set(exclude_ids)), dtype=torch.int64, device=device)
     ex_pos = torch.tensor(sorted(set(exclude_positions)), dtype=torch.int64, device=device)
     batches: deque[_Batch] = deque(maxlen=3)
     pending: tuple | None = None
     excluded = 0
-    bar = tqdm(total=read_to, unit="tok", unit_scale=True, desc="analyze", disable=not progress)
+    bar = tqdm(total=read_to - first, unit="tok", unit_scale=True, desc="analyze", disable=not progress)
 
     def flush(p):
         r, f, v, sp = p
@@ -456,7 +530,7 @@ def run_pass(
     threads = torch.get_num_threads()
     small_threads = 1 if device.type == "cpu" else threads
     with torch.no_grad(), _threads(threads):
-        for start in range(0, read_to, batch_size):
+        for start in range(first, read_to, batch_size):
             stop = min(read_to, start + batch_size)
             x_BD = store.acts(start, stop).to(device=device, dtype=torch.float32, non_blocking=True)
             pos_B2 = store.positions(start, stop).to(device)
@@ -465,13 +539,14 @@ def run_pass(
             torch.set_num_threads(small_threads)
             seqpos = torch.where(pos_B2[:, 0] >= 0, pos_B2[:, 0] * SEQ_MUL + pos_B2[:, 1], -1)
             rows = torch.arange(start, stop, device=device)
-            include = rows < n_rows
+            in_range = (rows >= row_start) & (rows < n_rows)
+            include = in_range.clone()
             if ex_ids.numel():
                 tok = store.token_ids(start, stop).to(device)
                 include &= ~torch.isin(tok, ex_ids)
             if ex_pos.numel():
                 include &= ~torch.isin(pos_B2[:, 1], ex_pos)
-            excluded += int((~include[: max(0, min(stop, n_rows) - start)]).sum())
+            excluded += int((in_range & ~include).sum())
             fkey, o = torch.sort(f << ROW_BITS | (r + start))
             batches.append(_Batch(start, seqpos, fkey, v[o]))
             if pending is not None:
@@ -485,7 +560,7 @@ def run_pass(
         if pending is not None:
             flush(pending)
     bar.close()
-    return {"rows_read": read_to, "rows_excluded": excluded, "tokens_analysed": acc.rows_analysed}
+    return {"rows_read": read_to - first, "rows_excluded": excluded, "tokens_analysed": acc.rows_analysed}
 
 
 # ======================================================================================
@@ -775,13 +850,29 @@ def interval_selection(acc: FeatureAccumulator, n_bins: int, per_bin: int, seed:
 
 
 def analyze(cfg: AnalyzeConfig) -> dict[str, Any]:
-    """Run the analysis and write ``cfg.out``; returns the summary dict."""
+    """Run the analysis and write ``cfg.out``; returns the summary dict.
+
+    Under ``torchrun`` the ranks split the rows into consecutive ranges, and rank 0
+    merges their per-feature state exactly and writes the output (others return {}).
+    """
+    from llm_sae.distributed import init_from_env, report_rank_failure
+
+    rank, world = init_from_env()
+    if world == 1:
+        return _analyze(cfg, 0, 1)
+    with report_rank_failure("analysis"):
+        return _analyze(cfg, rank, world)
+
+
+def _analyze(cfg: AnalyzeConfig, rank: int, world: int) -> dict[str, Any]:
     from llm_sae.sae import load_sae
     from llm_sae.store import open_store
 
     t0, c0 = time.perf_counter(), time.process_time()
     _check_config(cfg)
     device = _resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     store = open_store(cfg.store)
     sae = load_sae(cfg.sae, device=device)
     if sae.d_in != store.d_in:
@@ -810,9 +901,15 @@ def analyze(cfg: AnalyzeConfig) -> dict[str, Any]:
         window=(cfg.context_before, cfg.context_after), seed=cfg.seed, device=device,
     )
     counts = run_pass(
-        sae, store, acc, n_rows=n_rows, batch_size=batch_size, exclude_ids=exclude_ids,
-        exclude_positions=cfg.exclude_positions, device=device, progress=cfg.progress,
+        sae, store, acc, n_rows=(rank + 1) * n_rows // world, batch_size=batch_size,
+        exclude_ids=exclude_ids, exclude_positions=cfg.exclude_positions, device=device,
+        progress=cfg.progress and rank == 0, row_start=rank * n_rows // world,
     )
+    if world > 1:
+        merged = merge_ranks(acc, counts)
+        if merged is None:
+            return {}
+        counts = merged
     t_pass, c_pass = time.perf_counter() - t0, time.process_time() - c0
 
     W_dec_ND = sae.W_dec.detach()

@@ -3,6 +3,7 @@ rank failures, and analysis split over ranks; 2 gloo processes on CPU."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -320,3 +321,40 @@ def test_a_failing_rank_ends_the_job_and_keeps_the_checkpoint(store_dir, tmp_pat
     ref = cfg_for(store_dir, tmp_path / "ref")
     train(ref)
     assert_same_weights(Path(ref.out), out)
+
+
+# ---------------------------------------------------------------------------- analysis
+
+
+def _analyze_worker(cfg) -> None:
+    from llm_sae.analyze import analyze
+
+    summary = analyze(cfg)
+    assert (summary != {}) == (dist.get_rank() == 0)  # rank 0 alone writes
+
+
+def test_analysis_on_two_ranks_equals_one_rank(tmp_path):
+    from test_analyze import cfg_for as analyze_cfg
+    from test_analyze import make_data, make_sae, write_store
+
+    from llm_sae.analyze import analyze
+
+    toks, x, t, pos = make_data()
+    write_store(tmp_path / "store", x, t, pos, toks)
+    make_sae(tmp_path / "sae")
+    # 431 rows: the ranks' ranges meet in the middle of a sequence.
+    kw = dict(tokens=431, exclude_positions=[2], logits=False)
+    one = analyze(analyze_cfg(tmp_path, tmp_path / "one", **kw))
+    spawn(_analyze_worker, analyze_cfg(tmp_path, tmp_path / "two", **kw))
+    files = ["features.jsonl", "features/shard_00000.jsonl"]
+    for name in files:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), (
+            name
+        )
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    one["options"].pop("out"), two["options"].pop("out")
+    timing = {"elapsed_s", "pass_s", "pass_cpu_s", "rows_read"}
+    assert {k: v for k, v in two.items() if k not in timing} == {
+        k: v for k, v in one.items() if k not in timing
+    }
+    assert one["rows_excluded"] > 0
