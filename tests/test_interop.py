@@ -355,6 +355,17 @@ def test_imported_saes_run_through_analyze_and_eval(imported_analyses, tiny_stor
     assert result["reconstruction"]["rows"] == 256
 
 
+def test_serve_live_view_encodes_text_with_an_imported_sae(imported_analyses, tiny_gpt2_dir):
+    from llm_sae.serve import LiveEncoder
+
+    sae_dir, _ = imported_analyses["sparsify/layers.0"]
+    # sparsify records neither model nor TransformerLens hook: given as flags, as for any SAE.
+    live = LiveEncoder(sae_dir, model=str(tiny_gpt2_dir), hook="blocks.0.hook_resid_post")
+    out = live.encode("def add(a, b): return a + b", feature=0)
+    assert live.info()["n_latents"] == 64 and len(out["tokens"]) == len(out["acts"]) > 1
+    assert any(row for row in out["top"])
+
+
 # --------------------------------------------------------------------------- Neuronpedia
 
 # The fields of Neuronpedia's Feature and Activation records (neuronpedia-utils db_models,
