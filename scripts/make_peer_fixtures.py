@@ -112,6 +112,13 @@ def make_saelens(out: Path, g: torch.Generator, x_BD: torch.Tensor) -> None:
             )
         ),
     }
+    # A training checkpoint (SAELens's trainer saves those with save_model): decoder norms
+    # not folded yet, so the import must fold rescale_acts_by_decoder_norm itself.
+    made["topk_checkpoint"] = TopKTrainingSAE(
+        TopKTrainingSAEConfig(
+            **common, k=K, rescale_acts_by_decoder_norm=True, metadata=_metadata()
+        )
+    )
     for name, sae in made.items():
         _set(sae, _random_weights(g))
         with torch.no_grad():
@@ -122,7 +129,10 @@ def make_saelens(out: Path, g: torch.Generator, x_BD: torch.Tensor) -> None:
             if name == "batchtopk":
                 sae.topk_threshold = torch.tensor(0.15, dtype=torch.double)
         path = out / "saelens" / name
-        sae.save_inference_model(str(path))
+        if name == "topk_checkpoint":
+            sae.save_model(str(path))
+        else:
+            sae.save_inference_model(str(path))
         _saelens_reference(path, x_BD)
 
 

@@ -42,6 +42,7 @@ FIXTURES = {
     "saelens/standard": ("saelens", "relu_l1"),
     "saelens/standard_no_bdec": ("saelens", "relu_l1"),
     "saelens/topk": ("saelens", "topk"),
+    "saelens/topk_checkpoint": ("saelens", "topk"),
     "saelens/jumprelu": ("saelens", "jumprelu"),
     "saelens/batchtopk": ("saelens", "jumprelu"),
     "sparsify/layers.0": ("sparsify", "topk"),
