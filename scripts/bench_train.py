@@ -162,6 +162,9 @@ def worker(impl: str, a: argparse.Namespace) -> dict:
     for mod in _MODULES.get(impl, ()):
         importlib.import_module(mod)
     torch.mm(torch.ones(64, 64), torch.ones(64, 64))
+    # Building any torch optimiser imports torch's compiler stack (~145 MB of code, the
+    # same for every implementation); that is library code, not what a step allocates.
+    torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
     rss0 = _rss_mb("VmRSS")
     x_BD = torch.randn(a.batch, a.d_in, generator=torch.Generator().manual_seed(a.seed))
     step, version = _build_step(impl, a, x_BD)
