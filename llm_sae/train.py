@@ -91,6 +91,9 @@ class TrainConfig(SAEConfig):
     """Check the store's checksums and values before training (reads it all once)."""
     device: str = "auto"
     """Torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    precision: str = "auto"
+    """Matmul precision: bf16 (autocast; float32 master weights and loss), tf32 (float32
+    with TF32 matmuls on GPUs that have them), fp32, or auto (bf16 on CUDA, fp32 on CPU)."""
     wandb: bool = False
     """Log to Weights & Biases (WANDB_MODE=offline works without an account)."""
     wandb_project: str = "llm-sae"
@@ -98,6 +101,32 @@ class TrainConfig(SAEConfig):
     shard_latents: int = 1
     """Under torchrun: split the latents over this many ranks (TopK only; model parallel);
     the world size divided by it is the data-parallel degree. 1: data parallel only."""
+
+
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` → bf16 on CUDA, fp32 elsewhere; ConfigError for an unknown name."""
+    if name not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
+class _tf32:
+    """TF32 matmuls for float32 on CUDA inside the block; the global flag is restored."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self) -> None:
+        self.before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.enabled
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = self.before
 
 
 def default_lr(n_latents: int) -> float:
@@ -149,6 +178,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = sae.W_enc.device
         self.base_lr = cfg.lr or default_lr(sae.n_latents)
+        self.precision = resolve_precision(cfg.precision, self.device)
         betas = tuple(cfg.adam_betas)
         if len(betas) != 2:
             raise ConfigError(f"adam_betas needs two values, got {cfg.adam_betas}")
@@ -212,14 +242,20 @@ class Trainer:
             group["lr"] = lr
 
         dead_N = self.dead_mask() if self.dead_method == "auxk" else None
-        out = sae(x_BD, dead_mask_N=dead_N)
+        # bf16: the matmuls run under autocast on the float32 master weights; the loss is
+        # float32, and backward runs outside autocast, as torch recommends.
+        bf16, tf32 = self.precision == "bf16", self.precision == "tf32"
+        with _tf32(tf32), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = sae(x_BD, dead_mask_N=dead_N)
+        out.loss = out.loss.float()
         if not bool(torch.isfinite(out.loss)):
             raise TrainingError(
                 f"loss became {out.loss.item()} at step {self.step_idx}; lower --lr "
                 f"(now {self.base_lr:.3g}) or the sparsity coefficient. The last checkpoint is kept."
             )
         self.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        with _tf32(tf32):
+            out.loss.backward()
         self.par.after_backward(sae)
         sae.constrain_grads()
         if self.cfg.grad_clip > 0:
@@ -589,11 +625,20 @@ def _train(cfg: TrainConfig, par: Parallel) -> Path:
         reader = store.reader(
             cfg.batch_size, seed=cfg.seed, start_batch=trainer.batches_seen, loop=True,
             with_rows=True, device=device, rank=0, world_size=1,
+            dtype=_batch_dtype(store, trainer),
         )
         trainer.fit(par.data(reader))
         trainer.save_checkpoint(out / "checkpoint")
     trainer.export(out)
     return out
+
+
+def _batch_dtype(store: Any, trainer: Trainer) -> torch.dtype:
+    """bf16 batches straight from a bf16 store when training in bf16 (half the bytes to
+    copy to the device, no conversion on the host); float32 otherwise."""
+    if trainer.precision == "bf16" and store.dtype == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float32
 
 
 def _sample_rows(store: Any, cfg: TrainConfig) -> Tensor:
