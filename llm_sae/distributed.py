@@ -18,7 +18,6 @@ import copy
 import datetime
 import os
 import sys
-import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -500,25 +499,47 @@ class RankFailed(LlmSaeError):
     """One rank of a distributed job raised; the job ends and the last checkpoint stays."""
 
 
+def _peer_failed(e: BaseException) -> bool:
+    """A collective broke because another rank went away (not this rank's own error)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        m in text
+        for m in (
+            "closed by peer",
+            "remote worker",
+            "Connection reset",
+            "NCCL communicator was aborted",
+        )
+    )
+
+
 @contextlib.contextmanager
 def report_rank_failure(what: str = "training") -> Iterator[None]:
     """On an exception in a distributed job: say which rank failed and why, tear down the
     process group, and re-raise so the process exits non-zero and torchrun stops the
     other ranks. Checkpoints are written by rank 0 atomically, so the last one is intact.
+    A rank whose collective broke because a peer died says only that (``RankFailed``),
+    so the root cause is the one traceback in the log.
     """
     try:
         yield
     except BaseException as e:
-        if dist.is_available() and dist.is_initialized():
-            rank, world = dist.get_rank(), dist.get_world_size()
-            msg = (
-                f"llm-sae: rank {rank} of {world} failed during {what}: {type(e).__name__}: {e}\n"
-                "torchrun stops the other ranks; the last checkpoint (written atomically by "
-                "rank 0) is intact, so rerunning the same command resumes from it."
-            )
-            print(msg, file=sys.stderr, flush=True)
-            if not isinstance(e, LlmSaeError):
-                traceback.print_exc(file=sys.stderr)
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        rank, world = dist.get_rank(), dist.get_world_size()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        if _peer_failed(e):
+            raise RankFailed(
+                f"rank {rank} of {world} stopped during {what} because another rank failed "
+                "(its message is above); the last checkpoint is intact: rerun the same "
+                "command to resume"
+            ) from None
+        print(
+            f"llm-sae: rank {rank} of {world} failed during {what}: {type(e).__name__}: {e}\n"
+            "torchrun stops the other ranks; the last checkpoint (written atomically by "
+            "rank 0) is intact, so rerunning the same command resumes from it.",
+            file=sys.stderr,
+            flush=True,
+        )
         raise
