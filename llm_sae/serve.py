@@ -71,7 +71,8 @@ def _sae_meta(sae_dir: Path) -> dict[str, Any]:
             if isinstance(data, dict):
                 for k, v in data.items():
                     meta.setdefault(k, v)
-                for nested in ("store", "manifest", "meta"):
+                # "metadata": SAELens v6 cfg.json keeps model_name and hook_name there.
+                for nested in ("store", "manifest", "meta", "metadata"):
                     if isinstance(data.get(nested), dict):
                         for k, v in data[nested].items():
                             meta.setdefault(k, v)

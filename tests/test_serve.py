@@ -202,3 +202,14 @@ def test_live_view_finds_hook_and_model_through_the_training_store(live, tiny_st
     assert enc.hook == "blocks.0.hook_resid_post"
     assert os.path.samefile(enc.model_name, model_dir)
     assert len(enc.encode("hello world")["tokens"]) >= 2
+
+
+def test_reads_model_and_hook_from_a_saelens_folder():
+    """SAELens v6 keeps model_name and hook_name under cfg.json's "metadata"."""
+    from pathlib import Path
+
+    from llm_sae.serve import _sae_meta
+
+    meta = _sae_meta(Path(__file__).parent / "data" / "peers" / "saelens" / "topk")
+    assert meta["model_name"] == "tiny-peer-model"
+    assert meta["hook_name"] == "blocks.0.hook_resid_post"
