@@ -15,8 +15,10 @@ import argparse
 import difflib
 import json
 import os
+import queue
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -76,6 +78,10 @@ class HarvestConfig:
     """Rows per shard (default: about 256 MB of activations per shard)."""
     progress: bool = True
     """Show a progress bar."""
+    async_write: bool = True
+    """Append to the stores on a background thread (on GPU: rows copied to pinned host
+    buffers asynchronously), so the model never waits on the disk; --no-async-write appends
+    in the harvest loop."""
     extra: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
     """Free-form notes copied into the manifest (Python only)."""
 
@@ -365,7 +371,143 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
     return dirs
 
 
+class _Job:
+    """One batch's rows for every hook that still needs it, and what to record with them."""
+
+    def __init__(self, rows: dict[str, torch.Tensor], tok_N, pos_N2, progress, sequences, span) -> None:
+        self.rows, self.tok_N, self.pos_N2 = rows, tok_N, pos_N2
+        self.progress, self.sequences, self.span = progress, sequences, span
+        self.ready: Any = None  # CUDA event recorded after the device→host copies
+
+
+def _append_job(writers: dict[str, StoreWriter], job: _Job) -> None:
+    """The store appends of one batch (on the writer thread, or inline when synchronous)."""
+    if job.ready is not None:
+        job.ready.synchronize()  # the non_blocking copies into pinned memory have landed
+    for h, x_ND in job.rows.items():
+        w = writers[h]
+        try:
+            # The writer checks finiteness after conversion to the store dtype.
+            w.append(x_ND, job.tok_N, job.pos_N2, progress=job.progress, sequences=job.sequences)
+        except NonFiniteError:
+            c, c_end = job.span
+            raise ModelError(
+                f"hook {h!r} produced NaN/Inf activations in contexts {c}..{c_end - 1} "
+                f"(or they overflowed {w.meta['dtype']}); the {len(w.shards)} shards "
+                "already written are kept. Run the model in float32 (--model-dtype "
+                "float32), store as float32, or check the model's weights"
+            ) from None
+
+
+class StoreSink:
+    """Hands each batch's rows to the stores, in order, on a background writer thread.
+
+    A ring of ``depth`` slots bounds what is in flight (the harvest loop waits for a free
+    slot, so memory stays bounded when the disk is slower than the model). On CUDA each
+    slot holds pinned host buffers: rows are converted to the store dtype on the device,
+    copied with ``non_blocking=True`` and a CUDA event is recorded, so the forward pass
+    never waits for the copy or the disk; the writer thread waits on the event, then
+    appends. ``StoreWriter.append`` copies what it keeps, so a slot is reused as soon as
+    its appends return. An exception on the writer thread is re-raised in the harvest loop
+    at the next ``put`` or at ``close``; later batches are then never written, and since
+    progress is saved with the rows, a rerun resumes exactly after the last one written.
+    ``threaded=False`` appends inline (the reference the threaded path is tested against).
+    """
+
+    def __init__(self, writers: dict[str, StoreWriter], *, device: Any = "cpu", depth: int = 3,
+                 threaded: bool = True) -> None:
+        self.writers, self.threaded = writers, threaded
+        self.pinned = torch.device(device).type == "cuda"
+        self.seconds = 0.0  # time spent appending (on whichever thread does it)
+        self.error: BaseException | None = None
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(depth):
+            self._free.put({})  # a slot: hook → pinned buffer, grown on demand
+        self._work: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="harvest-writer")
+            self._thread.start()
+
+    def put(self, job: _Job) -> None:
+        """Queue one batch (rows on any device); raises the writer thread's error, if any."""
+        self._raise()
+        if not self.threaded:
+            t = time.perf_counter()
+            _append_job(self.writers, job)
+            self.seconds += time.perf_counter() - t
+            return
+        slot = self._take_slot()
+        if self.pinned:
+            self._copy_to_host(job, slot)
+        self._work.put((job, slot))
+
+    def close(self, *, drain: bool = True) -> None:
+        """Stop the thread; with ``drain`` write everything queued first. Re-raises its error."""
+        if self._thread is not None:
+            if not drain and self.error is None:
+                self.error = _Stop()
+            self._work.put(None)
+            self._thread.join()
+            self._thread = None
+        if drain:
+            self._raise()
+
+    def _take_slot(self) -> dict:
+        while True:
+            self._raise()
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+    def _copy_to_host(self, job: _Job, slot: dict) -> None:
+        for h, x_ND in job.rows.items():
+            x_ND = x_ND.to(self.writers[h].torch_dtype)  # on the device: fewer bytes to copy
+            buf = slot.get(h)
+            if buf is None or buf.shape[0] < x_ND.shape[0] or buf.dtype != x_ND.dtype:
+                buf = slot[h] = torch.empty(x_ND.shape, dtype=x_ND.dtype, pin_memory=True)
+            host = buf[: x_ND.shape[0]]
+            host.copy_(x_ND, non_blocking=True)
+            job.rows[h] = host
+        job.ready = torch.cuda.Event()
+        job.ready.record()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            job, slot = item
+            try:
+                if self.error is None:
+                    t = time.perf_counter()
+                    _append_job(self.writers, job)
+                    self.seconds += time.perf_counter() - t
+            except BaseException as e:  # re-raised in the harvest loop
+                self.error = e
+            finally:
+                self._free.put(slot)
+
+    def _raise(self) -> None:
+        if self.error is not None and not isinstance(self.error, _Stop):
+            raise self.error
+
+
+class _Stop(Exception):
+    """Marks a sink closed without draining: queued batches are dropped, not written."""
+
+
 def _run(cfg, model, hooks, writers, tok, special, stop, device, rank, world, say) -> None:
+    sink = StoreSink(writers, device=device, threaded=cfg.async_write)
+    try:
+        _harvest_loop(cfg, model, hooks, writers, tok, special, stop, device, rank, world, say, sink)
+    except BaseException:
+        sink.close(drain=False)  # stop the writer thread before the stores are closed
+        raise
+
+
+def _harvest_loop(cfg, model, hooks, writers, tok, special, stop, device, rank, world, say, sink) -> None:
     B, L, N = int(cfg.batch_size), int(cfg.context_length), int(cfg.tokens)
     # Where each store stands; restart from the one furthest behind. Stores ahead skip
     # batches they already hold (shard ends fall on batch ends, so this lines up exactly).
@@ -423,23 +565,15 @@ def _run(cfg, model, hooks, writers, tok, special, stop, device, rank, world, sa
             b_idx, p_idx = keep_BL.nonzero(as_tuple=True)
             pos_N2 = torch.stack([b_idx + c, p_idx], 1)
             tok_N = tokens_BL[b_idx, p_idx]
-            keep_dev = keep_BL.to(device)
-            for h in hooks:
-                if prog[h]["contexts"] >= c_end:
-                    continue
-                x_ND = acts[h][keep_dev]
-                w = writers[h]
-                try:
-                    # The writer checks finiteness after conversion to the store dtype.
-                    w.append(x_ND, tok_N, pos_N2, progress=new_prog,
-                             sequences=(tokens_BL, torch.arange(c, c_end)))
-                except NonFiniteError:
-                    raise ModelError(
-                        f"hook {h!r} produced NaN/Inf activations in contexts {c}..{c_end - 1} "
-                        f"(or they overflowed {w.meta['dtype']}); the {len(w.shards)} shards "
-                        "already written are kept. Run the model in float32 (--model-dtype "
-                        "float32), store as float32, or check the model's weights"
-                    ) from None
+            # Row indices rather than a boolean mask: a mask on the device would make the
+            # host wait for the forward to finish just to learn how many rows it selects.
+            flat_dev = (b_idx * L + p_idx).to(device, non_blocking=True)
+            rows = {
+                h: acts[h].reshape(-1, acts[h].shape[-1]).index_select(0, flat_dev)
+                for h in hooks if prog[h]["contexts"] < c_end
+            }
+            seqs = (tokens_BL, torch.arange(c, c_end))
+            sink.put(_Job(rows, tok_N, pos_N2, new_prog, seqs, (c, c_end)))
             own_rows += n_keep
             store_s += time.perf_counter() - t_store
         c, rows_total = c_end, rows_total + n_keep
@@ -447,6 +581,7 @@ def _run(cfg, model, hooks, writers, tok, special, stop, device, rank, world, sa
             bar.update(n_keep if world == 1 else 0)
             if world > 1:
                 bar.set_postfix_str(f"rank0 {own_rows:,} tok")
+    sink.close()  # every queued batch is written; re-raises a writer-thread error
     getattr(batches, "close", lambda: None)()
     if bar is not None:
         bar.close()
@@ -465,7 +600,7 @@ def _run(cfg, model, hooks, writers, tok, special, stop, device, rank, world, sa
         w.close(complete=True)
     dt = time.perf_counter() - t0
     LAST_RUN.update(seconds=dt, rows=rows_total, hooks=len(hooks), close_seconds=time.perf_counter() - t_close,
-                    store_seconds=store_s + time.perf_counter() - t_close)
+                    store_seconds=store_s + time.perf_counter() - t_close, write_seconds=sink.seconds)
     say(f"harvest: wrote {rows_total:,} tokens per hook for {len(hooks)} hook(s) in {dt:.1f}s")
 
 
