@@ -66,7 +66,9 @@ class RecoveryConfig:
     lr: float | None = None
     """Adam learning rate (default: the trainer's, 2e-4/sqrt(n_latents/2^14))."""
     l1_coef: float | None = None
-    """relu_l1's L1 coefficient (default: the SAE default)."""
+    """relu_l1's and lista's L1 coefficient (default: the SAE default)."""
+    lista_steps: int = 3
+    """lista: unrolled ISTA steps T."""
     dead_tokens: int = 200_000
     """A latent is dead after this many samples without firing (AuxK / resampling)."""
     eval_tokens: int = 65_536
@@ -137,11 +139,17 @@ class _Dictionary(torch.nn.Module):
         return z_BN @ self.W_dec
 
 
-def train_one(arch: str, data: Any, cfg: RecoveryConfig, device: torch.device) -> tuple[Any, float]:
-    """Train ``arch`` on the synthetic stream through the Trainer; returns (SAE for raw x, seconds)."""
+def train_one(
+    arch: str, data: Any, cfg: RecoveryConfig, device: torch.device, **overrides: Any
+) -> tuple[Any, float]:
+    """Train ``arch`` on the synthetic stream through the Trainer; returns (SAE for raw x, seconds).
+
+    ``overrides`` set further TrainConfig fields (e.g. ``lista_steps=5``, ``l1_coef=2.0``).
+    """
     from llm_sae.train import TrainConfig, Trainer, build_sae
 
-    extra = {"l1_coef": cfg.l1_coef} if cfg.l1_coef is not None else {}
+    extra: dict[str, Any] = {"l1_coef": cfg.l1_coef} if cfg.l1_coef is not None else {}
+    extra.update({"lista_steps": cfg.lista_steps, **overrides})
     tcfg = TrainConfig(
         store="<synthetic>", out="<memory>", arch=arch, n_latents=cfg.n_latents, k=cfg.k, tokens=cfg.tokens,
         batch_size=cfg.batch_size, lr=cfg.lr, dead_tokens=cfg.dead_tokens, seed=cfg.seed,
