@@ -13,7 +13,7 @@ the 1/f² power spectrum of natural images as Olshausen & Field's whitening filt
 atoms are drawn in that whitened space, mid-grey = 0, most used first.
 
     pip install -e ".[images]"                  # scikit-image (bundled sample photos)
-    python scripts/dictionary_atoms.py          # 12×12 patches, 256 atoms each, ~1 min
+    python scripts/dictionary_atoms.py          # 12×12 patches, 256 atoms each, ~1–2 min
     python scripts/dictionary_atoms.py --small  # 8×8 patches, 64 atoms, a few seconds (CI)
 
 Writes OUT/atoms_relu_l1.png, OUT/atoms_topk.png, OUT/atoms_kl_sigmoid.png and
