@@ -73,7 +73,7 @@ def _kernels() -> dict[str, Any]:
         stride_o,
         BLOCK_D: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = d < D
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -99,7 +99,7 @@ def _kernels() -> dict[str, Any]:
         BLOCK_K: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
         ks = tl.arange(0, BLOCK_K)
         kmask = ks < K
         n = tl.load(idx_ptr + b * stride_i + ks, mask=kmask, other=0).to(tl.int64)
