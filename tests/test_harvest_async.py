@@ -77,7 +77,7 @@ def test_writer_error_is_raised_in_the_loop_and_later_batches_are_not_written():
 
 
 def test_close_without_drain_drops_queued_batches_quietly():
-    w = FakeWriter(delay=0.05)
+    w = FakeWriter(delay=0.2)  # slow enough that the queue cannot empty before close
     sink = StoreSink({"h": w}, depth=4)
     for i in range(4):
         sink.put(_job(i))
