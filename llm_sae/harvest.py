@@ -466,12 +466,21 @@ class StoreSink:
             x_ND = x_ND.to(self.writers[h].torch_dtype)  # on the device: fewer bytes to copy
             buf = slot.get(h)
             if buf is None or buf.shape[0] < x_ND.shape[0] or buf.dtype != x_ND.dtype:
-                buf = slot[h] = torch.empty(x_ND.shape, dtype=x_ND.dtype, pin_memory=True)
+                buf = slot[h] = self._host_buffer(x_ND.shape, x_ND.dtype)
             host = buf[: x_ND.shape[0]]
             host.copy_(x_ND, non_blocking=True)
             job.rows[h] = host
-        job.ready = torch.cuda.Event()
+        job.ready = self._event()
         job.ready.record()
+
+    # Seams for the CPU tests of the copy path (pinned memory and events need CUDA).
+    @staticmethod
+    def _host_buffer(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    @staticmethod
+    def _event() -> Any:
+        return torch.cuda.Event()
 
     def _loop(self) -> None:
         while True:

@@ -141,3 +141,45 @@ def test_writer_thread_failure_then_rerun_resumes_exactly(
     monkeypatch.setattr(StoreWriter, "append", real)
     harvest(_cfg(tiny_gpt2_dir, text_dir, tmp_path / "out"))  # the same command again
     assert _snapshot(tmp_path / "out") == _snapshot(tmp_path / "ref")
+
+
+class _FakeEvent:
+    def __init__(self) -> None:
+        self.recorded = self.waited = False
+
+    def record(self) -> None:
+        self.recorded = True
+
+    def synchronize(self) -> None:
+        assert self.recorded
+        self.waited = True
+
+
+def test_copy_path_reuses_its_ring_buffers_and_waits_on_the_event(monkeypatch):
+    """The CUDA path's logic, with ordinary memory standing in for pinned memory."""
+    allocated, events = [], []
+
+    def host_buffer(shape, dtype):
+        allocated.append((tuple(shape), dtype))
+        return torch.empty(shape, dtype=dtype)
+
+    def event():
+        events.append(_FakeEvent())
+        return events[-1]
+
+    monkeypatch.setattr(StoreSink, "_host_buffer", staticmethod(host_buffer))
+    monkeypatch.setattr(StoreSink, "_event", staticmethod(event))
+    w = FakeWriter(delay=0.001)
+    w.torch_dtype = torch.float16  # rows are cast to the store dtype before the copy
+    sink = StoreSink({"h": w}, depth=2, threaded=True)
+    sink.pinned = True
+    sizes = [5, 3, 5, 8, 2, 8, 1]
+    for i, n in enumerate(sizes):
+        sink.put(_Job({"h": torch.full((n, 4), i + 0.5)}, None, None, {"i": i}, None, (i, i + 1)))
+    sink.close()
+    assert [i for i, _ in w.got] == list(range(len(sizes)))
+    for (i, x), n in zip(w.got, sizes, strict=True):
+        assert x.dtype == torch.float16 and x.shape == (n, 4) and bool((x == i + 0.5).all())
+    assert all(e.waited for e in events) and len(events) == len(sizes)
+    # Two slots, grown only when a batch is larger than what the slot holds.
+    assert len(allocated) < len(sizes) and all(d == torch.float16 for _, d in allocated)
