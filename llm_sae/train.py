@@ -592,6 +592,16 @@ def _train(cfg: TrainConfig, par: Parallel) -> Path:
     total_steps = cfg.tokens // cfg.batch_size
     if total_steps <= 0:
         raise ConfigError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size}")
+    if cfg.batch_size % par.dp_size:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} does not split over {par.dp_size} data-parallel ranks; "
+            "use a multiple of that number"
+        )
+    if par.n_shards > 1 and cfg.dead_latents == "resample":
+        raise ConfigError(
+            "--dead-latents resample does not work with --shard-latents > 1 (a rank sees only "
+            "its own latents); use auxk, the topk default, or none"
+        )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = par.device(cfg.device)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from llm_sae.config import ConfigError
 from llm_sae.sae import REGISTRY, SAEConfig
 from llm_sae.train import TrainConfig, find_checkpoint, read_checkpoint_meta, train
 
@@ -192,6 +193,22 @@ def _analyze_job(cfg) -> None:
     assert (summary != {}) == (dist.get_rank() == 0)  # rank 0 alone writes
 
 
+def _config_errors_job(store: str, out: str) -> None:
+    """Settings that cannot work on 2 ranks fail on every rank with the fix named."""
+    from llm_sae.distributed import Distributed
+    from llm_sae.train import _train
+
+    # _train, not train: train() would tear the process group down on the error.
+    with pytest.raises(ConfigError, match="does not split over 2 data-parallel ranks"):
+        _train(cfg_for(Path(store), Path(out) / "bad", batch_size=B - 1), Distributed())
+    with pytest.raises(ConfigError, match="resample does not work with --shard-latents"):
+        bad = cfg_for(Path(store), Path(out) / "bad", shard_latents=2, dead_latents="resample")
+        _train(bad, Distributed(n_shards=2))
+    with pytest.raises(ConfigError, match="must divide the world size 2"):
+        Distributed(n_shards=3)
+    (Path(out) / f"errors-ok-rank{dist.get_rank()}").touch()
+
+
 # ---------------------------------------------------------------- the shared 2-rank session
 
 KINDS = {
@@ -229,6 +246,7 @@ def two_ranks(tmp_path_factory) -> Path:
         (_sharded_same_weights_job, str(root)),
         (_statistics_job, str(root)),
         (_analyze_job, analyze_cfg(root / "an", root / "an" / "two", **ANALYZE)),
+        (_config_errors_job, str(store), str(root)),
     ]
     spawn(jobs)
     return root
@@ -288,6 +306,12 @@ def test_analysis_on_two_ranks_equals_one_rank(two_ranks):
         k: v for k, v in one.items() if k not in timing
     }
     assert one["rows_excluded"] > 0
+
+
+def test_settings_that_cannot_work_distributed_are_refused(two_ranks):
+    assert (two_ranks / "errors-ok-rank0").exists() and (two_ranks / "errors-ok-rank1").exists()
+    with pytest.raises(ConfigError, match="needs 2 or a multiple of it ranks"):
+        train(cfg_for(two_ranks / "store", two_ranks / "bad", shard_latents=2))  # no torchrun
 
 
 @pytest.mark.slow
