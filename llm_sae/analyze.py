@@ -1157,6 +1157,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     cfg = from_args(AnalyzeConfig, args)
     s = analyze(cfg)
+    if not s:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     print(f"analysed {s['tokens_analysed']:,} tokens × {s['n_features']:,} features in {s['elapsed_s']:.1f}s: "
           f"{s['n_dead']} dead, {s['n_dense']} dense, mean L0 {s['l0']['mean']}; wrote {cfg.out}")
     return 0

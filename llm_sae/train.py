@@ -674,5 +674,6 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     cfg = from_args(TrainConfig, args)
     out = train(cfg)
-    print(f"saved SAE to {out} (load with llm_sae.sae.load_sae)")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports
+        print(f"saved SAE to {out} (load with llm_sae.sae.load_sae)")
     return 0
