@@ -98,6 +98,30 @@ def all_gather_cat(t: Tensor, group: Any, dim: int = 0) -> Tensor:
     return torch.cat(parts, dim)
 
 
+def gather_rows_to_cpu(t: Tensor, group: Any, chunk_bytes: int = 64 * 2**20) -> Tensor:
+    """Every rank's ``t`` stacked along dim 0 (rank order), assembled on the CPU.
+
+    Gathered a slab of rows at a time, so the device never holds more than about
+    ``chunk_bytes`` × ranks of it: a sharded SAE too large for one device can still be
+    checkpointed and exported.
+    """
+    R = _group_size(group)
+    if R == 1:
+        return t.detach().cpu()
+    n = t.shape[0]
+    out = torch.empty((R * n, *t.shape[1:]), dtype=t.dtype)
+    row_bytes = max(1, t[:1].numel() * t.element_size())
+    step = max(1, chunk_bytes // row_bytes)
+    for a in range(0, max(n, 1), step):
+        b = min(n, a + step)
+        parts = [torch.empty_like(t[a:b]) for _ in range(R)]
+        _count(t[a:b])
+        dist.all_gather(parts, t[a:b].contiguous(), group=group)
+        for r, part in enumerate(parts):
+            out[r * n + a : r * n + b] = part.cpu()
+    return out
+
+
 class _CopyToShards(torch.autograd.Function):
     """Identity forward; backward sums the gradient over the shard group (Megatron's f)."""
 
@@ -237,10 +261,11 @@ class ShardedTopKSAE(TopKSAE):
         return scale * (err_BD - e_hat_BD).pow(2).sum(-1).mean()
 
     def full_state_dict(self) -> dict[str, Tensor]:
-        """The unsharded state dict (a collective: every rank of the group must call it)."""
+        """The unsharded state dict, on the CPU (a collective: every rank of the group calls it)."""
         sd = self.state_dict()
         return {
-            k: (all_gather_cat(v, self.group) if k in self.sharded else v) for k, v in sd.items()
+            k: (gather_rows_to_cpu(v, self.group) if k in self.sharded else v.detach().cpu())
+            for k, v in sd.items()
         }
 
     def load_full_state_dict(self, sd: dict[str, Tensor]) -> None:
@@ -440,11 +465,11 @@ class Distributed(Parallel):
         for i, st in opt_sd["state"].items():
             sharded = names[i] in sae.sharded
             state[i] = {
-                k: (all_gather_cat(v, self.shard_group) if sharded and v.ndim > 0 else v)
+                k: (gather_rows_to_cpu(v, self.shard_group) if sharded and v.ndim > 0 else v)
                 for k, v in st.items()
             }
         opt_sd = {**opt_sd, "state": state}
-        return sae.full_state_dict(), opt_sd, all_gather_cat(dead_N, self.shard_group)
+        return sae.full_state_dict(), opt_sd, gather_rows_to_cpu(dead_N, self.shard_group)
 
     def load_full_state(
         self, sae: SAE, opt: torch.optim.Optimizer, dead_N: Tensor, state: dict

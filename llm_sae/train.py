@@ -502,7 +502,9 @@ class Trainer:
                     "or --no-resume to start over"
                 )
         try:
-            state = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=False)
+            # To the CPU first: loading copies each tensor to its parameter's device, and a
+            # latent-sharded rank keeps only its slice, so the full state never sits on it.
+            state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
             self.load_state_dict(state)
         except Exception as e:  # anything torch raises on a damaged or foreign file
             raise CheckpointError(f"cannot restore checkpoint {path}: {e}; delete it or use --no-resume") from e

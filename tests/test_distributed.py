@@ -131,7 +131,7 @@ def _train_job(cfg: TrainConfig) -> None:
 
 def _sharded_same_weights_job(out: str) -> None:
     """Latent-sharded forward, loss, metrics and every gradient equal the unsharded SAE's."""
-    from llm_sae.distributed import Distributed, ShardedTopKSAE
+    from llm_sae.distributed import Distributed, ShardedTopKSAE, gather_rows_to_cpu
 
     par = Distributed(n_shards=2)
     torch.manual_seed(0)
@@ -160,6 +160,12 @@ def _sharded_same_weights_job(out: str) -> None:
         g_ref = getattr(full, name).grad[lo:hi]
         torch.testing.assert_close(getattr(sae, name).grad, g_ref, atol=1e-5, rtol=1e-4, msg=name)
     torch.testing.assert_close(sae.b_dec.grad, full.b_dec.grad, atol=1e-5, rtol=1e-4)
+    # Checkpoints gather shards a slab of rows at a time (here 2 rows of 3 int64).
+    t = torch.arange(15).view(5, 3) + 100 * par.rank
+    both = gather_rows_to_cpu(t, par.shard_group, chunk_bytes=48)
+    assert torch.equal(
+        both, torch.cat([torch.arange(15).view(5, 3), torch.arange(15).view(5, 3) + 100])
+    )
     (Path(out) / f"sharded-ok-rank{par.rank}").touch()
 
 
