@@ -205,3 +205,24 @@ def test_geometric_median_is_robust_to_outliers():
     med = geometric_median(x_BD)
     assert float((med - 1.0).abs().max()) < 0.1
     assert float((x_BD.mean(0) - 1.0).abs().min()) > 10
+
+
+def test_auxk_never_teaches_dead_latents_to_fire_weaker():
+    """An overshooting auxiliary reconstruction is fitted down, not trained down: scaling
+    the dead latents' activations up leaves the aux loss unchanged, and its gradient
+    hardly touches their biases (the plain ‖e − ê‖² pulls them down hard: ê ≫ e here)."""
+    torch.manual_seed(0)
+    sae = make("topk")
+    x_BD = torch.randn(64, D)
+    dead_N = torch.zeros(N, dtype=torch.bool)
+    dead_N[:10] = True
+    with torch.no_grad():
+        sae.b_enc[:10] = 5.0  # dead latents that overshoot the residual badly
+    err_BD = 0.01 * torch.randn(64, D)
+    loss = sae.auxk_loss(x_BD, err_BD, dead_N)
+    (g_b,) = torch.autograd.grad(loss, [sae.b_enc])
+    assert float(g_b[:10].abs().max()) < 1e-4
+    with torch.no_grad():
+        sae.W_enc[:10] *= 3
+        sae.b_enc[:10] *= 3
+    torch.testing.assert_close(sae.auxk_loss(x_BD, err_BD, dead_N), loss, rtol=1e-4, atol=1e-7)
