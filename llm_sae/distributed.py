@@ -316,6 +316,7 @@ class Parallel:
         return ts
 
     def mean_metrics(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Logged metrics averaged over the ranks (each computed its own)."""
         return sums
 
     def full_state(
@@ -445,13 +446,16 @@ class Distributed(Parallel):
         return tuple(all_gather_cat(t, self.dp_group) for t in ts)
 
     def mean_metrics(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
-        if self.dp_size == 1 or not sums:
+        # Over all ranks: the ranks of a shard group hold the same batch metrics (the
+        # loss is replicated) and equal shares of the latents, so the mean over the world
+        # is the data-parallel mean of the metrics and the global dead/dense fractions.
+        if self.world_size == 1 or not sums:
             return sums
         keys = sorted(sums)
         t = torch.stack(
             [torch.as_tensor(sums[k], dtype=torch.float32).to(self._dev()) for k in keys]
         )
-        all_reduce_(t, self.dp_group).div_(self.dp_size)
+        all_reduce_(t, dist.group.WORLD).div_(self.world_size)
         return dict(zip(keys, t.unbind(), strict=True))
 
     def full_state(

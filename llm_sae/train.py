@@ -231,7 +231,7 @@ class Trainer:
             self.skipped_batches += 1
             return None
         if self.input_scale is None:
-            self.init_from_sample(x_BD)
+            self.init_from_sample(*self.par.global_batch(x_BD))  # the same b_dec on every rank
         assert self.input_scale is not None
         x_BD = x_BD * self.input_scale
         sae = self.sae
@@ -331,10 +331,12 @@ class Trainer:
     def window_metrics(self) -> dict[str, float]:
         """Averages since the last call: metrics, dead/dense fractions, tokens/s."""
         steps = max(1, self._win_steps)
-        m = {k: float(v) / steps for k, v in self.par.mean_metrics(self._win_sums).items()}
-        m["dead_frac"] = float(self.dead_mask().float().mean())
+        m_t = {k: v / steps for k, v in self._win_sums.items()}
+        m_t["dead_frac"] = self.dead_mask().float().mean()
         if self._win_fired_N is not None and self._win_tokens:
-            m["dense_frac"] = float((self._win_fired_N / self._win_tokens > 0.1).float().mean())
+            m_t["dense_frac"] = (self._win_fired_N / self._win_tokens > 0.1).float().mean()
+        # Averaged over ranks: data-parallel ranks saw other rows, latent shards other latents.
+        m = {k: float(v) for k, v in self.par.mean_metrics(m_t).items()}
         m["tokens_per_s"] = self._win_tokens / max(1e-9, time.perf_counter() - self._win_t0)
         m["lr"] = self.base_lr * lr_factor(max(0, self.step_idx - 1), self.total_steps, self.cfg)
         m.update(step=self.step_idx, tokens=self.tokens, skipped_batches=self.skipped_batches)

@@ -275,12 +275,22 @@ def test_data_parallel_equals_one_rank_with_the_same_global_batch(two_ranks):
         assert_same_weights(two_ranks / "one-topk", two_ranks / "other")
 
 
+def logs(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
 def test_sharded_forward_loss_and_grads_equal_unsharded(two_ranks):
     assert (two_ranks / "sharded-ok-rank0").exists() and (two_ranks / "sharded-ok-rank1").exists()
 
 
 def test_sharded_training_matches_unsharded(two_ranks):
     assert_same_weights(two_ranks / "one-topk", two_ranks / "sharded")
+    # Logged metrics are the whole SAE's, not one shard's.
+    for a, b in zip(logs(two_ranks / "one-topk"), logs(two_ranks / "sharded"), strict=True):
+        assert a["dead_frac"] == b["dead_frac"] and a["l0"] == b["l0"]
+        assert a["dense_frac"] == b["dense_frac"]
+        assert a["fvu"] == pytest.approx(b["fvu"], rel=1e-3)
+    assert 0 < logs(two_ranks / "sharded")[-1]["dense_frac"] < 0.5  # not one shard's share
     # The checkpoint is the unsharded state: the same layout as a one-rank run's.
     a = torch.load(two_ranks / "one-topk" / "checkpoint" / "state.pt", weights_only=False)
     b = torch.load(two_ranks / "sharded" / "checkpoint" / "state.pt", weights_only=False)
