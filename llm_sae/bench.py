@@ -64,13 +64,14 @@ class RecoveryConfig:
     """Samples per optimiser step (small batches give more steps per token, which these
     small SAEs need more than big batches)."""
     lr: float | None = None
-    """Adam learning rate (default: the trainer's, 2e-4/sqrt(n_latents/2^14))."""
+    """Adam learning rate (default: the trainer's, 5e-4/sqrt(n_latents/2^14), at most 2e-3)."""
     l1_coef: float | None = None
     """relu_l1's and lista's L1 coefficient (default: the SAE default)."""
     lista_steps: int = 3
     """lista: unrolled ISTA steps T."""
-    dead_tokens: int = 200_000
-    """A latent is dead after this many samples without firing (AuxK / resampling)."""
+    dead_tokens: int | None = None
+    """A latent is dead after this many samples without firing (AuxK / resampling;
+    default: the trainer's, so the benchmark measures what users get)."""
     eval_tokens: int = 65_536
     """Held-out samples for FVU, L0 and dead fraction."""
     threshold: float = 0.9

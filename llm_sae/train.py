@@ -55,7 +55,9 @@ class TrainConfig(SAEConfig):
     batch_size: int = 4096
     """Tokens per optimiser step."""
     lr: float | None = None
-    """Adam learning rate (default 2e-4 / sqrt(n_latents / 2^14), as in sparsify)."""
+    """Adam learning rate (default 5e-4 / sqrt(n_latents / 2^14), at most 2e-3: sparsify's
+    1/sqrt(n) scaling at 2.5x its constant, which recovers far more true features on the
+    ground-truth benchmark; BENCHMARKS.md)."""
     lr_warmup: float = 0.01
     """Fraction of training over which the learning rate rises linearly from 0."""
     lr_schedule: str = "linear"
@@ -74,7 +76,8 @@ class TrainConfig(SAEConfig):
     resample for relu_l1, none for the others)."""
     dead_tokens: int | None = None
     """A latent is dead after this many tokens without firing (default: 10M as in Gao et
-    al., or a tenth of --tokens for shorter runs, so AuxK/resampling can act at all)."""
+    al., or for shorter runs a 40th of --tokens with AuxK and a tenth with resampling,
+    which restarts a latent from scratch and so waits longer)."""
     seed: int = 0
     """Seed for the initialisation, the data order and resampling."""
     init_rows: int = 16384
@@ -130,7 +133,7 @@ class _tf32:
 
 
 def default_lr(n_latents: int) -> float:
-    return 2e-4 / math.sqrt(n_latents / 2**14)
+    return min(2e-3, 5e-4 / math.sqrt(n_latents / 2**14))
 
 
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
@@ -188,7 +191,8 @@ class Trainer:
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr, betas=betas, eps=cfg.adam_eps, fused=fused)  # type: ignore[arg-type]
         N = sae.W_enc.shape[0]  # this rank's latents (all of them unless sharded)
         total_tokens = self.total_steps * cfg.batch_size
-        self.dead_tokens = int(cfg.dead_tokens or min(10_000_000, max(1, total_tokens // 10)))
+        share = 10 if self.dead_method == "resample" else 40
+        self.dead_tokens = int(cfg.dead_tokens or min(10_000_000, max(1, total_tokens // share)))
         self.tokens_since_fired_N = torch.zeros(N, dtype=torch.long, device=self.device)
         self.step_idx = 0  # optimiser steps taken
         self.batches_seen = 0  # batches consumed from the iterator (skipped ones too)
