@@ -233,16 +233,16 @@ class ShardedTopKSAE(TopKSAE):
         metrics = {"l0": (top_vals_Bk > 0).float().sum(-1).mean()}
         return self._finish(x_BD, x_hat_BD, x_BD.new_zeros(()), metrics, fired_N, dead_mask_N, aux)
 
-    def auxk_loss(self, x_BD: Tensor, err_BD: Tensor, dead_mask_N: Tensor) -> Tensor:
-        """AuxK over the dead latents of all shards (``dead_mask_N`` is this shard's)."""
+    def aux_reconstruction(self, x_BD: Tensor, dead_mask_N: Tensor) -> tuple[Tensor, int, int]:
+        """AuxK's ê over the dead latents of all shards (``dead_mask_N`` is this shard's):
+        local candidates, global top k_aux, local decode, summed over the shards."""
         from llm_sae.sae import _decode_sparse
 
         dead_M = dead_mask_N.nonzero().squeeze(1)
-        n_dead = int(
-            all_reduce_(torch.tensor([dead_M.numel()], device=x_BD.device), self.group).item()
-        )
+        count = torch.tensor([dead_M.numel()], device=x_BD.device)
+        n_dead = int(all_reduce_(count, self.group).item())
         if n_dead == 0:
-            return x_BD.new_zeros(())
+            return x_BD.new_zeros(()), 0, 0
         k_aux = min(self.cfg.aux_k or min(512, max(1, self.d_in // 2)), n_dead)
         B = x_BD.shape[0]
         # Pad to k_aux candidates per rank with -1: below any ReLU value, never a winner.
@@ -256,9 +256,7 @@ class ShardedTopKSAE(TopKSAE):
             idx_BK[:, :m] = dead_M[pos_Bm]
         mine_BK, _ = self._global_winners(vals_BK, k_aux)
         part_BD = _decode_sparse(vals_BK.clamp_min(0) * mine_BK, idx_BK, self.W_dec)
-        e_hat_BD = _SumShards.apply(part_BD, self.group)
-        scale = min(n_dead / k_aux, 1.0)
-        return scale * (err_BD - e_hat_BD).pow(2).sum(-1).mean()
+        return _SumShards.apply(part_BD, self.group), n_dead, k_aux
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """The unsharded state dict, on the CPU (a collective: every rank of the group calls it)."""

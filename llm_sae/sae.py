@@ -262,15 +262,9 @@ class SAE(nn.Module):
         the scale, an overshooting ê costs nothing, so the gradient turns dead latents
         toward the residual's directions and can only grow their activations.
         """
-        dead_M = dead_mask_N.nonzero().squeeze(1)
-        n_dead = dead_M.numel()
+        e_hat_BD, n_dead, k_aux = self.aux_reconstruction(x_BD, dead_mask_N)
         if n_dead == 0:
             return x_BD.new_zeros(())
-        k_aux = self.cfg.aux_k or min(512, max(1, self.d_in // 2))
-        k_aux = min(k_aux, n_dead)
-        pre_BM = F.linear((x_BD - self.b_dec).detach(), self.W_enc[dead_M], self.b_enc[dead_M])
-        vals_BK, pos_BK = F.relu(pre_BM).topk(k_aux, dim=-1, sorted=False)
-        e_hat_BD = _decode_sparse(vals_BK, dead_M[pos_BK], self.W_dec)
         with torch.no_grad():
             fit_B1 = (err_BD * e_hat_BD).sum(-1, keepdim=True)
             fit_B1 = (fit_B1 / e_hat_BD.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)).clamp_(0, 1)
@@ -279,6 +273,22 @@ class SAE(nn.Module):
         # dead latents cannot dominate the loss.
         scale = min(n_dead / k_aux, 1.0)
         return scale * (err_BD - e_hat_BD).pow(2).sum(-1).mean()
+
+    def aux_reconstruction(self, x_BD: Tensor, dead_mask_N: Tensor) -> tuple[Tensor, int, int]:
+        """(ê_BD, n_dead, k_aux): the decode (no bias) of each row's top k_aux dead latents.
+
+        The one part of AuxK that touches the latents (a latent-sharded SAE overrides it);
+        ê is undefined when n_dead is 0.
+        """
+        dead_M = dead_mask_N.nonzero().squeeze(1)
+        n_dead = dead_M.numel()
+        if n_dead == 0:
+            return x_BD.new_zeros(()), 0, 0
+        k_aux = self.cfg.aux_k or min(512, max(1, self.d_in // 2))
+        k_aux = min(k_aux, n_dead)
+        pre_BM = F.linear((x_BD - self.b_dec).detach(), self.W_enc[dead_M], self.b_enc[dead_M])
+        vals_BK, pos_BK = F.relu(pre_BM).topk(k_aux, dim=-1, sorted=False)
+        return _decode_sparse(vals_BK, dead_M[pos_BK], self.W_dec), n_dead, k_aux
 
     # -------------------------------------------------------------- training constraints
     @torch.no_grad()
