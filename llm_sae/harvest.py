@@ -182,16 +182,6 @@ def _forward(model: Any, tokens_BL: torch.Tensor, hooks: list[str], stop: int | 
 # Distributed
 
 
-def _dist() -> tuple[int, int]:
-    """(rank, world_size), initialising torch.distributed under torchrun if needed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_available():
-        if not torch.distributed.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            torch.distributed.init_process_group(backend)
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _device(cfg: HarvestConfig, world: int) -> str:
     dev = cfg.device
     if dev == "auto":
@@ -278,7 +268,9 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
     hooks = _hooks(cfg)
     if cfg.tokens <= 0:
         raise DataError(f"--tokens must be positive, got {cfg.tokens}")
-    rank, world = _dist()
+    from llm_sae.distributed import init_from_env
+
+    rank, world = init_from_env()
     dirs = store_dirs(cfg)
     manifest_name = MANIFEST if world == 1 else f"manifest.rank{rank}.json"
     prefix = "shard" if world == 1 else f"shard-r{rank}"
