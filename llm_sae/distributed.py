@@ -48,6 +48,8 @@ def init_from_env() -> tuple[int, int]:
     if env_world_size() > 1 and dist.is_available():
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":  # one GPU per rank; NCCL collectives run on the current one
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             timeout = datetime.timedelta(
                 seconds=float(os.environ.get("LLM_SAE_DIST_TIMEOUT", "600"))
             )

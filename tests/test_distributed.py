@@ -189,6 +189,11 @@ def _statistics_job(out: str) -> None:
         both = all_gather_cat(params, dist.group.WORLD)
         torch.testing.assert_close(both[0], both[1], msg=f"{arch} weights differ across ranks")
         assert trainer.tokens == 3 * B  # global tokens: both ranks' rows
+        # A NaN in one rank's rows: every rank skips the step, so the weights stay equal.
+        x_BD = torch.randn(B // 2, D, generator=g)
+        x_BD[3, 1] = float("nan") if par.rank == 1 else 0.0
+        assert trainer.step(x_BD) is None and trainer.skipped_batches == 1
+        assert trainer.step_idx == 3
     (Path(out) / f"stats-ok-rank{par.rank}").touch()
 
 
