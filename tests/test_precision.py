@@ -18,12 +18,7 @@ D, N, K, B = 16, 64, 4, 256
 DATA = SyntheticConfig(d_in=D, n_features=32, mean_active=3, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(arch: str, precision: str, steps: int) -> Trainer:

@@ -24,13 +24,8 @@ D, N, K, B = 16, 64, 4, 256
 DATA = SyntheticConfig(d_in=D, n_features=32, mean_active=3, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls: extra threads only spin against the other processes on the machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny matmuls: extra threads only spin against the other processes on the machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit(arch: str, steps: int = 300, **kw) -> tuple:
