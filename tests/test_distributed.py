@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from llm_sae.train import TrainConfig, find_checkpoint, read_checkpoint_meta, tr
 
 D, N, K, B = 16, 64, 4, 64
 STEPS = 8
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -68,14 +70,6 @@ def make_store(path: Path, rows: int = 2048, seed: int = 0) -> Path:
             codes = torch.rand(512, 48, generator=g) * (torch.rand(512, 48, generator=g) < 0.1)
             w.append(3.0 * (codes @ atoms_MD + 0.05 * torch.randn(512, D, generator=g)))
     return path
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def cfg_for(store: Path, out: Path, **kw) -> TrainConfig:
@@ -230,14 +224,22 @@ ANALYZE = dict(tokens=431, exclude_positions=[2], logits=False)  # 431: ranks me
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> Path:
-    """One-rank references, then every 2-rank job in one session; returns the root."""
+def two_ranks(tmp_path_factory) -> Iterator[Path]:
+    """One-rank references, then every 2-rank job in one session; yields the root."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures start before the tests' one_thread
+    try:
+        yield _two_rank_session(tmp_path_factory.mktemp("dist"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _two_rank_session(root: Path) -> Path:
     from test_analyze import cfg_for as analyze_cfg
     from test_analyze import make_data, make_sae, write_store
 
     from llm_sae.analyze import analyze
 
-    root = tmp_path_factory.mktemp("dist")
     store = make_store(root / "store")
     for name, kw in KINDS.items():
         train(cfg_for(store, root / f"one-{name}", **kw))
