@@ -280,12 +280,19 @@ def _build(
 # Export: our SAE → a SAELens directory
 
 
+_NO_COUNTERPART = {
+    "kl_sigmoid": "its units are sigmoids",
+    "lista": "its encoder is T unrolled ISTA steps with a lateral matrix",
+}
+
+
 def saelens_weights(sae: SAE) -> tuple[str, dict[str, Tensor]]:
     """SAELens's architecture name and state dict for ``sae`` (inference behaviour equal)."""
     arch = sae.cfg.arch
     if arch not in OURS_TO_SAELENS:
         raise InteropError(
-            f"SAELens has no counterpart of llm_sae's {arch!r} SAE (sigmoid units); "
+            f"SAELens has no counterpart of llm_sae's {arch!r} SAE "
+            f"({_NO_COUNTERPART.get(arch, 'no SAELens architecture computes it')}); "
             f"export one of {sorted(OURS_TO_SAELENS)}"
         )
     state = {

@@ -256,9 +256,10 @@ def test_export_then_import_gives_back_the_same_sae(tmp_path, arch):
         assert max_err(sae.decode(z_BN), back.decode(z_BN)) < TOL
 
 
-def test_export_refuses_sigmoid_units(tmp_path):
-    with pytest.raises(InteropError, match="no counterpart.*kl_sigmoid"):
-        export_saelens(random_sae("kl_sigmoid"), tmp_path)
+@pytest.mark.parametrize("arch,why", [("kl_sigmoid", "sigmoids"), ("lista", "unrolled ISTA")])
+def test_export_refuses_archs_saelens_lacks(tmp_path, arch, why):
+    with pytest.raises(InteropError, match=f"no counterpart.*{arch}.*{why}"):
+        export_saelens(random_sae(arch), tmp_path)
 
 
 def test_cli_export_saelens(tmp_path):
