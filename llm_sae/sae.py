@@ -232,7 +232,8 @@ class SAE(nn.Module):
         # coefficients (e.g. λ = 5) assume inputs scaled to E‖x‖ = √D.
         err_BD = x_BD - x_hat_BD
         recon = err_BD.pow(2).sum(-1).mean()
-        total_var = (x_BD - x_BD.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        with torch.no_grad():  # for the metrics only; one pass, no [B, D] temporaries
+            total_var = x_BD.var(0, correction=0).sum().clamp_min(1e-12)
         loss = recon + sparsity
         aux_loss = x_BD.new_zeros(())
         if aux and dead_mask_N is not None and self.cfg.aux_coef > 0:
