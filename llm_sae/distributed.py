@@ -18,7 +18,7 @@ import copy
 import datetime
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,9 +291,9 @@ class Parallel:
     def shard(self, sae: SAE) -> SAE:
         return sae
 
-    def data(self, batches: Iterable[Any]) -> Iterable[Any]:
-        """This rank's part of each global batch."""
-        return batches
+    def batch_slice(self) -> tuple[int, int] | None:
+        """This rank's part (i, n) of each global batch, for ``Store.reader(batch_slice=)``."""
+        return None
 
     def any(self, flag: bool) -> bool:
         return flag
@@ -373,17 +373,11 @@ class Distributed(Parallel):
             return sae
         return ShardedTopKSAE(sae, self.shard_group, self.shard_rank, self.n_shards)
 
-    def data(self, batches: Iterable[Any]) -> Iterator[Any]:
-        for item in batches:
-            x_BD, rows_B = item if isinstance(item, (tuple, list)) else (item, None)
-            B = x_BD.shape[0]
-            if B % self.dp_size:
-                raise ConfigError(
-                    f"--batch-size {B} is not divisible by the {self.dp_size} data-parallel ranks; "
-                    "use a multiple so every rank gets the same share"
-                )
-            lo, hi = self.dp_rank * B // self.dp_size, (self.dp_rank + 1) * B // self.dp_size
-            yield x_BD[lo:hi] if rows_B is None else (x_BD[lo:hi], rows_B[lo:hi])
+    def batch_slice(self) -> tuple[int, int] | None:
+        # Every rank follows the one-rank (global) batch order and reads only its share of
+        # each batch: step t sees the same global batch whatever the world size, so a run
+        # resumed with another number of ranks continues the same run.
+        return (self.dp_rank, self.dp_size) if self.dp_size > 1 else None
 
     def any(self, flag: bool) -> bool:
         t = torch.tensor([int(flag)], device=self._dev())

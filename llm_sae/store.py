@@ -705,12 +705,14 @@ class Store:
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
         device: str | torch.device | None = None,
         prefetch: int = 4,
+        batch_slice: tuple[int, int] | None = None,
     ) -> StoreReader:
         """Batches of rows, shuffled across and within shards; see :class:`StoreReader`."""
         return StoreReader(
             self, batch_size, seed=seed, dtype=dtype, rank=rank, world_size=world_size,
             start_batch=start_batch, with_rows=with_rows, loop=loop, shuffle=shuffle,
             memory_budget_bytes=memory_budget_bytes, device=device, prefetch=prefetch,
+            batch_slice=batch_slice,
         )
 
 
@@ -730,6 +732,12 @@ class StoreReader:
     The order is a pure function of (seed, epoch, rank, world_size, batch_size,
     memory_budget_bytes), so ``start_batch=n`` resumes exactly after batch n without
     reading the skipped rows.
+
+    ``batch_slice=(i, n)`` yields only the i-th of n equal parts of every batch, the same
+    rows in the same order as slicing the full batch, and reads only those rows (gathered
+    from the memory maps; no whole groups are loaded). Data-parallel training uses it: all
+    ranks follow one batch order, so a run is the same for any number of ranks, and each
+    rank reads just its share of the bytes.
     """
 
     def __init__(
@@ -748,6 +756,7 @@ class StoreReader:
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
         device: str | torch.device | None = None,
         prefetch: int = 4,
+        batch_slice: tuple[int, int] | None = None,
     ) -> None:
         if rank is None or world_size is None:
             dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -761,6 +770,15 @@ class StoreReader:
         self.rank, self.world_size = int(rank), int(world_size)
         self.start_batch, self.with_rows, self.loop, self.shuffle = int(start_batch), with_rows, loop, shuffle
         self.device, self.prefetch = device, max(1, prefetch)
+        if batch_slice is not None:
+            i, n = (int(v) for v in batch_slice)
+            if not 0 <= i < n or batch_size % n:
+                raise StoreError(
+                    f"batch_slice {batch_slice} must be (i, n) with 0 <= i < n and n dividing "
+                    f"the batch size {batch_size}"
+                )
+            batch_slice = (i, n)
+        self.batch_slice = batch_slice
 
         group_bytes = max(store.row_bytes, memory_budget_bytes // 3)
         self.chunk_rows = int(max(1, min(8192, group_bytes // (8 * store.row_bytes))))
@@ -903,8 +921,57 @@ class StoreReader:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
+    def _group_rows(self, chunks: list[tuple[int, int, int]]) -> np.ndarray:
+        """The store rows a group holds, in the order ``_load_group`` loads them."""
+        return np.concatenate([np.arange(a, b) + self.store._offsets[s] for s, a, b in chunks])
+
+    def _sliced_batches(self) -> Iterator[Any]:
+        """``batch_slice`` mode: the same batches' rows, cut and read row by row."""
+        B = self.batch_size
+        i, n = self.batch_slice  # type: ignore[misc]
+        groups: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        sizes_of: dict[int, tuple[list, np.ndarray]] = {}
+        for epoch, b in self._plan():
+            if epoch not in sizes_of:
+                gs = self._groups(epoch)
+                sizes_of.clear()
+                sizes_of[epoch] = (gs, np.cumsum([0] + [sum(c[2] - c[1] for c in g) for g in gs]))
+            gs, sizes = sizes_of[epoch]
+            lo, hi = b * B, (b + 1) * B
+            gi = int(np.searchsorted(sizes, lo, side="right") - 1)
+            picked = []
+            while lo < hi:
+                if (epoch, gi) not in groups:
+                    if len(groups) > 1:
+                        groups.clear()
+                    rows = self._group_rows(gs[gi])
+                    groups[(epoch, gi)] = (rows, self._group_perm(epoch, gi, len(rows)))
+                rows, perm = groups[(epoch, gi)]
+                a, z = lo - sizes[gi], min(hi, sizes[gi + 1]) - sizes[gi]
+                picked.append(rows[np.sort(perm[a:z])])  # as _batches orders them
+                lo = int(sizes[gi] + z)
+                if lo < hi:
+                    gi += 1
+            rows_B = np.concatenate(picked)[i * B // n : (i + 1) * B // n]
+            x_BD = self.store._to_torch(self._read_rows(rows_B)).to(self.dtype)
+            if self.device is not None:
+                x_BD = x_BD.to(self.device, non_blocking=True)
+            yield (x_BD, torch.from_numpy(rows_B)) if self.with_rows else x_BD
+
+    def _read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Activations of store rows ``rows`` (any order), read shard by shard."""
+        out = np.empty((len(rows), self.store.d_in), self.store._np_dtype)
+        shard = np.searchsorted(self.store._offsets, rows, side="right") - 1
+        for s in np.unique(shard):
+            at = np.nonzero(shard == s)[0]
+            local = rows[at] - self.store._offsets[s]
+            order = np.argsort(local, kind="stable")  # walk the file forwards
+            out[at[order]] = np.take(self.store._mmap(int(s), "acts"), local[order], axis=0)
+        return out
+
     def __iter__(self) -> Iterator[Any]:
-        return iter_in_background(self._batches(), self.prefetch, name="store-prefetch")
+        gen = self._batches() if self.batch_slice is None else self._sliced_batches()
+        return iter_in_background(gen, self.prefetch, name="store-prefetch")
 
 
 def iter_in_background(items: Iterable[Any], depth: int, *, name: str) -> Iterator[Any]:

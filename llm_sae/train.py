@@ -637,15 +637,15 @@ def _train(cfg: TrainConfig, par: Parallel) -> Path:
         (out / "train_cfg.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
     if trainer.step_idx < total_steps:
-        # Every rank reads the one-rank (global) batch order and keeps its slice: step t
-        # sees the same global batch whatever the world size, so resuming with another
-        # number of ranks continues the same run.
+        # Every rank follows the one-rank (global) batch order and reads only its slice of
+        # each batch: step t sees the same global batch whatever the world size, so
+        # resuming with another number of ranks continues the same run.
         reader = store.reader(
             cfg.batch_size, seed=cfg.seed, start_batch=trainer.batches_seen, loop=True,
             with_rows=True, device=device, rank=0, world_size=1,
-            dtype=_batch_dtype(store, trainer),
+            dtype=_batch_dtype(store, trainer), batch_slice=par.batch_slice(),
         )
-        trainer.fit(par.data(reader))
+        trainer.fit(reader)
         trainer.save_checkpoint(out / "checkpoint")
     trainer.export(out)
     return out

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llm_sae.errors import StoreError
-from llm_sae.store import StoreWriter, open_store, store_info, verify_store
+from llm_sae.store import StoreReader, StoreWriter, open_store, store_info, verify_store
 
 
 def write_synthetic(path, n=1000, d=8, dtype="float32", shard_rows=128, seed=0, L=10):
@@ -216,3 +216,26 @@ def test_background_iteration_keeps_order_raises_and_stops_early():
     time.sleep(0.3)
     assert len(produced) == n <= 5 + 2 + 2
     assert not any(t.name == "t-endless" for t in threading.enumerate())
+
+
+def test_reader_batch_slice_is_the_slice_of_the_full_batch_and_reads_only_it(tmp_path, monkeypatch):
+    """Data-parallel ranks read one batch order and each its own share of every batch."""
+    write_synthetic(tmp_path / "s", n=1000, shard_rows=128)
+    st = open_store(tmp_path / "s")
+    kw = dict(seed=5, memory_budget_bytes=3 * 8 * 4 * 96, with_rows=True, loop=True, start_batch=7)
+    it = iter(st.reader(120, **kw))
+    full = [next(it) for _ in range(12)]  # crosses an epoch (8 batches each)
+    parts = []
+    for i in range(3):
+        it = iter(st.reader(120, batch_slice=(i, 3), **kw))
+        parts.append([next(it) for _ in range(12)])
+    for t, (x, rows) in enumerate(full):
+        torch.testing.assert_close(torch.cat([p[t][0] for p in parts]), x, rtol=0, atol=0)
+        assert torch.equal(torch.cat([p[t][1] for p in parts]), rows)
+    # A slice never loads whole groups: only its own rows are read.
+    loads = []
+    monkeypatch.setattr(StoreReader, "_load_group", lambda self, ch: loads.append(ch))
+    next(iter(st.reader(120, batch_slice=(1, 3), **kw)))
+    assert loads == []
+    with pytest.raises(StoreError, match="batch_slice"):
+        st.reader(100, batch_slice=(0, 3))
