@@ -168,13 +168,6 @@ def _use_triton(t: Tensor) -> bool:
     return triton_kernels.usable_for(t)
 
 
-def _triton_encode_backward(ctx, grad_vals_BK: Tensor) -> tuple:
-    from llm_sae import triton_kernels
-
-    x_BD, W_enc_ND, vals_BK, idx_BK = ctx.saved_tensors
-    g_BK = torch.where(vals_BK > 0, grad_vals_BK, 0).to(W_enc_ND.dtype)
-    grads = triton_kernels.encode_backward(x_BD, W_enc_ND, g_BK, idx_BK, ctx.needs_input_grad[:3])
-    return (*grads, None)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -208,11 +201,14 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_vals_BK: Tensor, _grad_idx: Tensor | None):  # type: ignore[override]
-        if _use_triton(ctx.saved_tensors[1]):  # Triton dispatch (see _use_triton)
-            return _triton_encode_backward(ctx, grad_vals_BK)
         x_BD, W_enc_ND, vals_BK, idx_BK = ctx.saved_tensors
         # ReLU's derivative: zero where the winner was not positive.
         g_BK = torch.where(vals_BK > 0, grad_vals_BK, 0).to(W_enc_ND.dtype)
+        if _use_triton(W_enc_ND):  # Triton dispatch (see _use_triton)
+            from llm_sae import triton_kernels
+
+            need = ctx.needs_input_grad[:3]
+            return (*triton_kernels.encode_backward(x_BD, W_enc_ND, g_BK, idx_BK, need), None)
         chunk = _chunk_rows(idx_BK.shape[1], x_BD.shape[1], x_BD.element_size())
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
