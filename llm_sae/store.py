@@ -860,9 +860,22 @@ class StoreReader:
                     return
                 epoch, b = epoch + 1, 0
 
+    def _epoch_groups(self, epoch: int) -> tuple[list, np.ndarray]:
+        """The epoch's groups and the cumulative row counts at their starts (and end)."""
+        gs = self._groups(epoch)
+        return gs, np.cumsum([0] + [sum(c[2] - c[1] for c in g) for g in gs])
+
+    def _batch_pieces(self, sizes: np.ndarray, b: int) -> Iterator[tuple[int, int, int]]:
+        """(group, start, stop) of each run of batch ``b`` within a group, in order."""
+        lo, hi = b * self.batch_size, (b + 1) * self.batch_size
+        gi = int(np.searchsorted(sizes, lo, side="right") - 1)
+        while lo < hi:
+            a, z = int(lo - sizes[gi]), int(min(hi, sizes[gi + 1]) - sizes[gi])
+            yield gi, a, z
+            lo, gi = int(sizes[gi] + z), gi + 1
+
     def _batches(self) -> Iterator[Any]:
         """Synchronous batch generator (run on the prefetch thread)."""
-        B = self.batch_size
         cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         loader: dict[tuple[int, int], Future] = {}
         pool = ThreadPoolExecutor(1, thread_name_prefix="store-loader")
@@ -870,10 +883,8 @@ class StoreReader:
 
         def groups_of(epoch):
             if epoch not in sizes_cache:
-                gs = self._groups(epoch)
-                sizes = np.cumsum([0] + [sum(c[2] - c[1] for c in g) for g in gs])
                 sizes_cache.clear()
-                sizes_cache[epoch] = (gs, sizes)
+                sizes_cache[epoch] = self._epoch_groups(epoch)
             return sizes_cache[epoch]
 
         def request(epoch, gi):
@@ -891,22 +902,15 @@ class StoreReader:
         try:
             for epoch, b in self._plan():
                 gs, sizes = groups_of(epoch)
-                lo, hi = b * B, (b + 1) * B
-                g0 = int(np.searchsorted(sizes, lo, side="right") - 1)
                 xs, rs = [], []
-                gi = g0
-                while lo < hi:
+                for gi, a, z in self._batch_pieces(sizes, b):
                     x, rows, perm = get(epoch, gi)
-                    a, z = lo - sizes[gi], min(hi, sizes[gi + 1]) - sizes[gi]
                     # Sorted, so the gather walks memory forwards (the batch's membership is
                     # what is random; order within it does not matter), and np.take rather
                     # than index_select: several times faster for row gathers on CPU.
                     pick = np.sort(perm[a:z])
                     xs.append(np.take(x, pick, axis=0))
                     rs.append(rows[pick])
-                    lo = int(sizes[gi] + z)
-                    if lo < hi:
-                        gi += 1
                 # Drop groups behind us and start loading the next one.
                 for key in [k for k in cache if k != (epoch, gi)]:
                     del cache[key]
@@ -930,28 +934,21 @@ class StoreReader:
         B = self.batch_size
         i, n = self.batch_slice  # type: ignore[misc]
         groups: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-        sizes_of: dict[int, tuple[list, np.ndarray]] = {}
+        epoch_groups: dict[int, tuple[list, np.ndarray]] = {}
         for epoch, b in self._plan():
-            if epoch not in sizes_of:
-                gs = self._groups(epoch)
-                sizes_of.clear()
-                sizes_of[epoch] = (gs, np.cumsum([0] + [sum(c[2] - c[1] for c in g) for g in gs]))
-            gs, sizes = sizes_of[epoch]
-            lo, hi = b * B, (b + 1) * B
-            gi = int(np.searchsorted(sizes, lo, side="right") - 1)
+            if epoch not in epoch_groups:
+                epoch_groups.clear()
+                epoch_groups[epoch] = self._epoch_groups(epoch)
+            gs, sizes = epoch_groups[epoch]
             picked = []
-            while lo < hi:
+            for gi, a, z in self._batch_pieces(sizes, b):
                 if (epoch, gi) not in groups:
                     if len(groups) > 1:
                         groups.clear()
                     rows = self._group_rows(gs[gi])
                     groups[(epoch, gi)] = (rows, self._group_perm(epoch, gi, len(rows)))
                 rows, perm = groups[(epoch, gi)]
-                a, z = lo - sizes[gi], min(hi, sizes[gi + 1]) - sizes[gi]
                 picked.append(rows[np.sort(perm[a:z])])  # as _batches orders them
-                lo = int(sizes[gi] + z)
-                if lo < hi:
-                    gi += 1
             rows_B = np.concatenate(picked)[i * B // n : (i + 1) * B // n]
             x_BD = self.store._to_torch(self._read_rows(rows_B)).to(self.dtype)
             if self.device is not None:
