@@ -271,7 +271,7 @@ class Trainer:
         out.fired_N, B = self.par.reduce_fired(out.fired_N, x_BD.shape[0])
         self.tokens += B
         self.tokens_since_fired_N += B
-        self.tokens_since_fired_N[out.fired_N > 0] = 0
+        self.tokens_since_fired_N.masked_fill_(out.fired_N > 0, 0)  # no host sync on GPUs
         if self.dead_method == "resample" and self.tokens - self.last_resample_tokens >= self.dead_tokens:
             # Not in the last stretch: a resampled latent needs time to learn.
             if self.step_idx < 0.8 * self.total_steps:

@@ -238,10 +238,11 @@ def latent_segments(idx_BK: Tensor, N: int) -> tuple[Tensor, Tensor]:
     """Sort the flat (b, k) pairs by latent: (seg_N1, perm_P) with pairs of latent n at
     perm[seg[n]:seg[n+1]], in increasing (b, k) order (a stable sort: deterministic)."""
     flat_P = idx_BK.reshape(-1)
-    _, perm_P = torch.sort(flat_P, stable=True)
-    counts_N = torch.bincount(flat_P, minlength=N)
-    seg_N1 = torch.zeros(N + 1, dtype=torch.long, device=idx_BK.device)
-    torch.cumsum(counts_N, 0, out=seg_N1[1:])
+    sorted_P, perm_P = torch.sort(flat_P, stable=True)
+    # Segment starts by binary search in the sorted keys: unlike bincount (which reads
+    # the largest key back to size its output), this never waits for the GPU.
+    bounds = torch.arange(N + 1, dtype=sorted_P.dtype, device=idx_BK.device)
+    seg_N1 = torch.searchsorted(sorted_P, bounds)
     return seg_N1, perm_P
 
 
@@ -254,6 +255,7 @@ def sparse_t_dense(
     out_dtype: torch.dtype | None = None,
     with_bias: bool = False,
     segments: tuple[Tensor, Tensor] | None = None,
+    _launch: dict | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """out[n] = Σ_{(b,k): idx[b,k]=n} coef[b, k] · rows[b], and with ``with_bias`` also
     bias[n] = Σ coef over the same pairs: the sparse-transpose × dense product that gives
@@ -269,7 +271,12 @@ def sparse_t_dense(
     if N == 0:
         return out_ND, bias_N
     seg_N1, perm_P = segments if segments is not None else latent_segments(idx_BK, N)
-    BLOCK_D = _block_d(D)
+    # One warp per latent row, the row's whole width at once (up to 1024 columns): most
+    # latents own a handful of pairs, so small programs with little work each were
+    # launch-bound. Measured on an H100 at D=768, B·K=262144 pairs: 0.13 ms against 0.78
+    # for 128-column, 4-warp programs at N=24576; 0.53 against 3.40 at N=131072.
+    launch = _launch or dict(BLOCK_P=16, BLOCK_D=min(1024, triton.next_power_of_2(D)), num_warps=1)
+    BLOCK_D = launch["BLOCK_D"]
     grid = (N, triton.cdiv(D, BLOCK_D))
     kern["sparse_t_dense"][grid](
         seg_N1,
@@ -283,8 +290,7 @@ def sparse_t_dense(
         rows_BD.stride(0),
         out_ND.stride(0),
         HAS_BIAS=with_bias,
-        BLOCK_P=16,
-        BLOCK_D=BLOCK_D,
+        **launch,
     )
     return out_ND, bias_N
 
