@@ -189,3 +189,18 @@ def test_torch_path_unchanged_without_the_flag(monkeypatch):
             *dense_topk_encode(*[p.detach() for p in params[:3]], K), params[3].detach()
         ),
     )
+
+
+def test_latent_segments_are_reused_only_for_the_same_unchanged_indices():
+    N = 12
+    idx = torch.tensor([[3, 1], [3, 7], [0, 1]])
+    seg, perm = triton_kernels.latent_segments(idx, N)
+    assert seg.tolist() == [0, 1, 3, 3, 5, 5, 5, 5, 6, 6, 6, 6, 6]
+    assert idx.reshape(-1)[perm].tolist() == [0, 1, 1, 3, 3, 7]
+    assert triton_kernels.latent_segments(idx, N)[0] is seg  # the decoder's backward reuses it
+    idx[0, 0] = 11  # an in-place change bumps the version: recomputed
+    seg2, perm2 = triton_kernels.latent_segments(idx, N)
+    assert idx.reshape(-1)[perm2].tolist() == [0, 1, 1, 3, 7, 11]
+    assert seg2[-2:].tolist() == [5, 6]
+    other = idx.clone()  # another tensor with the same values: its own segments
+    assert triton_kernels.latent_segments(other, N)[0] is not seg2
