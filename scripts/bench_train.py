@@ -185,13 +185,16 @@ def worker(impl: str, a: argparse.Namespace) -> dict:
     step, version = _build_step(impl, a, x_BD)
     for _ in range(a.warmup):
         step()
+    screen = sys.modules.get("llm_sae.screen")
+    if screen is not None:
+        screen.reset_stats()
     times = []
     for _ in range(a.steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
     times.sort()
-    return {
+    out = {
         "impl": impl,
         "version": version,
         "step_s": times[len(times) // 2],
@@ -199,6 +202,10 @@ def worker(impl: str, a: argparse.Namespace) -> dict:
         "peak_rss_delta_mb": _rss_mb("VmHWM") - rss0,
         "threads": torch.get_num_threads(),
     }
+    if screen is not None:  # the bfloat16-screened encoder ran (llm_sae/screen.py)
+        out["screened_rows"] = screen.STATS["rows"]
+        out["fallback_rows"] = screen.STATS["fallback_rows"]
+    return out
 
 
 # ------------------------------------------------------------------------------ driver side
@@ -207,10 +214,20 @@ def _run_worker(python: Path | str, impl: str, a: argparse.Namespace) -> dict:
     for name in ("d_in", "n_latents", "k", "batch", "steps", "warmup", "threads", "seed"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(a, name))]
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONWARNINGS="ignore")
+    if a.screen != "auto":
+        env["LLM_SAE_SCREEN"] = a.screen
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         return {"impl": impl, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _screen_col(r: dict) -> str:
+    """'off', or the share of rows the screened encoder recomputed in float32."""
+    rows = r.get("screened_rows", 0)
+    if not rows:
+        return "off" if "screened_rows" in r else "-"
+    return f"{100 * r['fallback_rows'] / rows:.3f}%"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impls", default=",".join(OURS + PEERS), help="comma-separated subset to run")
+    p.add_argument(
+        "--screen",
+        choices=("auto", "0", "1"),
+        default="auto",
+        help="the bfloat16-screened encoder forward (LLM_SAE_SCREEN): auto = on where the "
+        "CPU has bfloat16 dot products, 0 = off (the float32 matmul), 1 = forced on",
+    )
     p.add_argument("--json-out", type=Path, help="also write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -265,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{mm_s * 1e3:.1f} ms = {rate / 1e9:.1f} GFLOP/s"
     )
     print(f"memory floor (weights + Adam state + batch): {ideal_mb:.0f} MB\n")
-    head = f"{'impl':10s} {'version':14s} {'step ms':>9s} {'tokens/s':>10s} {'enc GFLOP/s':>11s} {'of matmul':>9s} {'peak MB':>8s} {'/floor':>6s}"
+    head = f"{'impl':10s} {'version':14s} {'step ms':>9s} {'tokens/s':>10s} {'enc GFLOP/s':>11s} {'of matmul':>9s} {'peak MB':>8s} {'/floor':>6s} {'screen fallback':>15s}"
     print(head)
     print("-" * len(head))
     for impl, r in results.items():
@@ -280,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{impl:10s} {r['version'][:14]:14s} {s * 1e3:9.1f} {r['tokens_per_s']:10.0f} "
             f"{r['encoder_flops_per_s'] / 1e9:11.1f} {r['frac_of_matmul']:9.2f} "
-            f"{r['peak_rss_delta_mb']:8.0f} {r['mem_over_floor']:6.2f}"
+            f"{r['peak_rss_delta_mb']:8.0f} {r['mem_over_floor']:6.2f} {_screen_col(r):>15s}"
         )
     ours = results.get("llm_sae") or results.get("kernels")
     ratios = {}

@@ -1,0 +1,161 @@
+"""The bfloat16-screened TopK encoder gives the float32 answer, near-ties included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_sae import kernels, screen
+from llm_sae.kernels import dense_topk_decode, dense_topk_encode, topk_decode, topk_encode
+
+
+@pytest.fixture
+def screen_on(monkeypatch):
+    monkeypatch.setenv("LLM_SAE_SCREEN", "1")
+    screen.clear()
+    screen.reset_stats()
+    yield
+    screen.clear()
+
+
+def _params(B: int, D: int, N: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x_BD = torch.randn(B, D, generator=g)
+    W_ND = torch.randn(N, D, generator=g) / D**0.5
+    b_N = torch.randn(N, generator=g) * 0.1
+    return x_BD, W_ND, b_N
+
+
+def _by_index(vals_BK: torch.Tensor, idx_BK: torch.Tensor):
+    idx_BK, order = idx_BK.sort(dim=1)
+    return vals_BK.gather(1, order), idx_BK
+
+
+def _assert_same_topk(got, want) -> None:
+    v_got, i_got = _by_index(*got)
+    v_want, i_want = _by_index(*want)
+    assert torch.equal(i_got, i_want)
+    torch.testing.assert_close(v_got, v_want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "B,D,N,k",
+    [
+        (5, 16, 1000, 3),
+        (64, 32, 2048, 8),
+        (300, 96, 4096, 32),  # several slabs (the budget is shrunk below)
+    ],
+)
+def test_screened_equals_dense(screen_on, monkeypatch, B, D, N, k):
+    monkeypatch.setitem(kernels._FWD_CHUNK_BYTES, "cpu", 2**20)
+    x, W, b = _params(B, D, N)
+    assert screen.use_screen(x, W, b, k)
+    got = topk_encode(x, W, b, k)
+    _assert_same_topk(got, dense_topk_encode(x, W, b, k))
+    assert screen.STATS["rows"] == B
+    assert screen.STATS["fallback_rows"] < max(1, B // 10)  # the screen did the work
+
+
+def _near_ties(seed: int = 0):
+    """Rows r < D see x = e_r, so their pre-activations are column r of W: 256 latents at
+    3.0039 + j·1e-5 (a random j per latent), all rounding to 3.0 in bfloat16, so the
+    screen cannot order them, and the rest well below."""
+    D, N, S, k = 16, 1024, 256, 8
+    g = torch.Generator().manual_seed(seed)
+    W_ND = torch.randn(N, D, generator=g) * 0.5
+    for r in range(D):
+        cluster = torch.randperm(N, generator=g)[:S]
+        steps = torch.randperm(S, generator=g).float()
+        W_ND[cluster, r] = 3.0 + 2**-8 + steps * 1e-5
+    x_BD = torch.cat([torch.eye(D), torch.randn(16, D, generator=g)])
+    return x_BD, W_ND, torch.zeros(N), k
+
+
+def test_empty_batch(screen_on):
+    x, W, b = _params(0, 16, 1000)
+    vals, idx = topk_encode(x, W, b, 3)
+    assert vals.shape == idx.shape == (0, 3)
+
+
+def test_near_ties_fall_back_and_stay_exact(screen_on):
+    x, W, b, k = _near_ties()
+    got = topk_encode(x, W, b, k)
+    assert screen.STATS["fallback_rows"] >= 16  # every near-tie row was recomputed
+    _assert_same_topk(got, dense_topk_encode(x, W, b, k))
+
+
+def test_near_ties_need_the_bound(screen_on, monkeypatch):
+    """Without the error bound the near-tie rows certify wrongly: the test above is sharp."""
+    monkeypatch.setattr(screen, "_BOUND_SCALE", 0.0)
+    x, W, b, k = _near_ties()
+    got = topk_encode(x, W, b, k)
+    assert screen.STATS["fallback_rows"] < 16
+    _, i_got = _by_index(*got)
+    _, i_want = _by_index(*dense_topk_encode(x, W, b, k))
+    assert not torch.equal(i_got[:16], i_want[:16])
+
+
+def test_non_finite_rows_fall_back(screen_on):
+    x, W, b = _params(8, 32, 2048)
+    x[3, 5] = float("nan")
+    x[6, 0] = float("inf")
+    got = topk_encode(x, W, b, 4)
+    assert screen.STATS["fallback_rows"] >= 2
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLM_SAE_SCREEN", "0")
+        ref = topk_encode(x, W, b, 4)
+    for a, r in zip(_by_index(*got), _by_index(*ref), strict=True):
+        torch.testing.assert_close(a, r, equal_nan=True)
+
+
+def test_weight_copy_follows_in_place_updates(screen_on):
+    """Fused Adam changes W without bumping its version counter: the bfloat16 copy must
+    still follow it (it is remade each call, into the same buffer)."""
+    x, W, b = _params(32, 32, 2048)
+    W, b = torch.nn.Parameter(W), torch.nn.Parameter(b)
+    topk_encode(x, W, b, 8)
+    buf = screen._WEIGHTS.Wa_ND2.data_ptr()
+    opt = torch.optim.Adam([W, b], lr=0.05, fused=True)
+    W.grad, b.grad = torch.randn_like(W), torch.randn_like(b)
+    version = W._version
+    opt.step()
+    assert W._version == version  # what makes a version-keyed cache unsafe
+    _assert_same_topk(topk_encode(x, W, b, 8), dense_topk_encode(x, W, b, 8))
+    assert screen._WEIGHTS.Wa_ND2.data_ptr() == buf
+    assert screen.STATS["fallback_rows"] < 8
+
+
+def test_gradients_match_dense(screen_on):
+    x, W_enc, b_enc = _params(48, 32, 2048, seed=3)
+    W_dec = torch.randn(2048, 32, generator=torch.Generator().manual_seed(4)) / 32**0.5
+    leaves = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, W_dec)]
+
+    def grads(encode, decode):
+        for t in leaves:
+            t.grad = None
+        x, W_enc, b_enc, W_dec = leaves
+        vals, idx = encode(x, W_enc, b_enc, 8)
+        loss = (decode(vals, idx, W_dec) - x.detach()).pow(2).sum() + vals.pow(3).sum()
+        loss.backward()
+        return [t.grad.clone() for t in leaves]
+
+    fast = grads(topk_encode, topk_decode)
+    assert screen.STATS["rows"] == 48
+    ref = grads(dense_topk_encode, dense_topk_decode)
+    for name, a, r in zip(["x", "W_enc", "b_enc", "W_dec"], fast, ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_dispatch(monkeypatch):
+    x, W, b = _params(4, 16, 4096)
+    monkeypatch.setenv("LLM_SAE_SCREEN", "0")
+    assert not screen.use_screen(x, W, b, 8)
+    monkeypatch.setenv("LLM_SAE_SCREEN", "1")
+    assert screen.use_screen(x, W, b, 8)
+    assert not screen.use_screen(x.double(), W.double(), b.double(), 8)  # float32 only
+    assert not screen.use_screen(x, W[:40], b[:40], 8)  # k + margin must leave latents out
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not screen.use_screen(x, W, b, 8)
+    monkeypatch.delenv("LLM_SAE_SCREEN")
+    assert screen.use_screen(x, W, b, 8) == screen.cpu_has_fast_bf16()
+    assert not screen.use_screen(x, W[:200], b[:200], 8)  # too few latents to pay off
