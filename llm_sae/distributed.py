@@ -282,6 +282,9 @@ class Parallel:
 
     rank, world_size, dp_rank, dp_size, n_shards = 0, 1, 0, 1, 1
     is_main = True
+    defers_weight_grads = True
+    """The trainer may take the weight gradients one at a time (llm_sae.train.Trainer._update);
+    data-parallel and sharded training reduce whole gradients, so ``Distributed`` may not."""
 
     def device(self, name: str) -> torch.device:
         if name == "auto":
@@ -342,6 +345,8 @@ class Parallel:
 
 class Distributed(Parallel):
     """The hooks on a (dp × shard) device mesh of the torchrun process group."""
+
+    defers_weight_grads = False
 
     def __init__(self, n_shards: int = 1) -> None:
         from torch.distributed.device_mesh import init_device_mesh

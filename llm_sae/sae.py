@@ -230,8 +230,7 @@ class SAE(nn.Module):
     ) -> ForwardOutput:
         # Summed over D, averaged over B: the convention of the L1 papers, whose
         # coefficients (e.g. λ = 5) assume inputs scaled to E‖x‖ = √D.
-        err_BD = x_BD - x_hat_BD
-        recon = err_BD.pow(2).sum(-1).mean()
+        recon, err_BD = _SquaredError.apply(x_BD, x_hat_BD)
         with torch.no_grad():  # for the metrics only; one pass, no [B, D] temporaries
             total_var = x_BD.var(0, correction=0).sum().clamp_min(1e-12)
         loss = recon + sparsity
@@ -293,15 +292,21 @@ class SAE(nn.Module):
 
     # -------------------------------------------------------------- training constraints
     @torch.no_grad()
-    def constrain_grads(self) -> None:
-        """Drop the part of each decoder row's gradient that would change its norm."""
-        if not self.unit_norm_decoder or self.W_dec.grad is None:
+    def constrain_grads(self, g_RD: Tensor | None = None, start: int = 0) -> None:
+        """Drop the part of each decoder row's gradient that would change its norm: in
+        ``W_dec.grad``, or in ``g_RD``, the gradient of decoder rows [start, start + R)."""
+        if g_RD is None:
+            g_RD = self.W_dec.grad
+        if not self.unit_norm_decoder or g_RD is None:
             return
-        W_dec_ND, g_ND = self.W_dec, self.W_dec.grad
-        # Row-wise dot products as a batched matmul and an in-place update: no [N, D]
-        # temporaries, which at n=24576, d=768 would be two extra 75 MB buffers per step.
-        dots_N1 = torch.bmm(g_ND.unsqueeze(1), W_dec_ND.unsqueeze(2)).view(-1, 1)
-        g_ND.addcmul_(W_dec_ND, dots_N1, value=-1)
+        W_RD = self.W_dec[start : start + g_RD.shape[0]]
+        # Row-wise dot products and an in-place update, 4 MB of rows at a time: no [N, D]
+        # temporaries (75 MB each at n=24576, d=768), and vecdot is 2.5x faster on CPU
+        # than the same dot products as a batched matmul.
+        step = max(1, 2**20 // max(1, g_RD.shape[1]))
+        for s in range(0, g_RD.shape[0], step):
+            g_SD, W_SD = g_RD[s : s + step], W_RD[s : s + step]
+            g_SD.addcmul_(W_SD, torch.linalg.vecdot(g_SD, W_SD).unsqueeze(1), value=-1)
 
     @torch.no_grad()
     def constrain_weights(self) -> None:
@@ -375,6 +380,39 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     return sae.to(device).eval()
 
 
+class _SquaredError(torch.autograd.Function):
+    """(mean over rows of ‖x − x̂‖², the error x − x̂): ``err.pow(2).sum(-1).mean()``
+    and its gradient with the same arithmetic, with fewer [B, D] temporaries.
+
+    Autograd through the plain expression holds the [B, D] square in the forward and
+    three [B, D] tensors in the backward (err¹, 2·err, the product, then its negation);
+    here the squares are summed a slab of rows at a time and the backward writes one
+    tensor per input that needs a gradient (a training step's peak memory is in its
+    backward). The error is returned without a gradient (for AuxK and metrics).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x_BD: Tensor, x_hat_BD: Tensor) -> tuple[Tensor, Tensor]:
+        err_BD = x_BD - x_hat_BD
+        rows_RD = err_BD.reshape(-1, err_BD.shape[-1])
+        step = max(1, 2**18 // max(1, rows_RD.shape[1]))  # 1 MB of float32 squares at a time
+        sq_R = torch.cat([rows_RD[s : s + step].pow(2).sum(-1) for s in range(0, rows_RD.shape[0], step)])
+        ctx.save_for_backward(err_BD)
+        ctx.mark_non_differentiable(err_BD)
+        ctx.set_materialize_grads(False)  # no [B, D] of zeros for the error's gradient
+        return sq_R.mean(), err_BD
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor, _g_err: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        (err_BD,) = ctx.saved_tensors
+        # Autograd's chain computes (g / rows) · (2 · err); 2·err is exact, so err · (2 · (g /
+        # rows)) rounds to the same numbers, and its negation is the x̂ gradient bit for bit.
+        c2 = 2 * (g / (err_BD.numel() // max(1, err_BD.shape[-1])))
+        grad_x = err_BD * c2 if ctx.needs_input_grad[0] else None
+        grad_x_hat = err_BD * -c2 if ctx.needs_input_grad[1] else None
+        return grad_x, grad_x_hat
+
+
 def _decode_sparse(vals_BK: Tensor, idx_BK: Tensor, W_dec_ND: Tensor) -> Tensor:
     """Σ_k vals·W_dec[idx] without a dense [B, N] intermediate (no bias)."""
     if _topk_decode is not None:
@@ -402,7 +440,9 @@ class TopKSAE(SAE):
     def encode_topk(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
         """The sparse form: values [B, K] (≥ 0) and latent indices [B, K]."""
         if _topk_encode is not None:
-            vals_BK, idx_BK = _topk_encode(x_BD - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
+            # x + (−b_dec) is x − b_dec bit for bit, but subtraction's backward negates the
+            # whole [B, D] gradient before summing it for b_dec; this negates the [D] sum.
+            vals_BK, idx_BK = _topk_encode(x_BD + -self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
         else:
             vals_BK, idx_BK = self.pre_acts(x_BD).topk(self.cfg.k, dim=-1, sorted=False)
         return F.relu(vals_BK), idx_BK
@@ -411,7 +451,10 @@ class TopKSAE(SAE):
         self, x_BD: Tensor, *, dead_mask_N: Tensor | None = None, aux: bool = True
     ) -> ForwardOutput:
         vals_BK, idx_BK = self.encode_topk(x_BD)
-        x_hat_BD = _decode_sparse(vals_BK, idx_BK, self.W_dec) + self.b_dec
+        x_hat_BD = _decode_sparse(vals_BK, idx_BK, self.W_dec)
+        # In place where the dtypes allow: the decode is a fresh tensor nothing saved, so
+        # this is the same sum without a second [B, D] tensor.
+        x_hat_BD = x_hat_BD.add_(self.b_dec) if x_hat_BD.dtype == self.b_dec.dtype else x_hat_BD + self.b_dec
         on_BK = (vals_BK > 0).float()
         fired_N = torch.zeros(self.n_latents, device=x_BD.device).index_add_(
             0, idx_BK.flatten(), on_BK.flatten()

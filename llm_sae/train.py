@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import io
@@ -29,11 +30,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as adam_update
 
 from llm_sae.config import ConfigError, add_arguments, from_args, to_dict
 from llm_sae.distributed import Parallel, make_parallel, report_rank_failure
 from llm_sae.errors import CheckpointError, DataError, LlmSaeError, StoreError
+from llm_sae.kernels import DeferredWeightGrads
 from llm_sae.sae import REGISTRY, SAE, ForwardOutput, SAEConfig, geometric_median
+
+# Rows of a deferred weight gradient held at once by Trainer._update: 8 MB, where a
+# whole gradient is 72 MB at n=24576, d=768 (written twice, in slabs, it costs ~30 ms a
+# step more than once whole; the step still beats the old one, see BENCHMARKS.md).
+_GRAD_SLAB_BYTES = 8 * 2**20
 
 
 class TrainingError(LlmSaeError):
@@ -202,6 +210,15 @@ class Trainer:
         self.n_resampled = 0
         # Test hook: slow each step down so a crash test can kill a run mid-way.
         self._test_sleep = float(os.environ.get("LLM_SAE_TEST_STEP_SLEEP", "0") or 0)
+        # Weight gradients the sparse kernels hand over one at a time (see _update), into
+        # one buffer kept across steps. Data-parallel ranks all-reduce whole gradients, so
+        # there the kernels return them as usual.
+        self._weight_grads = DeferredWeightGrads(
+            [sae.W_enc, sae.W_dec] if self.par.defers_weight_grads else []
+        )
+        self._grad_buf: Tensor | None = None
+        if self.device.type == "cpu":
+            _return_large_blocks_to_os()
         self._reset_window()
 
     # --------------------------------------------------------------------- setup
@@ -224,7 +241,7 @@ class Trainer:
         """One optimiser step on a batch of raw activations; None if the batch was skipped."""
         self.batches_seen += 1
         x_BD = x_BD.to(self.device, torch.float32, non_blocking=True)
-        if self.par.any(not bool(torch.isfinite(x_BD).all())):
+        if self.par.any(not _all_finite(x_BD)):
             bad = (~torch.isfinite(x_BD).all(-1)).nonzero().squeeze(1)
             where = rows_B[bad.cpu()].tolist() if rows_B is not None else bad.tolist()
             if self.cfg.on_nonfinite == "stop":
@@ -237,7 +254,7 @@ class Trainer:
         if self.input_scale is None:
             self.init_from_sample(*self.par.global_batch(x_BD))  # the same b_dec on every rank
         assert self.input_scale is not None
-        x_BD = x_BD * self.input_scale
+        xs_BD = x_BD * self.input_scale
         sae = self.sae
         sae.train()
         sae.set_progress(self.step_idx / max(1, self.total_steps))
@@ -250,7 +267,8 @@ class Trainer:
         # float32, and backward runs outside autocast, as torch recommends.
         bf16, tf32 = self.precision == "bf16", self.precision == "tf32"
         with _tf32(tf32), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = sae(x_BD, dead_mask_N=dead_N)
+            out = sae(xs_BD, dead_mask_N=dead_N)
+        del xs_BD  # the backward needs only what the forward saved: 12 MB less at its peak
         out.loss = out.loss.float()
         if not bool(torch.isfinite(out.loss)):
             raise TrainingError(
@@ -258,13 +276,12 @@ class Trainer:
                 f"(now {self.base_lr:.3g}) or the sparsity coefficient. The last checkpoint is kept."
             )
         self.opt.zero_grad(set_to_none=True)
-        with _tf32(tf32):
-            out.loss.backward()
-        self.par.after_backward(sae)
-        sae.constrain_grads()
-        if self.cfg.grad_clip > 0:
-            self.par.clip_grad_norm_(sae, self.cfg.grad_clip)
-        self.opt.step()
+        try:
+            with _tf32(tf32), self._weight_grads.collecting():
+                out.loss.backward()
+            self._update()
+        finally:
+            self._weight_grads.clear()
         sae.constrain_weights()
         self.par.sync_buffers(sae)
 
@@ -275,13 +292,103 @@ class Trainer:
         if self.dead_method == "resample" and self.tokens - self.last_resample_tokens >= self.dead_tokens:
             # Not in the last stretch: a resampled latent needs time to learn.
             if self.step_idx < 0.8 * self.total_steps:
-                self.resample(*self.par.global_batch(x_BD, out.x_hat_BD.detach()))
+                xs_BD = x_BD * self.input_scale
+                self.resample(*self.par.global_batch(xs_BD, out.x_hat_BD.detach()))
             self.last_resample_tokens = self.tokens
         self.step_idx += 1
         self._accumulate(out, B)
         if self._test_sleep:
             time.sleep(self._test_sleep)
         return out
+
+    def _update(self) -> None:
+        """Gradient projection, global-norm clipping and Adam, from the gradients backward left.
+
+        A weight gradient the sparse kernels deferred (one process) is never whole: it is
+        written a slab of rows at a time into one small buffer, twice, first for the clip
+        coefficient (projected decoder rows, the norm over every parameter) and then for
+        Adam on those rows. Same arithmetic as the plain path but for the order in which
+        the global norm is summed (the tests pin it); it holds 8 MB where the plain path
+        holds both gradients (150 MB at n=24576, d=768), in a buffer reused rather than
+        page-faulted anew every step. A weight that also has an ordinary gradient (AuxK's
+        dense encoder gradient while latents are dead) takes the plain path alone.
+        """
+        sae, grads, clip = self.sae, self._weight_grads, self.cfg.grad_clip
+        slabbed = [p for p in (sae.W_dec, sae.W_enc) if grads.pending(p) and p.grad is None]
+        grads.flush(keep=slabbed)
+        if not slabbed:
+            self.par.after_backward(sae)
+            sae.constrain_grads()
+            if clip > 0:
+                self.par.clip_grad_norm_(sae, clip)
+            self.opt.step()
+            return
+        sae.constrain_grads()  # W_dec.grad, if the decoder took the plain path
+        rest = [p for p in sae.parameters() if p.grad is not None]
+        coef = None
+        if clip > 0:
+            # torch.nn.utils.clip_grad_norm_'s formula: every gradient times
+            # min(1, max_norm / (‖all gradients‖ + 1e-6)); the squares summed in float64.
+            sq = torch.zeros((), dtype=torch.float64, device=sae.W_enc.device)
+            for p in slabbed:
+                for start in range(0, p.shape[0], self._slab_rows(p)):
+                    sq += torch.linalg.vector_norm(self._grad_slab(p, start)).double().square()
+            for p in rest:
+                sq += torch.linalg.vector_norm(p.grad).double().square()
+            total = sq.sqrt().to(sae.W_enc.dtype)
+            coef = torch.clamp(clip / (total + 1e-6), max=1.0)
+            torch._foreach_mul_([p.grad for p in rest], coef)
+        self.opt.step()  # the slabbed weights have no .grad: Adam skips them here
+        for p in slabbed:
+            self._adam_slabs(p, coef)
+
+    def _slab_rows(self, p: Tensor) -> int:
+        return max(1, _GRAD_SLAB_BYTES // max(1, p[0].numel() * p.element_size()))
+
+    def _grad_slab(self, p: Tensor, start: int) -> Tensor:
+        """Rows [start, start + slab) of ``p``'s deferred gradient, projected for W_dec."""
+        rows = self._slab_rows(p)
+        buf = self._grad_buf
+        if buf is None or buf.numel() < rows * p.shape[1] or buf.dtype != p.dtype or buf.device != p.device:
+            buf = self._grad_buf = torch.empty(rows * p.shape[1], dtype=p.dtype, device=p.device)
+        g_RD = buf[: min(rows, p.shape[0] - start) * p.shape[1]].view(-1, p.shape[1])
+        self._weight_grads.materialize(p, g_RD, start)
+        if p is self.sae.W_dec:
+            self.sae.constrain_grads(g_RD, start)
+        return g_RD
+
+    @torch.no_grad()
+    def _adam_slabs(self, p: Tensor, coef: Tensor | None) -> None:
+        """``self.opt``'s Adam update of ``p``, one slab of rows of its gradient at a time:
+        torch's own update (torch.optim.adam.adam) on row views of p and its moments."""
+        opt = self.opt
+        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        state = opt.state[p]
+        if not state:  # Adam's lazy initialisation, as torch.optim.Adam does it
+            if group["fused"] or group["capturable"]:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            else:  # torch keeps it on the CPU, in float64 if that is the default dtype
+                wide = torch.get_default_dtype() == torch.float64
+                state["step"] = torch.tensor(0.0, dtype=torch.float64 if wide else torch.float32)
+            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        P = p.detach()
+        for start in range(0, p.shape[0], self._slab_rows(p)):
+            g_RD = self._grad_slab(p, start)
+            if coef is not None:
+                g_RD.mul_(coef)
+            rows = slice(start, start + g_RD.shape[0])
+            adam_update(
+                [P[rows]], [g_RD], [state["exp_avg"][rows]], [state["exp_avg_sq"][rows]],
+                [state["max_exp_avg_sq"][rows]] if group["amsgrad"] else [],
+                [state["step"].clone()],  # each slab's call counts the step once; the state below
+                foreach=False, fused=group["fused"], capturable=group["capturable"],
+                differentiable=False, decoupled_weight_decay=group.get("decoupled_weight_decay", False),
+                amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+            )
+        state["step"] += 1
 
     @torch.no_grad()
     def resample(self, x_BD: Tensor, x_hat_BD: Tensor) -> int:
@@ -523,6 +630,34 @@ class Trainer:
             return Path(out_dir)
         sae.fold_input_scale(self.input_scale or 1.0)
         return sae.save(out_dir)
+
+
+def _return_large_blocks_to_os() -> None:
+    """glibc: serve blocks of 4 MB and more (a batch's [B, D] temporaries) from mmap.
+
+    By default glibc raises that threshold to the largest block freed so far (up to 32 MB),
+    so after the first step the [B, D] temporaries live on its heap, which fragments and
+    holds 40-80 MB more than the step ever uses at once: peak memory varied between 1.42x
+    and 1.51x the floor from run to run (scripts/bench_train.py). A fixed threshold
+    gives each such block back on free (1.42x every run, for ~15 ms of page faults a
+    step); the trim threshold keeps smaller blocks on the heap as before. Process-wide;
+    a no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 128 * 2**20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 4 * 2**20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _all_finite(x_BD: Tensor) -> bool:
+    """Whether every value is finite: one pass and no [B, D] temporary, as min and max
+    propagate NaN (``isfinite(x).all()`` allocates two [B, D] tensors per step)."""
+    if x_BD.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x_BD)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:

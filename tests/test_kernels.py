@@ -156,9 +156,11 @@ def test_backward_never_builds_a_dense_batch_by_latents_tensor():
     assert max(rec.numels) >= B * N
 
 
-def test_weight_gradient_fallback_matches(monkeypatch):
-    """Without torch's embedding-bag gradient op (its signature is internal), the row-update
-    fallback gives the same gradients."""
+@pytest.mark.parametrize("broken_ops", [("_csr_t_dense",), ("_csr_t_dense", "_embedding_bag_weight_grad")])
+def test_weight_gradient_fallback_matches(monkeypatch, broken_ops):
+    """Without the CSR product (no kernel for the dtype), torch's embedding-bag gradient op,
+    and without that too (its signature is internal) the row-update fallback, give the
+    same gradients."""
     x, W_enc, b_enc, W_dec = _params(13, 5, 24, torch.float64, seed=11)
     R_BN = torch.randn(13, 24, dtype=torch.float64)
     _, _, g_fast = _sae_step(topk_encode, topk_decode, x, W_enc, b_enc, W_dec, 3, R_BN)
@@ -168,7 +170,8 @@ def test_weight_gradient_fallback_matches(monkeypatch):
         calls.append(1)
         raise RuntimeError("op signature changed")
 
-    monkeypatch.setattr(kernels, "_embedding_bag_weight_grad", broken)
+    for name in broken_ops:
+        monkeypatch.setattr(kernels, name, broken)
     _, _, g_fallback = _sae_step(topk_encode, topk_decode, x, W_enc, b_enc, W_dec, 3, R_BN)
-    assert len(calls) == 2  # encoder and decoder weight gradients both fell back
+    assert len(calls) == 2 * len(broken_ops)  # encoder and decoder gradients both fell back
     torch.testing.assert_close(g_fast, g_fallback, rtol=1e-12, atol=1e-12)
