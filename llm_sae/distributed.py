@@ -238,9 +238,9 @@ class ShardedTopKSAE(TopKSAE):
     def aux_reconstruction(self, x_BD: Tensor, dead_mask_N: Tensor) -> tuple[Tensor, int, int]:
         """AuxK's ê over the dead latents of all shards (``dead_mask_N`` is this shard's):
         local candidates, global top k_aux, local decode, summed over the shards."""
-        from llm_sae.sae import _decode_sparse
+        from llm_sae.sae import _dead_rows, _decode_sparse
 
-        dead_M = dead_mask_N.nonzero().squeeze(1)
+        dead_M = _dead_rows(dead_mask_N, self.W_enc.device)
         count = torch.tensor([dead_M.numel()], device=x_BD.device)
         n_dead = int(all_reduce_(count, self.group).item())
         if n_dead == 0:

@@ -280,7 +280,7 @@ class SAE(nn.Module):
         The one part of AuxK that touches the latents (a latent-sharded SAE overrides it);
         ê is undefined when n_dead is 0.
         """
-        dead_M = dead_mask_N.nonzero().squeeze(1)
+        dead_M = _dead_rows(dead_mask_N, self.W_enc.device)
         n_dead = dead_M.numel()
         if n_dead == 0:
             return x_BD.new_zeros(()), 0, 0
@@ -411,6 +411,15 @@ class _SquaredError(torch.autograd.Function):
         grad_x = err_BD * c2 if ctx.needs_input_grad[0] else None
         grad_x_hat = err_BD * -c2 if ctx.needs_input_grad[1] else None
         return grad_x, grad_x_hat
+
+
+def _dead_rows(dead_mask_N: Tensor, device: torch.device) -> Tensor:
+    """The dead latents' indices on ``device``. On a GPU the trainer passes the mask from
+    the host (read back with the step's other checks), so nothing here waits for the GPU."""
+    dead_M = dead_mask_N.nonzero().squeeze(1)
+    if dead_M.device != device:
+        dead_M = (dead_M.pin_memory() if device.type == "cuda" else dead_M).to(device, non_blocking=True)
+    return dead_M
 
 
 def _decode_sparse(vals_BK: Tensor, idx_BK: Tensor, W_dec_ND: Tensor) -> Tensor:

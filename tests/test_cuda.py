@@ -113,3 +113,38 @@ def test_bf16_training_on_cuda_recovers_the_dictionary_as_well_as_fp32():
     assert scores["bf16"]["frac_recovered"] >= 0.85, scores
     assert scores["bf16"]["dead_frac"] < 0.01, scores
     assert scores["bf16"]["frac_recovered"] >= scores["fp32"]["frac_recovered"] - 0.03, scores
+
+
+def _cuda_trainer(**kw):
+    from llm_sae.sae import REGISTRY
+    from llm_sae.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(store="-", out="-", d_in=64, n_latents=512, k=8, batch_size=256, **kw)
+    sae = REGISTRY["topk"](cfg).to(DEV)
+    return Trainer(sae, cfg, total_steps=1000, input_scale=1.0)
+
+
+def test_gpu_step_checks_the_loss_one_step_late_and_skips_the_update():
+    from llm_sae.train import TrainingError
+
+    tr = _cuda_trainer()
+    x = torch.randn(256, 64, device=DEV)
+    for _ in range(3):
+        tr.step(x)
+    before = {k: v.clone() for k, v in tr.sae.state_dict().items()}
+    tr.step(x * 1e30)  # finite input, overflowing loss: fused Adam must skip the update
+    for k, v in tr.sae.state_dict().items():
+        # (the decoder's renormalisation may move last bits; an Adam step moves ~lr)
+        torch.testing.assert_close(v, before[k], rtol=0, atol=1e-6, msg=k)
+    with pytest.raises(TrainingError, match="loss became inf"):
+        tr.step(x)
+
+
+def test_auxk_from_the_host_mask_equals_the_device_mask():
+    tr = _cuda_trainer()
+    x = torch.randn(256, 64, device=DEV)
+    dead = torch.zeros(512, dtype=torch.bool, device=DEV)
+    dead[::7] = True
+    outs = [tr.sae(x, dead_mask_N=m) for m in (dead, dead.cpu())]
+    assert outs[0].metrics["aux"] > 0
+    torch.testing.assert_close(outs[0].loss, outs[1].loss, rtol=0, atol=0)
