@@ -141,15 +141,46 @@ def _sparse_t_dense(
     return out_ND.add_(G_ND) if accumulate else out_ND.copy_(G_ND)
 
 
+# The last segments computed, with the index tensor they belong to: the encoder's and the
+# decoder's backward both need them for the same indices in one step. Holding the tensor
+# keeps its memory from being reused, so its address and version identify it.
+_LAST_SEGMENTS: list = []
+
+
+def latent_segments(idx_BK: Tensor, N: int) -> tuple[Tensor, Tensor]:
+    """Sort the flat (b, k) pairs by latent: (seg_N1, perm_P) with pairs of latent n at
+    perm[seg[n]:seg[n+1]], in increasing (b, k) order (a stable sort: deterministic)."""
+    if _LAST_SEGMENTS:
+        held, version, n, segments = _LAST_SEGMENTS
+        if (
+            held.data_ptr() == idx_BK.data_ptr()
+            and held.device == idx_BK.device
+            and held.shape == idx_BK.shape
+            and held.stride() == idx_BK.stride()
+            and idx_BK._version == version
+            and n == N
+        ):
+            return segments
+    segments = _sort_segments(idx_BK, N)
+    _LAST_SEGMENTS[:] = [idx_BK, idx_BK._version, N, segments]
+    return segments
+
+
+def _sort_segments(idx_BK: Tensor, N: int) -> tuple[Tensor, Tensor]:
+    flat_P = idx_BK.reshape(-1)
+    sorted_P, perm_P = torch.sort(flat_P, stable=True)
+    # Segment starts by binary search in the sorted keys: unlike bincount (which reads
+    # the largest key back to size its output), this never waits for the GPU.
+    bounds = torch.arange(N + 1, dtype=sorted_P.dtype, device=idx_BK.device)
+    seg_N1 = torch.searchsorted(sorted_P, bounds)
+    return seg_N1, perm_P
+
+
 def _csr_parts(idx_BK: Tensor, coef_BK: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
     """(crow, col, val) of Sᵀ as an [n, B] CSR matrix: the pairs grouped by latent, in batch
     order within a latent; col is the pair's row b."""
-    K = idx_BK.shape[1]
-    flat = idx_BK.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    crow = flat.new_zeros(n + 1)
-    torch.cumsum(torch.bincount(flat, minlength=n), 0, out=crow[1:])
-    return crow, torch.div(order, K, rounding_mode="floor"), coef_BK.reshape(-1)[order]
+    crow, order = latent_segments(idx_BK, n)
+    return crow, torch.div(order, idx_BK.shape[1], rounding_mode="floor"), coef_BK.reshape(-1)[order]
 
 
 def _csr_rows_t_dense(

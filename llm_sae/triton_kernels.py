@@ -25,6 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# One sort of a step's (b, k) pairs by latent, cached and shared with the CPU path.
+from llm_sae.kernels import latent_segments
+
 
 @functools.cache
 def available() -> bool:
@@ -232,41 +235,6 @@ def gathered_dot(
         BLOCK_D=BLOCK_D,
     )
     return out_BK
-
-
-# The last segments computed, with the index tensor they belong to: the encoder's and the
-# decoder's backward both need them for the same indices in one step. Holding the tensor
-# keeps its memory from being reused, so its address and version identify it.
-_LAST_SEGMENTS: list = []
-
-
-def latent_segments(idx_BK: Tensor, N: int) -> tuple[Tensor, Tensor]:
-    """Sort the flat (b, k) pairs by latent: (seg_N1, perm_P) with pairs of latent n at
-    perm[seg[n]:seg[n+1]], in increasing (b, k) order (a stable sort: deterministic)."""
-    if _LAST_SEGMENTS:
-        held, version, n, segments = _LAST_SEGMENTS
-        if (
-            held.data_ptr() == idx_BK.data_ptr()
-            and held.device == idx_BK.device
-            and held.shape == idx_BK.shape
-            and held.stride() == idx_BK.stride()
-            and idx_BK._version == version
-            and n == N
-        ):
-            return segments
-    segments = _sort_segments(idx_BK, N)
-    _LAST_SEGMENTS[:] = [idx_BK, idx_BK._version, N, segments]
-    return segments
-
-
-def _sort_segments(idx_BK: Tensor, N: int) -> tuple[Tensor, Tensor]:
-    flat_P = idx_BK.reshape(-1)
-    sorted_P, perm_P = torch.sort(flat_P, stable=True)
-    # Segment starts by binary search in the sorted keys: unlike bincount (which reads
-    # the largest key back to size its output), this never waits for the GPU.
-    bounds = torch.arange(N + 1, dtype=sorted_P.dtype, device=idx_BK.device)
-    seg_N1 = torch.searchsorted(sorted_P, bounds)
-    return seg_N1, perm_P
 
 
 def sparse_t_dense(
