@@ -14,15 +14,15 @@ import sys
 # name: (module, one-line help). The order is the pipeline's.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("llm_sae.demo", "Run the whole pipeline on the embedded model, offline, in minutes."),
-    "harvest": ("llm_sae.harvest", "Record a model's activations at hook points into a store."),
-    "store": ("llm_sae.store", "Inspect (info) or check (verify) an activation store."),
-    "train": ("llm_sae.train", "Train a sparse autoencoder from an activation store."),
-    "analyze": ("llm_sae.analyze", "Per-feature statistics and top-activating contexts."),
-    "dashboard": ("llm_sae.dashboard", "Render analysis output into a static, offline site."),
-    "serve": ("llm_sae.serve", "Serve a dashboard site locally, with an optional live view."),
-    "eval": ("llm_sae.evaluate", "Measure an SAE: reconstruction, downstream loss, sparsity."),
-    "bench": ("llm_sae.bench", "Built-in benchmarks (ground-truth feature recovery)."),
-    "export": ("llm_sae.interop", "Write an SAE in another library's format."),
+    "harvest": ("llm_sae.harvest.cli", "Record a model's activations at hook points into a store."),
+    "store": ("llm_sae.store.cli", "Inspect (info) or check (verify) an activation store."),
+    "train": ("llm_sae.train.cli", "Train a sparse autoencoder from an activation store."),
+    "analyze": ("llm_sae.analyze.cli", "Per-feature statistics and top-activating contexts."),
+    "dashboard": ("llm_sae.dashboard.build", "Render analysis output into a static, offline site."),
+    "serve": ("llm_sae.serve.server", "Serve a dashboard site locally, with an optional live view."),
+    "eval": ("llm_sae.evaluate.cli", "Measure an SAE: reconstruction, downstream loss, sparsity."),
+    "bench": ("llm_sae.bench.recovery", "Built-in benchmarks (ground-truth feature recovery)."),
+    "export": ("llm_sae.interop.export", "Write an SAE in another library's format."),
 }
 
 

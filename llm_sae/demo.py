@@ -48,12 +48,12 @@ class DemoConfig:
     """Device for every stage: auto, cpu, cuda, cuda:1, …"""
 
 
-def _middle_hook(model: str) -> str:
+def middle_hook(model: str) -> str:
     """The residual stream after the middle block; AutoConfig knows every architecture's
     layer count (``n_layer``, ``num_hidden_layers``, …) for local directories and hub names."""
     from transformers import AutoConfig
 
-    from llm_sae.models import resolve_model
+    from llm_sae.lm.models import resolve_model
 
     n_layers = AutoConfig.from_pretrained(resolve_model(model)).num_hidden_layers
     return f"blocks.{n_layers // 2}.hook_resid_post"
@@ -72,14 +72,18 @@ def _sizes(cfg: DemoConfig) -> DemoConfig:
 
 def demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run every stage into ``cfg.out``; returns the summary that is also printed."""
-    from llm_sae.analyze import AnalyzeConfig, analyze
-    from llm_sae.dashboard import DashboardConfig, build_dashboard
-    from llm_sae.harvest import HarvestConfig, harvest
-    from llm_sae.train import TrainConfig, train
+    from llm_sae.analyze.config import AnalyzeConfig
+    from llm_sae.analyze.run import analyze
+    from llm_sae.dashboard.build import build_dashboard
+    from llm_sae.dashboard.config import DashboardConfig
+    from llm_sae.harvest.config import HarvestConfig
+    from llm_sae.harvest.run import harvest
+    from llm_sae.train.config import TrainConfig
+    from llm_sae.train.run import train
 
     cfg = _sizes(cfg)
     out = Path(cfg.out)
-    hook = cfg.hook or _middle_hook(cfg.model)
+    hook = cfg.hook or middle_hook(cfg.model)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -115,7 +119,8 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
     analysis_summary = json.loads((out / "analysis" / "summary.json").read_text())
     summary["n_features"] = analysis_summary.get("n_features")
     if cfg.eval:
-        from llm_sae.evaluate import EvalConfig, evaluate
+        from llm_sae.evaluate.config import EvalConfig
+        from llm_sae.evaluate.run import evaluate
 
         report = stage("eval", evaluate, EvalConfig(
             sae=[str(sae_dir)], store=store_dir, out=str(out / "eval"), device=cfg.device,
@@ -131,7 +136,7 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _store_rows(store_dir: str) -> int:
-    from llm_sae.store import open_store
+    from llm_sae.store.store import open_store
 
     return open_store(store_dir).n_rows
 

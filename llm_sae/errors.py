@@ -22,3 +22,7 @@ class DataError(LlmSaeError):
 
 class CheckpointError(LlmSaeError):
     """A missing or corrupt SAE checkpoint."""
+
+
+class AnalyzeError(LlmSaeError):
+    """Inputs that cannot be analysed together (e.g. an SAE and a store of other widths)."""

@@ -61,8 +61,9 @@ class PeakMemory:
 def make_inputs(root: Path, d_in: int, n_latents: int, k: int, n_rows: int, ctx: int) -> None:
     import torch
 
-    from llm_sae.sae import REGISTRY, SAEConfig
-    from llm_sae.store import StoreWriter
+    from llm_sae.sae.config import SAEConfig
+    from llm_sae.sae.registry import REGISTRY
+    from llm_sae.store.writer import StoreWriter
 
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "sae" / "cfg.json").exists():
@@ -91,9 +92,11 @@ def make_inputs(root: Path, d_in: int, n_latents: int, k: int, n_rows: int, ctx:
 def child(args: argparse.Namespace) -> dict:
     import torch
 
-    from llm_sae.analyze import AnalyzeConfig, analyze, encode_pairs
-    from llm_sae.sae import load_sae
-    from llm_sae.store import open_store
+    from llm_sae.analyze.config import AnalyzeConfig
+    from llm_sae.analyze.encode_pass import encode_pairs
+    from llm_sae.analyze.run import analyze
+    from llm_sae.sae.formats.native import load_sae
+    from llm_sae.store.store import open_store
 
     root = Path(args.root)
     device = torch.device(args.device)

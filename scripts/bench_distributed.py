@@ -37,8 +37,11 @@ def _free_port() -> int:
 
 def _steps(args: argparse.Namespace, n_shards: int, world: int) -> dict:
     """Time ``args.steps`` Trainer steps after ``args.warmup``; this process's view."""
-    from llm_sae.distributed import COMM, Parallel, make_parallel
-    from llm_sae.train import TrainConfig, Trainer, build_sae
+    from llm_sae.distributed.comm import COMM
+    from llm_sae.distributed.parallel import Parallel, make_parallel
+    from llm_sae.train.config import TrainConfig
+    from llm_sae.train.run import build_sae
+    from llm_sae.train.trainer import Trainer
 
     par = make_parallel(n_shards) if world > 1 else Parallel()
     cfg = TrainConfig(

@@ -14,7 +14,7 @@ GPU memory (``torch.cuda.max_memory_allocated``), prints a table and writes JSON
 Implementations (each step = forward + backward + optimiser + decoder-norm upkeep):
   llm_sae         llm_sae.train.Trainer.step, precision bf16, torch sparse kernels
                   (LLM_SAE_TRITON=0)
-  llm_sae+triton  the same with the Triton kernels (llm_sae/triton_kernels.py); on CPU it
+  llm_sae+triton  the same with the Triton kernels (llm_sae/kernels/triton.py); on CPU it
                   runs under TRITON_INTERPRET=1, which is only a correctness smoke test
   sparsify        sparsify.SparseCoder forward (bf16 autocast is built in) + fvu backward +
                   gradient projection + Adam
@@ -65,8 +65,9 @@ def _build_step(impl: str, a: argparse.Namespace, n: int, x_BD, device):
 
     D, K = a.d_in, a.k
     if impl in ("llm_sae", "llm_sae+triton"):
-        from llm_sae.sae import REGISTRY
-        from llm_sae.train import TrainConfig, Trainer
+        from llm_sae.sae.registry import REGISTRY
+        from llm_sae.train.config import TrainConfig
+        from llm_sae.train.trainer import Trainer
 
         cfg = TrainConfig(
             store="-", out="-", d_in=D, n_latents=n, k=K, batch_size=a.batch, precision=a.precision

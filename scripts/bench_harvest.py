@@ -79,9 +79,11 @@ def main() -> None:
     import torch
 
     from llm_sae import harvest as H
-    from llm_sae.data import iter_documents, pack_contexts
-    from llm_sae.store import open_store
-    from llm_sae.testing import make_text, make_tiny_model
+    from llm_sae.harvest.loop import LAST_RUN
+    from llm_sae.lm.hooks import load_model, stop_layer
+    from llm_sae.lm.testing import make_text, make_tiny_model
+    from llm_sae.lm.text import iter_documents, pack_contexts
+    from llm_sae.store.store import open_store
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_harvest_"))
     model_dir = make_tiny_model(work / "model", "gpt2", d_model=args.d_model, n_layers=args.layers,
@@ -94,8 +96,8 @@ def main() -> None:
         docs = make_text(n_docs)
     (work / "text.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     hook = f"blocks.{args.hook_layer}.hook_resid_post"
-    model = H.load_model(str(model_dir), device=args.device)
-    stop = H._stop_layer(model, [hook])
+    model = load_model(str(model_dir), device=args.device)
+    stop = stop_layer(model, [hook])
 
     torch.set_grad_enabled(False)
 
@@ -110,9 +112,9 @@ def main() -> None:
         H.harvest(cfg)
         n_ctx = json.loads((out / "manifest.json").read_text())["progress"]["contexts"]
         shutil.rmtree(out, ignore_errors=True)
-        close_times.append(H.LAST_RUN["close_seconds"])
-        store_times.append(H.LAST_RUN["store_seconds"] / H.LAST_RUN["seconds"])
-        return H.LAST_RUN["seconds"], n_ctx
+        close_times.append(LAST_RUN["close_seconds"])
+        store_times.append(LAST_RUN["store_seconds"] / LAST_RUN["seconds"])
+        return LAST_RUN["seconds"], n_ctx
 
     def bare(n_ctx: int) -> float:
         """Pack + forward to the hook's layer over exactly the contexts the harvest used
@@ -138,7 +140,7 @@ def main() -> None:
 
     # 3. writer + reader on a store big enough to need several shuffle groups: random rows
     # of the same width, so this part does not wait on the model.
-    from llm_sae.store import StoreWriter
+    from llm_sae.store.writer import StoreWriter
 
     syn = work / "synthetic"
     shutil.rmtree(syn, ignore_errors=True)

@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from llm_sae.bench import EVAL_START, RecoveryConfig, make_data, score_sae, train_one
-from llm_sae.evaluate import amortization_gap
-from llm_sae.sparse_coding import fista, fista_matched_l0
+from llm_sae.bench.recovery import EVAL_START, RecoveryConfig, make_data, score_sae, train_one
+from llm_sae.evaluate.amortization import amortization_gap
+from llm_sae.sae.sparse_coding import fista, fista_matched_l0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

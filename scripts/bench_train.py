@@ -55,9 +55,13 @@ def _build_step(impl: str, a: argparse.Namespace, x_BD):  # noqa: C901 - one bra
 
     D, N, K = a.d_in, a.n_latents, a.k
     if impl == "llm_sae":
-        from llm_sae.sae import REGISTRY
-        from llm_sae.train import TrainConfig, Trainer
+        # As `llm-sae train` does on a CPU: the allocator tuning is the command's opt-in.
+        from llm_sae.common.process import return_large_blocks_to_os
+        from llm_sae.sae.registry import REGISTRY
+        from llm_sae.train.config import TrainConfig
+        from llm_sae.train.trainer import Trainer
 
+        return_large_blocks_to_os()
         cfg = TrainConfig(store="-", out="-", d_in=D, n_latents=N, k=K, batch_size=a.batch)
         trainer = Trainer(REGISTRY["topk"](cfg), cfg, total_steps=10**6)
         return (lambda: trainer.step(x_BD)), "working tree"
@@ -185,7 +189,7 @@ def worker(impl: str, a: argparse.Namespace) -> dict:
     step, version = _build_step(impl, a, x_BD)
     for _ in range(a.warmup):
         step()
-    screen = sys.modules.get("llm_sae.screen")
+    screen = sys.modules.get("llm_sae.kernels.screen")
     if screen is not None:
         screen.reset_stats()
     times = []

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llm_sae.png import write_png
-from llm_sae.sae import SAE
+from llm_sae.common.png import write_png
+from llm_sae.sae.base import SAE
 
 IMAGES = ("camera", "astronaut", "coffee", "chelsea", "rocket", "grass", "gravel", "brick")
 """Photographs bundled in skimage.data (natural scenes and textures, no line art)."""
@@ -149,7 +149,9 @@ def whiten(patches_BD: np.ndarray, eps: float = 0.1) -> np.ndarray:
 # ------------------------------------------------------------------------------ training
 def train_sae(arch: str, x_BD: torch.Tensor, a: argparse.Namespace) -> tuple[SAE, torch.Tensor]:
     """Train ``arch`` through the Trainer on random batches; returns (SAE, firing rate per atom)."""
-    from llm_sae.train import TrainConfig, Trainer, build_sae
+    from llm_sae.train.config import TrainConfig
+    from llm_sae.train.run import build_sae
+    from llm_sae.train.trainer import Trainer
 
     steps = max(1, a.tokens // a.batch_size)
     cfg = TrainConfig(

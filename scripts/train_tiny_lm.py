@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from llm_sae.corpus import load_stdlib_corpus, stdlib_root
+    from llm_sae.lm.corpus import load_stdlib_corpus, stdlib_root
 
     out = Path(args.out)
     if args.card_only:

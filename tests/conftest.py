@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory):
     """A 2-layer, d_model=32 GPT-2 with its tokenizer, saved with save_pretrained."""
-    from llm_sae.testing import make_tiny_model
+    from llm_sae.lm.testing import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny_gpt2", "gpt2")
 
@@ -26,7 +26,7 @@ def tiny_gpt2_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A 2-layer, d_model=32 Llama with its tokenizer, saved with save_pretrained."""
-    from llm_sae.testing import make_tiny_model
+    from llm_sae.lm.testing import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny_llama", "llama")
 
@@ -34,7 +34,7 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def text_dir(tmp_path_factory):
     """docs.txt (one document) and docs.jsonl (200 documents, column "text")."""
-    from llm_sae.testing import write_text_files
+    from llm_sae.lm.testing import write_text_files
 
     return write_text_files(tmp_path_factory.mktemp("text"))
 
@@ -42,7 +42,8 @@ def text_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, tiny_gpt2_dir, text_dir):
     """2,000 rows of tiny_gpt2 blocks.0.hook_resid_post (d_in=32, float32, context 32)."""
-    from llm_sae.harvest import HarvestConfig, harvest
+    from llm_sae.harvest.config import HarvestConfig
+    from llm_sae.harvest.run import harvest
 
     out = tmp_path_factory.mktemp("stores") / "tiny_store"
     harvest(HarvestConfig(

@@ -9,20 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from llm_sae.analyze import (
-    AnalyzeConfig,
-    AnalyzeError,
-    BottomSlots,
-    act_key,
-    analyze,
-    load_feature,
-    load_index,
-    load_summary,
-    token_strings,
-)
-from llm_sae.errors import CheckpointError, StoreError
-from llm_sae.sae import REGISTRY, SAEConfig
-from llm_sae.store import StoreWriter
+from llm_sae.analyze.accumulate import BottomSlots, act_key
+from llm_sae.analyze.config import AnalyzeConfig
+from llm_sae.analyze.effects import token_strings
+from llm_sae.analyze.run import analyze
+from llm_sae.common.analysis_files import load_feature, load_index, load_summary
+from llm_sae.errors import AnalyzeError, CheckpointError, StoreError
+from llm_sae.sae.config import SAEConfig
+from llm_sae.sae.registry import REGISTRY
+from llm_sae.store.writer import StoreWriter
 
 V, L, S, D = 20, 12, 40, 4
 PLANT = 7  # the token feature 0 fires on
@@ -331,7 +326,7 @@ def test_logit_effects_fold_the_final_norm(tiny_gpt2_dir, tmp_path):
 @pytest.mark.slow
 def test_end_to_end_on_a_harvested_store(request, tmp_path):
     pytest.importorskip("llm_sae.harvest")
-    from llm_sae.store import open_store
+    from llm_sae.store.store import open_store
 
     tiny_store, tiny_gpt2_dir = request.getfixturevalue("tiny_store"), request.getfixturevalue("tiny_gpt2_dir")
 
@@ -373,9 +368,9 @@ def test_cli_runs_and_reports_errors_without_traceback(synth, tmp_path, capsys):
 
 def test_short_model_names_give_real_token_strings():
     """`--model tiny-stdlib` (a short name, not a path) must still find the tokenizer."""
-    from llm_sae.analyze import _load_tokenizer, token_strings, unembedding
+    from llm_sae.analyze.effects import load_tokenizer, token_strings, unembedding
 
-    tok = _load_tokenizer("tiny-stdlib")
+    tok = load_tokenizer("tiny-stdlib")
     assert tok is not None
     strings = token_strings(tok)
     assert "self" in strings and not any(s.startswith("<id ") for s in strings[:100])

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from llm_sae.bench import RecoveryConfig, _Dictionary, make_data, recovery, score_sae
+from llm_sae.bench.recovery import DictionarySAE, RecoveryConfig, make_data, recovery, score_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,10 +25,10 @@ def test_planted_dictionary_scores_one_and_random_scores_low():
     perm = torch.randperm(cfg.n_true)
     extra = torch.randn(cfg.n_latents - cfg.n_true, cfg.d)
     W = torch.cat([data.features_FD[perm] * 3.0, extra])
-    planted = score_sae(_Dictionary(W, cfg.k), data, cfg, torch.device("cpu"))
+    planted = score_sae(DictionarySAE(W, cfg.k), data, cfg, torch.device("cpu"))
     assert planted["mean_max_cos"] == pytest.approx(1.0, abs=1e-5)
     assert planted["frac_recovered"] == 1.0
-    rand = score_sae(_Dictionary(torch.randn(cfg.n_latents, cfg.d), cfg.k), data, cfg, torch.device("cpu"))
+    rand = score_sae(DictionarySAE(torch.randn(cfg.n_latents, cfg.d), cfg.k), data, cfg, torch.device("cpu"))
     assert rand["mean_max_cos"] < 0.7 and rand["frac_recovered"] == 0.0
     # With the true atoms and exactly as many active as planted, the planted dictionary
     # reconstructs far better than the random one.

@@ -23,8 +23,11 @@ from browser_util import (
     write_analysis,
 )
 
-from llm_sae.dashboard import DashboardConfig, build_dashboard, js_literal
-from llm_sae.serve import ServeConfig, make_server
+from llm_sae.dashboard.build import build_dashboard
+from llm_sae.dashboard.config import DashboardConfig
+from llm_sae.dashboard.records import js_literal
+from llm_sae.serve.config import ServeConfig
+from llm_sae.serve.server import make_server
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 CHROMIUM = chromium_path()
@@ -317,8 +320,9 @@ def test_live_view_in_the_browser(page, site, tiny_gpt2_dir, tmp_path, shots):
     """Type text (an XSS payload among it), see each token's features, pick one to show."""
     import torch
 
-    from llm_sae.sae import REGISTRY, SAEConfig
-    from llm_sae.serve import LiveEncoder
+    from llm_sae.sae.config import SAEConfig
+    from llm_sae.sae.registry import REGISTRY
+    from llm_sae.serve.live import LiveEncoder
 
     torch.manual_seed(0)
     REGISTRY["topk"](SAEConfig(d_in=32, n_latents=N, k=4)).save(tmp_path / "sae")

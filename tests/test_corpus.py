@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from llm_sae import corpus
+import llm_sae.lm.corpus as corpus
 from llm_sae.errors import DataError
 
 

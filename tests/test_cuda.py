@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_sae import triton_kernels
-from llm_sae.kernels import dense_topk_decode, dense_topk_encode, topk_decode, topk_encode
+import llm_sae.kernels.triton as triton_kernels
+from llm_sae.kernels.topk import dense_topk_decode, dense_topk_encode, topk_decode, topk_encode
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -100,7 +100,7 @@ def test_sparse_backward_never_builds_a_dense_gradient_on_cuda(monkeypatch):
 @pytest.mark.slow
 def test_bf16_training_on_cuda_recovers_the_dictionary_as_well_as_fp32():
     """The ground-truth benchmark's default shape, fp32 against bf16 autocast on the GPU."""
-    from llm_sae.bench import RecoveryConfig, make_data, score_sae, train_one
+    from llm_sae.bench.recovery import RecoveryConfig, make_data, score_sae, train_one
 
     cfg = RecoveryConfig(archs=["topk"], tokens=2_000_000, device="cuda", progress=False)
     data = make_data(cfg)
@@ -116,8 +116,9 @@ def test_bf16_training_on_cuda_recovers_the_dictionary_as_well_as_fp32():
 
 
 def _cuda_trainer(**kw):
-    from llm_sae.sae import REGISTRY
-    from llm_sae.train import TrainConfig, Trainer
+    from llm_sae.sae.registry import REGISTRY
+    from llm_sae.train.config import TrainConfig
+    from llm_sae.train.trainer import Trainer
 
     cfg = TrainConfig(store="-", out="-", d_in=64, n_latents=512, k=8, batch_size=256, **kw)
     sae = REGISTRY["topk"](cfg).to(DEV)
@@ -125,7 +126,7 @@ def _cuda_trainer(**kw):
 
 
 def test_gpu_step_checks_the_loss_one_step_late_and_skips_the_update():
-    from llm_sae.train import TrainingError
+    from llm_sae.train.config import TrainingError
 
     tr = _cuda_trainer()
     x = torch.randn(256, 64, device=DEV)

@@ -12,14 +12,13 @@ import pytest
 from browser_util import VOCAB, XSS_TOKENS, make_record, write_analysis
 
 from llm_sae.cli import main as cli_main
-from llm_sae.dashboard import (
-    DashboardConfig,
-    DashboardError,
-    _pick_interval_examples,
-    build_dashboard,
+from llm_sae.dashboard.build import build_dashboard
+from llm_sae.dashboard.config import DashboardConfig, DashboardError
+from llm_sae.dashboard.records import (
     feature_js,
     feature_relpath,
     js_literal,
+    pick_interval_examples,
 )
 
 
@@ -143,9 +142,9 @@ def test_lone_surrogate_token_is_written_as_an_escape(tmp_path):
 
 def test_interval_budget_round_robin_from_top_bin():
     bins = [{"lo": 0, "examples": [1, 2, 3]}, {"lo": 1, "examples": []}, {"lo": 2, "examples": [1, 2]}]
-    assert _pick_interval_examples(bins, 3) == [1, 0, 2]
-    assert _pick_interval_examples(bins, 1) == [0, 0, 1]
-    assert _pick_interval_examples(bins, 99) == [3, 0, 2]
+    assert pick_interval_examples(bins, 3) == [1, 0, 2]
+    assert pick_interval_examples(bins, 1) == [0, 0, 1]
+    assert pick_interval_examples(bins, 99) == [3, 0, 2]
 
 
 def test_rebuild_replaces_old_data_and_refuses_foreign_dirs(tmp_path):
@@ -195,8 +194,11 @@ def test_renders_real_analyze_output(tmp_path, tiny_store, tiny_gpt2_dir):
     """The whole hand-off: a real `analyze` run over a tiny store becomes a site whose
     feature files hold the same examples, token strings and neighbours."""
     torch = pytest.importorskip("torch")
-    from llm_sae.analyze import AnalyzeConfig, analyze, load_feature
-    from llm_sae.sae import REGISTRY, SAEConfig
+    from llm_sae.analyze.config import AnalyzeConfig
+    from llm_sae.analyze.run import analyze
+    from llm_sae.common.analysis_files import load_feature
+    from llm_sae.sae.config import SAEConfig
+    from llm_sae.sae.registry import REGISTRY
 
     torch.manual_seed(0)
     REGISTRY["topk"](SAEConfig(d_in=32, n_latents=48, k=4)).save(tmp_path / "sae")

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from llm_sae.data import StreamPos, dataset_spec, iter_documents, pack_contexts
 from llm_sae.errors import DataError
-from llm_sae.testing import make_text
+from llm_sae.lm.testing import make_text
+from llm_sae.lm.text import StreamPos, dataset_spec, iter_documents, pack_contexts
 
 
 @pytest.fixture(scope="module")

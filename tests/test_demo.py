@@ -33,8 +33,8 @@ def test_demo_small_runs_every_stage_on_the_shipped_model(tmp_path):
 
 
 def test_default_hook_is_the_middle_block_of_any_architecture(tiny_gpt2_dir, tiny_llama_dir):
-    from llm_sae.demo import _middle_hook
+    from llm_sae.demo import middle_hook
 
-    assert _middle_hook("tiny-stdlib") == "blocks.2.hook_resid_post"  # 4 layers (n_layer)
-    assert _middle_hook(str(tiny_gpt2_dir)) == "blocks.1.hook_resid_post"  # 2 layers
-    assert _middle_hook(str(tiny_llama_dir)) == "blocks.1.hook_resid_post"  # num_hidden_layers
+    assert middle_hook("tiny-stdlib") == "blocks.2.hook_resid_post"  # 4 layers (n_layer)
+    assert middle_hook(str(tiny_gpt2_dir)) == "blocks.1.hook_resid_post"  # 2 layers
+    assert middle_hook(str(tiny_llama_dir)) == "blocks.1.hook_resid_post"  # num_hidden_layers

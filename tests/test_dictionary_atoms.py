@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm_sae.png import png_size
+from llm_sae.common.png import png_size
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "dictionary_atoms.py"
 

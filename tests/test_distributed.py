@@ -23,8 +23,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from llm_sae.config import ConfigError
-from llm_sae.sae import REGISTRY, SAEConfig
-from llm_sae.train import TrainConfig, find_checkpoint, read_checkpoint_meta, train
+from llm_sae.sae.config import SAEConfig
+from llm_sae.sae.registry import REGISTRY
+from llm_sae.train.checkpoint import find_checkpoint, read_checkpoint_meta
+from llm_sae.train.config import TrainConfig
+from llm_sae.train.run import train
 
 D, N, K, B = 16, 64, 4, 64
 STEPS = 8
@@ -61,7 +64,7 @@ def spawn(jobs: list, world: int = 2) -> None:
 
 
 def make_store(path: Path, rows: int = 2048, seed: int = 0) -> Path:
-    from llm_sae.store import StoreWriter
+    from llm_sae.store.writer import StoreWriter
 
     g = torch.Generator().manual_seed(seed)
     atoms_MD = torch.randn(48, D, generator=g)
@@ -125,7 +128,9 @@ def _train_job(cfg: TrainConfig) -> None:
 
 def _sharded_same_weights_job(out: str) -> None:
     """Latent-sharded forward, loss, metrics and every gradient equal the unsharded SAE's."""
-    from llm_sae.distributed import Distributed, ShardedTopKSAE, gather_rows_to_cpu
+    from llm_sae.distributed.comm import gather_rows_to_cpu
+    from llm_sae.distributed.parallel import Distributed
+    from llm_sae.distributed.sharded_topk import ShardedTopKSAE
 
     par = Distributed(n_shards=2)
     torch.manual_seed(0)
@@ -165,8 +170,10 @@ def _sharded_same_weights_job(out: str) -> None:
 
 def _statistics_job(out: str) -> None:
     """Running statistics and weights agree across ranks that see different rows."""
-    from llm_sae.distributed import Distributed, all_gather_cat
-    from llm_sae.train import Trainer, build_sae
+    from llm_sae.distributed.comm import all_gather_cat
+    from llm_sae.distributed.parallel import Distributed
+    from llm_sae.train.run import build_sae
+    from llm_sae.train.trainer import Trainer
 
     par = Distributed()
     for arch in ("batchtopk", "kl_sigmoid"):
@@ -192,7 +199,7 @@ def _statistics_job(out: str) -> None:
 
 
 def _analyze_job(cfg) -> None:
-    from llm_sae.analyze import analyze
+    from llm_sae.analyze.run import analyze
 
     summary = analyze(cfg)
     assert (summary != {}) == (dist.get_rank() == 0)  # rank 0 alone writes
@@ -200,15 +207,15 @@ def _analyze_job(cfg) -> None:
 
 def _config_errors_job(store: str, out: str) -> None:
     """Settings that cannot work on 2 ranks fail on every rank with the fix named."""
-    from llm_sae.distributed import Distributed
-    from llm_sae.train import _train
+    from llm_sae.distributed.parallel import Distributed
+    from llm_sae.train.run import train_with
 
-    # _train, not train: train() would tear the process group down on the error.
+    # train_with, not train: train() would tear the process group down on the error.
     with pytest.raises(ConfigError, match="does not split over 2 data-parallel ranks"):
-        _train(cfg_for(Path(store), Path(out) / "bad", batch_size=B - 1), Distributed())
+        train_with(cfg_for(Path(store), Path(out) / "bad", batch_size=B - 1), Distributed())
     with pytest.raises(ConfigError, match="resample does not work with --shard-latents"):
         bad = cfg_for(Path(store), Path(out) / "bad", shard_latents=2, dead_latents="resample")
-        _train(bad, Distributed(n_shards=2))
+        train_with(bad, Distributed(n_shards=2))
     with pytest.raises(ConfigError, match="must divide the world size 2"):
         Distributed(n_shards=3)
     (Path(out) / f"errors-ok-rank{dist.get_rank()}").touch()
@@ -238,7 +245,7 @@ def _two_rank_session(root: Path) -> Path:
     from test_analyze import cfg_for as analyze_cfg
     from test_analyze import make_data, make_sae, write_store
 
-    from llm_sae.analyze import analyze
+    from llm_sae.analyze.run import analyze
 
     store = make_store(root / "store")
     for name, kw in KINDS.items():
@@ -299,10 +306,12 @@ def test_sharded_training_matches_unsharded(two_ranks):
         assert a["fvu"] == pytest.approx(b["fvu"], rel=1e-3)
     assert 0 < logs(two_ranks / "sharded")[-1]["dense_frac"] < 0.5  # not one shard's share
     # The checkpoint is the unsharded state: the same layout as a one-rank run's.
-    a = torch.load(two_ranks / "one-topk" / "checkpoint" / "state.pt", weights_only=False)
-    b = torch.load(two_ranks / "sharded" / "checkpoint" / "state.pt", weights_only=False)
-    assert a["sae"]["W_enc"].shape == b["sae"]["W_enc"].shape == (N, D)
-    assert b["opt"]["state"][0]["exp_avg"].shape == (N, D)
+    from safetensors.torch import load_file
+
+    a = load_file(two_ranks / "one-topk" / "checkpoint" / "state.safetensors")
+    b = load_file(two_ranks / "sharded" / "checkpoint" / "state.safetensors")
+    assert a["sae.W_enc"].shape == b["sae.W_enc"].shape == (N, D)
+    assert b["opt.0.exp_avg"].shape == (N, D)
     assert b["tokens_since_fired_N"].shape == (N,)
 
 
@@ -361,8 +370,10 @@ FAILING = textwrap.dedent(
 
     t.Trainer.step = step
     parser = argparse.ArgumentParser()
-    t.add_cli(parser)
-    sys.exit(t.run_cli(parser.parse_args(sys.argv[1:])))
+    from llm_sae.train.cli import add_cli, run_cli
+
+    add_cli(parser)
+    sys.exit(run_cli(parser.parse_args(sys.argv[1:])))
     """
 )
 

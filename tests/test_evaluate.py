@@ -9,17 +9,14 @@ import zlib
 import pytest
 import torch
 
-from llm_sae.evaluate import (
-    EvalConfig,
-    ReconstructionStats,
-    amortization_gap,
-    downstream_metrics,
-    eval_contexts,
-    evaluate_saes,
-    selectivity,
-    write_frontier_png,
-)
-from llm_sae.sae import REGISTRY, SAEConfig
+from llm_sae.evaluate.amortization import amortization_gap
+from llm_sae.evaluate.config import EvalConfig
+from llm_sae.evaluate.downstream import downstream_metrics, eval_contexts
+from llm_sae.evaluate.plot import write_frontier_png
+from llm_sae.evaluate.run import evaluate_saes
+from llm_sae.evaluate.stats import ReconstructionStats, selectivity
+from llm_sae.sae.config import SAEConfig
+from llm_sae.sae.registry import REGISTRY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,13 +143,13 @@ def test_amortization_gap_on_planted_codes():
 
 @pytest.fixture(scope="module")
 def bridge(tiny_gpt2_dir):
-    from llm_sae.harvest import load_model
+    from llm_sae.lm.hooks import load_model
 
     return load_model(str(tiny_gpt2_dir))
 
 
 def test_loss_recovered_endpoints(bridge, tiny_store):
-    from llm_sae.store import open_store
+    from llm_sae.store.store import open_store
 
     store = open_store(tiny_store)
     cfg = EvalConfig(sae=["x"], store=str(tiny_store), n_contexts=6, context_length=24)
@@ -235,7 +232,7 @@ def test_frontier_png_without_downstream(tmp_path):
 
 
 def test_identity_reconstruction_is_perfect_on_store_tail(tiny_store):
-    from llm_sae.store import open_store
+    from llm_sae.store.store import open_store
 
     store = open_store(tiny_store)
     rep = evaluate_saes({"id": Replace(lambda x: x)}, store,

@@ -13,8 +13,11 @@ import pytest
 import torch
 
 from llm_sae.errors import DataError, ModelError, StoreError
-from llm_sae.harvest import HarvestConfig, harvest, load_model
-from llm_sae.store import open_store, verify_store
+from llm_sae.harvest.config import HarvestConfig
+from llm_sae.harvest.run import harvest
+from llm_sae.lm.hooks import load_model
+from llm_sae.store.store import open_store
+from llm_sae.store.verify import verify_store
 
 
 def cfg_for(model_dir, text_dir, out, **kw):
@@ -109,7 +112,7 @@ def test_rerun_finished_does_nothing_and_other_settings_are_refused(tiny_store, 
 
 def test_python_iterable_dataset_and_cli(tiny_gpt2_dir, tmp_path, capsys):
     from llm_sae.cli import main
-    from llm_sae.testing import make_text
+    from llm_sae.lm.testing import make_text
 
     d = harvest(cfg_for(tiny_gpt2_dir, tmp_path, tmp_path / "py", dataset=make_text(40), tokens=100))
     st = open_store(d["blocks.0.hook_resid_post"])
@@ -128,7 +131,7 @@ def test_nan_activations_stop_with_earlier_shards_kept(tiny_gpt2_dir, text_dir, 
     """A token whose embedding is NaN first appears after some batches were written."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from llm_sae.data import iter_documents, pack_contexts
+    from llm_sae.lm.text import iter_documents, pack_contexts
 
     tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     ctxs = [c for c, _ in pack_contexts(iter_documents(str(text_dir / "docs.jsonl")), tok, 32)][:40]

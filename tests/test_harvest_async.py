@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_sae import harvest as H
-from llm_sae.harvest import HarvestConfig, StoreSink, _Job, harvest
-from llm_sae.store import StoreWriter
+from llm_sae.harvest.config import HarvestConfig
+from llm_sae.harvest.loop import LAST_RUN, Job, StoreSink
+from llm_sae.harvest.run import harvest
+from llm_sae.store.writer import StoreWriter
 
 
 class FakeWriter:
@@ -34,9 +35,9 @@ class FakeWriter:
         self.got.append((progress["i"], x_ND.clone()))
 
 
-def _job(i: int, hooks=("h",)) -> _Job:
+def _job(i: int, hooks=("h",)) -> Job:
     x = torch.full((3, 4), float(i))
-    return _Job({h: x for h in hooks}, None, None, {"i": i}, None, (i, i + 1))
+    return Job({h: x for h in hooks}, None, None, {"i": i}, None, (i, i + 1))
 
 
 @pytest.mark.parametrize("threaded", [True, False])
@@ -118,7 +119,7 @@ def test_async_harvest_is_byte_identical_to_sync(tiny_gpt2_dir, text_dir, tmp_pa
     harvest(_cfg(tiny_gpt2_dir, text_dir, tmp_path / "async", async_write=True))
     a, b = _snapshot(tmp_path / "sync"), _snapshot(tmp_path / "async")
     assert len(a) > 4 and a == b
-    assert H.LAST_RUN["write_seconds"] > 0
+    assert LAST_RUN["write_seconds"] > 0
 
 
 def test_writer_thread_failure_then_rerun_resumes_exactly(
@@ -175,7 +176,7 @@ def test_copy_path_reuses_its_ring_buffers_and_waits_on_the_event(monkeypatch):
     sink.pinned = True
     sizes = [5, 3, 5, 8, 2, 8, 1]
     for i, n in enumerate(sizes):
-        sink.put(_Job({"h": torch.full((n, 4), i + 0.5)}, None, None, {"i": i}, None, (i, i + 1)))
+        sink.put(Job({"h": torch.full((n, 4), i + 0.5)}, None, None, {"i": i}, None, (i, i + 1)))
     sink.close()
     assert [i for i, _ in w.got] == list(range(len(sizes)))
     for (i, x), n in zip(w.got, sizes, strict=True):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llm_sae import kernels
-from llm_sae.kernels import dense_topk_decode, dense_topk_encode, topk_decode, topk_encode
+from llm_sae.kernels import sparse_ops
+from llm_sae.kernels.topk import dense_topk_decode, dense_topk_encode, topk_decode, topk_encode
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
@@ -83,12 +83,12 @@ def test_decode_grads_match_dense_for_given_indices():
     "chunk_bytes", [1, 3 * 4 * 8 * 5]
 )  # chunks of 1 row; of 4 rows (13 % 4 ≠ 0)
 def test_chunk_boundaries(monkeypatch, chunk_bytes):
-    monkeypatch.setattr(kernels, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(sparse_ops, "CHUNK_BYTES", chunk_bytes)
     # Forward slabs of 1 or 5 rows of pre-activations too.
-    monkeypatch.setattr(kernels, "_FWD_CHUNK_BYTES", {"cpu": 1 if chunk_bytes == 1 else 5 * 24 * 8})
+    monkeypatch.setattr(sparse_ops, "FWD_CHUNK_BYTES", {"cpu": 1 if chunk_bytes == 1 else 5 * 24 * 8})
     B, D, N, k = 13, 5, 24, 3
-    assert kernels._chunk_rows(k, D, 8) in (1, 4)
-    assert kernels._fwd_chunk_rows(N, torch.zeros((), dtype=torch.float64)) in (1, 5)
+    assert sparse_ops.chunk_rows(k, D, 8) in (1, 4)
+    assert sparse_ops.fwd_chunk_rows(N, torch.zeros((), dtype=torch.float64)) in (1, 5)
     x, W_enc, b_enc, W_dec = _params(B, D, N, torch.float64, seed=5)
     R_BN = torch.randn(B, N, dtype=torch.float64)
     _, _, g_f = _sae_step(topk_encode, topk_decode, x, W_enc, b_enc, W_dec, k, R_BN)
@@ -156,7 +156,7 @@ def test_backward_never_builds_a_dense_batch_by_latents_tensor():
     assert max(rec.numels) >= B * N
 
 
-@pytest.mark.parametrize("broken_ops", [("_csr_t_dense",), ("_csr_t_dense", "_embedding_bag_weight_grad")])
+@pytest.mark.parametrize("broken_ops", [("csr_t_dense",), ("csr_t_dense", "embedding_bag_weight_grad")])
 def test_weight_gradient_fallback_matches(monkeypatch, broken_ops):
     """Without the CSR product (no kernel for the dtype), torch's embedding-bag gradient op,
     and without that too (its signature is internal) the row-update fallback, give the
@@ -171,7 +171,7 @@ def test_weight_gradient_fallback_matches(monkeypatch, broken_ops):
         raise RuntimeError("op signature changed")
 
     for name in broken_ops:
-        monkeypatch.setattr(kernels, name, broken)
+        monkeypatch.setattr(sparse_ops, name, broken)
     _, _, g_fallback = _sae_step(topk_encode, topk_decode, x, W_enc, b_enc, W_dec, 3, R_BN)
     assert len(calls) == 2 * len(broken_ops)  # encoder and decoder gradients both fell back
     torch.testing.assert_close(g_fast, g_fallback, rtol=1e-12, atol=1e-12)

@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from llm_sae.config import ConfigError
-from llm_sae.lista import LISTASAE
-from llm_sae.sae import REGISTRY, SAEConfig, load_sae
-from llm_sae.sparse_coding import fista, lipschitz_constant
+from llm_sae.sae.archs.lista import LISTASAE
+from llm_sae.sae.config import SAEConfig
+from llm_sae.sae.formats.native import load_sae
+from llm_sae.sae.registry import REGISTRY
+from llm_sae.sae.sparse_coding import fista, lipschitz_constant
 
 D, N = 8, 16
 
@@ -103,7 +105,9 @@ def test_trained_lista_approaches_fista_codes_more_closely_with_more_steps(one_t
 
 
 def test_trains_through_the_trainer_and_round_trips(tmp_path, one_thread):
-    from llm_sae.train import TrainConfig, Trainer, build_sae
+    from llm_sae.train.config import TrainConfig
+    from llm_sae.train.run import build_sae
+    from llm_sae.train.trainer import Trainer
 
     cfg = TrainConfig(
         store="<synthetic>",

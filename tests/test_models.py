@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from llm_sae import corpus, models
 from llm_sae.errors import ModelError
+from llm_sae.lm import corpus, models
 
 SHIPPED = Path(models.ASSETS_DIR) / "tiny-stdlib"
 

@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from llm_sae.png import encode_png, png_size, write_png
+from llm_sae.common.png import encode_png, png_size, write_png
 
 
 def decode(data: bytes) -> tuple[int, int, int, bytes]:

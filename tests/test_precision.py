@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_sae import kernels
 from llm_sae.config import ConfigError
-from llm_sae.synthetic import SyntheticActivations, SyntheticConfig
-from llm_sae.train import TrainConfig, Trainer, build_sae, resolve_precision, train
+from llm_sae.kernels import topk as kernels_topk
+from llm_sae.sources.synthetic import SyntheticActivations, SyntheticConfig
+from llm_sae.train.config import TrainConfig, resolve_precision
+from llm_sae.train.run import build_sae, train
+from llm_sae.train.trainer import Trainer
 
 D, N, K, B = 16, 64, 4, 256
 DATA = SyntheticConfig(d_in=D, n_features=32, mean_active=3, seed=0)
@@ -61,9 +63,9 @@ def _run(arch: str, precision: str, steps: int = 60) -> tuple[Trainer, list[floa
 @pytest.mark.parametrize("arch", ["topk", "relu_l1"])
 def test_bf16_autocast_trains_with_float32_master_weights_and_loss(arch, monkeypatch):
     seen = []
-    real_apply = kernels.TopKEncode.apply
+    real_apply = kernels_topk.TopKEncode.apply
     monkeypatch.setattr(
-        kernels.TopKEncode, "apply", lambda *a: seen.append(a[0].dtype) or real_apply(*a)
+        kernels_topk.TopKEncode, "apply", lambda *a: seen.append(a[0].dtype) or real_apply(*a)
     )
     tr, losses = _run(arch, "bf16")
     for name, p in tr.sae.named_parameters():
@@ -103,7 +105,7 @@ def test_tf32_only_inside_the_step(monkeypatch):
 
 
 def _bf16_store(path: Path) -> Path:
-    from llm_sae.store import StoreWriter
+    from llm_sae.store.writer import StoreWriter
 
     data = SyntheticActivations(DATA)
     with StoreWriter(path, meta={"d_in": D, "dtype": "bfloat16", "hook": "synthetic"}) as w:
@@ -141,7 +143,7 @@ def test_bf16_store_is_read_into_bf16_batches(tmp_path, monkeypatch, precision, 
 @pytest.mark.slow
 def test_bf16_costs_no_dictionary_quality():
     """Ground-truth recovery at a small size: bf16 autocast within noise of float32."""
-    from llm_sae.bench import RecoveryConfig, make_data, score_sae, train_one
+    from llm_sae.bench.recovery import RecoveryConfig, make_data, score_sae, train_one
 
     cfg = RecoveryConfig(
         archs=["topk"],

@@ -7,7 +7,10 @@ import torch
 
 from llm_sae.config import ConfigError
 from llm_sae.errors import CheckpointError, LlmSaeError
-from llm_sae.sae import REGISTRY, SAEConfig, geometric_median, load_sae
+from llm_sae.sae.config import SAEConfig
+from llm_sae.sae.formats.native import load_sae
+from llm_sae.sae.ops import geometric_median
+from llm_sae.sae.registry import REGISTRY
 
 D, N, K = 16, 64, 4
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_sae import kernels, screen
-from llm_sae.kernels import dense_topk_decode, dense_topk_encode, topk_decode, topk_encode
+from llm_sae.kernels import screen, sparse_ops
+from llm_sae.kernels.topk import dense_topk_decode, dense_topk_encode, topk_decode, topk_encode
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def _assert_same_topk(got, want) -> None:
     ],
 )
 def test_screened_equals_dense(screen_on, monkeypatch, B, D, N, k):
-    monkeypatch.setitem(kernels._FWD_CHUNK_BYTES, "cpu", 2**20)
+    monkeypatch.setitem(sparse_ops.FWD_CHUNK_BYTES, "cpu", 2**20)
     x, W, b = _params(B, D, N)
     assert screen.use_screen(x, W, b, k)
     got = topk_encode(x, W, b, k)

@@ -10,8 +10,11 @@ import threading
 import pytest
 from browser_util import write_analysis
 
-from llm_sae.dashboard import DashboardConfig, build_dashboard
-from llm_sae.serve import LiveEncoder, ServeConfig, ServeError, host_warning, make_server
+from llm_sae.dashboard.build import build_dashboard
+from llm_sae.dashboard.config import DashboardConfig
+from llm_sae.serve.config import ServeConfig, ServeError
+from llm_sae.serve.live import LiveEncoder
+from llm_sae.serve.server import host_warning, make_server
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +135,8 @@ def test_warns_only_off_localhost(tmp_path):
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, tiny_gpt2_dir):
     torch = pytest.importorskip("torch")
-    from llm_sae.sae import REGISTRY, SAEConfig
+    from llm_sae.sae.config import SAEConfig
+    from llm_sae.sae.registry import REGISTRY
 
     root = tmp_path_factory.mktemp("live")
     torch.manual_seed(0)
@@ -154,10 +158,10 @@ def test_live_view_encodes_text(live, site):
     # The SAE's own encoding of the same activations gives the same top features.
     import torch
 
-    from llm_sae.serve import _run_to_hook
+    from llm_sae.serve.live import run_to_hook
 
     ids = enc._token_ids("def add(a, b):\n    return a")
-    x = _run_to_hook(enc.bridge, torch.tensor([ids]), "blocks.0.hook_resid_post")[0]
+    x = run_to_hook(enc.bridge, torch.tensor([ids]), "blocks.0.hook_resid_post")[0]
     z = enc.sae.encode(x)
     assert out["acts"] == pytest.approx(z[:, 7].tolist(), abs=1e-4)
     with pytest.raises(ValueError, match="out of range"):
@@ -208,8 +212,8 @@ def test_reads_model_and_hook_from_a_saelens_folder():
     """SAELens v6 keeps model_name and hook_name under cfg.json's "metadata"."""
     from pathlib import Path
 
-    from llm_sae.serve import _sae_meta
+    from llm_sae.serve.live import sae_meta
 
-    meta = _sae_meta(Path(__file__).parent / "data" / "peers" / "saelens" / "topk")
+    meta = sae_meta(Path(__file__).parent / "data" / "peers" / "saelens" / "topk")
     assert meta["model_name"] == "tiny-peer-model"
     assert meta["hook_name"] == "blocks.0.hook_resid_post"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_sae.sparse_coding import fista, fista_matched_l0, lipschitz_constant, soft_threshold
+from llm_sae.sae.sparse_coding import fista, fista_matched_l0, lipschitz_constant, soft_threshold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

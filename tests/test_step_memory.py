@@ -10,10 +10,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import llm_sae.train as train_mod
-from llm_sae.kernels import DeferredWeightGrads, _sparse_t_dense, topk_decode, topk_encode
-from llm_sae.sae import REGISTRY
-from llm_sae.train import TrainConfig, Trainer
+import llm_sae.train.update as train_mod
+from llm_sae.distributed.parallel import Parallel
+from llm_sae.kernels.sparse_ops import DeferredWeightGrads, sparse_t_dense
+from llm_sae.kernels.topk import topk_decode, topk_encode
+from llm_sae.sae.registry import REGISTRY
+from llm_sae.train.config import TrainConfig
+from llm_sae.train.trainer import Trainer
 
 D, N, K, B = 32, 200, 4, 128
 
@@ -35,7 +38,7 @@ def _reference_step(sae, opt, x_BD, scale, dead_N, clip):
 @pytest.mark.parametrize("clip", [0.0, 0.05, 1e6])
 def test_deferred_step_equals_plain_autograd_clip_and_adam(monkeypatch, clip):
     # Slabs of 48 rows: 200 latents take 5 slabs, the last one short.
-    monkeypatch.setattr(train_mod, "_GRAD_SLAB_BYTES", 48 * D * 4)
+    monkeypatch.setattr(train_mod, "GRAD_SLAB_BYTES", 48 * D * 4)
     torch.manual_seed(0)
     cfg = TrainConfig(store="-", out="-", d_in=D, n_latents=N, k=K, batch_size=B,
                       grad_clip=clip, dead_tokens=3 * B, lr=3e-3, lr_warmup=0.0)
@@ -66,7 +69,7 @@ def test_deferred_step_equals_plain_autograd_clip_and_adam(monkeypatch, clip):
 
 
 def test_deferred_step_is_bitwise_the_plain_trainer_step_without_clipping():
-    class Plain(train_mod.Parallel):
+    class Plain(Parallel):
         defers_weight_grads = False
 
     torch.manual_seed(0)
@@ -104,7 +107,7 @@ class _Shapes(TorchDispatchMode):
 
 
 def test_step_never_allocates_a_whole_weight_gradient(monkeypatch):
-    monkeypatch.setattr(train_mod, "_GRAD_SLAB_BYTES", 48 * D * 4)
+    monkeypatch.setattr(train_mod, "GRAD_SLAB_BYTES", 48 * D * 4)
     torch.manual_seed(0)
     cfg = TrainConfig(store="-", out="-", d_in=D, n_latents=N, k=K, batch_size=B)
     trainer = Trainer(REGISTRY["topk"](cfg), cfg, total_steps=50, input_scale=1.0)
@@ -154,8 +157,8 @@ def test_sparse_t_dense_into_a_reused_buffer():
     coef, rows = torch.randn(B, K), torch.randn(B, D)
     dense = torch.zeros(B, N).scatter(1, idx, coef).t() @ rows
     buf = torch.full((N, D), float("nan"))
-    got = _sparse_t_dense(idx, coef, rows, N, 8, out_ND=buf)
+    got = sparse_t_dense(idx, coef, rows, N, 8, out_ND=buf)
     assert got.data_ptr() == buf.data_ptr()
     torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(_sparse_t_dense(idx, coef, rows, N, 8, buf, accumulate=True), 2 * dense,
+    torch.testing.assert_close(sparse_t_dense(idx, coef, rows, N, 8, buf, accumulate=True), 2 * dense,
                                rtol=1e-5, atol=1e-5)

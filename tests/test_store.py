@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from llm_sae.errors import StoreError
-from llm_sae.store import StoreReader, StoreWriter, open_store, store_info, verify_store
+from llm_sae.store.reader import StoreReader
+from llm_sae.store.store import open_store
+from llm_sae.store.verify import store_info, verify_store
+from llm_sae.store.writer import StoreWriter
 
 
 def write_synthetic(path, n=1000, d=8, dtype="float32", shard_rows=128, seed=0, L=10):
@@ -184,7 +187,7 @@ def test_resume_mode_drops_unlisted_leftovers_and_checks_settings(tmp_path):
 def test_background_iteration_keeps_order_raises_and_stops_early():
     import threading
 
-    from llm_sae.store import iter_in_background
+    from llm_sae.common.threads import iter_in_background
 
     assert list(iter_in_background(iter(range(50)), 3, name="t")) == list(range(50))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_sae.synthetic import (
+from llm_sae.sources.synthetic import (
     SyntheticActivations,
     SyntheticConfig,
     SyntheticError,

@@ -16,9 +16,11 @@ import torch
 
 from llm_sae.config import ConfigError
 from llm_sae.errors import CheckpointError, DataError, StoreError
-from llm_sae.sae import load_sae
-from llm_sae.synthetic import SyntheticActivations, SyntheticConfig
-from llm_sae.train import TrainConfig, Trainer, build_sae, lr_factor, train
+from llm_sae.sae.formats.native import load_sae
+from llm_sae.sources.synthetic import SyntheticActivations, SyntheticConfig
+from llm_sae.train.config import TrainConfig, lr_factor
+from llm_sae.train.run import build_sae, train
+from llm_sae.train.trainer import Trainer
 
 D, N, K, B = 16, 64, 4, 256
 DATA = SyntheticConfig(d_in=D, n_features=32, mean_active=3, seed=0)
@@ -106,7 +108,7 @@ def test_auxk_revives_dead_latents(method):
     _kill_latents(sae, dead, "weak")
     for x_BD in data.batches(B, 300):
         trainer.step(x_BD)
-    revived = float((trainer.tokens_since_fired_N[dead] < 10 * B).float().mean())
+    revived = float((trainer.dead.tokens_since_fired_N[dead] < 10 * B).float().mean())
     if method == "auxk":
         assert revived >= 0.5
     else:  # without AuxK they get no gradient; at most a stray one drifts back in
@@ -126,12 +128,12 @@ def test_resampling_revives_dead_latents(method):
     _kill_latents(sae, dead, "negative")
     for x_BD in data.batches(B, 200):
         trainer.step(x_BD)
-    revived = float((trainer.tokens_since_fired_N[dead] < 20 * B).float().mean())
+    revived = float((trainer.dead.tokens_since_fired_N[dead] < 20 * B).float().mean())
     if method == "resample":
-        assert trainer.n_resampled >= 16 and revived >= 0.5
+        assert trainer.dead.n_resampled >= 16 and revived >= 0.5
         assert float(sae.W_enc[dead].detach().norm(dim=1).mean()) < float(sae.W_enc[16:].detach().norm(dim=1).mean())
     else:
-        assert revived == 0.0 and trainer.n_resampled == 0
+        assert revived == 0.0 and trainer.dead.n_resampled == 0
 
 
 def test_nonfinite_batches_skip_or_stop():
@@ -166,7 +168,7 @@ def test_lr_schedules():
 
 
 def make_store(path: Path, rows: int = 8192, scale: float = 7.0) -> Path:
-    from llm_sae.store import StoreWriter
+    from llm_sae.store.writer import StoreWriter
 
     data = SyntheticActivations(DATA)
     with StoreWriter(path, meta={"d_in": D, "dtype": "float32", "hook": "synthetic"}) as w:
@@ -231,7 +233,7 @@ def test_exact_resume_after_sigkill(store_dir, tmp_path):
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert not (killed / "sae.safetensors").exists()
-    from llm_sae.train import find_checkpoint, read_checkpoint_meta
+    from llm_sae.train.checkpoint import find_checkpoint, read_checkpoint_meta
 
     ckpt = find_checkpoint(killed)
     assert ckpt is not None and 0 < read_checkpoint_meta(ckpt)["step"] < 120
@@ -249,7 +251,7 @@ def test_resume_refuses_other_width_and_corrupt_checkpoint(store_dir, tmp_path):
     train(TrainConfig(**base))
     with pytest.raises(CheckpointError, match="n_latents=64 but this run has n_latents=128"):
         train(TrainConfig(**{**base, "n_latents": 2 * N}))
-    state = out / "checkpoint" / "state.pt"
+    state = out / "checkpoint" / "state.safetensors"
     blob = bytearray(state.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     state.write_bytes(bytes(blob))
@@ -261,7 +263,7 @@ def test_resume_refuses_other_width_and_corrupt_checkpoint(store_dir, tmp_path):
 
 
 def test_bad_store_and_config_errors(tmp_path, store_dir):
-    from llm_sae.store import StoreWriter
+    from llm_sae.store.writer import StoreWriter
 
     with pytest.raises(StoreError, match="harvest"):
         train(TrainConfig(store=str(tmp_path / "missing"), out=str(tmp_path / "o")))
@@ -281,3 +283,35 @@ def test_cli_help_and_error_exit(store_dir, tmp_path):
         main(["train", "--help"])
     assert main(["train", "--store", str(store_dir), "--out", str(tmp_path / "o"),
                  "--n-latents", "8", "--k", "8"]) == 1
+
+
+def test_checkpoint_holds_no_pickle_and_a_pickled_one_cannot_run_code(store_dir, tmp_path):
+    """A run folder handed over by someone else must not run their code on resume: the
+    checkpoint is safetensors + JSON, and a release-0.1 ``state.pt`` is read by torch's
+    weights-only unpickler, which refuses anything but tensors and plain containers."""
+    import hashlib
+    import pickle
+
+    out = tmp_path / "o"
+    base = dict(store=str(store_dir), out=str(out), arch="topk", k=K, tokens=20 * B, batch_size=B,
+                device="cpu", n_latents=N)
+    train(TrainConfig(**base))
+    ckpt = out / "checkpoint"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "state.safetensors"]
+    assert b"\x80" not in (ckpt / "meta.json").read_bytes()[:2]  # JSON, not a pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    blob = pickle.dumps({"sae": Evil()})
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta.update(format=1, sha256=hashlib.sha256(blob).hexdigest())
+    (ckpt / "state.safetensors").unlink()
+    (ckpt / "state.pt").write_bytes(blob)
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="cannot restore"):
+        train(TrainConfig(**{**base, "tokens": 40 * B}))
+    assert not marker.exists()

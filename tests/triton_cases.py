@@ -15,8 +15,9 @@ import os
 import pytest
 import torch
 
-from llm_sae import kernels, triton_kernels
-from llm_sae.kernels import dense_topk_decode, dense_topk_encode, topk_decode, topk_encode
+from llm_sae.kernels import topk as kernels_topk
+from llm_sae.kernels import triton as triton_kernels
+from llm_sae.kernels.topk import dense_topk_decode, dense_topk_encode, topk_decode, topk_encode
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="triton is not installed"
@@ -182,7 +183,7 @@ def test_torch_path_unchanged_without_the_flag(monkeypatch):
     monkeypatch.setattr(triton_kernels, "decode_forward", None)  # would raise if called
     params = _params(2)
     xh, _ = _step(topk_encode, topk_decode, params, K)
-    assert not kernels._use_triton(params[3])
+    assert not kernels_topk.use_triton(params[3])
     torch.testing.assert_close(
         xh,
         dense_topk_decode(

@@ -1,0 +1,1 @@
+"""Built-in benchmarks: ``llm-sae bench recovery`` (ground-truth feature recovery)."""

@@ -1,0 +1,1 @@
+"""The lowest layer: atomic files and checksums, devices, threads, fault points, PNG."""

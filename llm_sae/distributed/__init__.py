@@ -1,0 +1,1 @@
+"""More than one process: torchrun set-up, collectives, and the trainer's parallel strategies."""

@@ -1,0 +1,166 @@
+"""``evaluate``: one SAE or several on one store."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llm_sae.common.device import resolve_device
+from llm_sae.config import ConfigError, to_dict
+from llm_sae.errors import StoreError
+from llm_sae.evaluate.amortization import amortization_gap
+from llm_sae.evaluate.config import EvalConfig, EvalError
+from llm_sae.evaluate.downstream import downstream_metrics, eval_contexts
+from llm_sae.evaluate.report import write_report
+from llm_sae.evaluate.stats import ReconstructionStats, quantiles
+
+
+def _names(paths: list[str]) -> list[str]:
+    names: list[str] = []
+    for p in paths:
+        base = Path(p).resolve().name or str(p)
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}#{i}", i + 1
+        names.append(name)
+    return names
+
+
+@torch.no_grad()
+def evaluate_saes(
+    saes: dict[str, Any], store: Any, cfg: EvalConfig, *, model: Any = None
+) -> dict[str, Any]:
+    """Evaluate already-loaded SAE(-like) objects (``encode``/``decode``) on a store.
+
+    ``model`` (a TransformerBridge) is needed only for the downstream metrics; ``evaluate``
+    loads it from the store's manifest.
+    """
+    from tqdm.auto import tqdm
+
+    n = store.n_rows
+    if n == 0:
+        raise StoreError(f"the store at {store.path} has no rows to evaluate")
+    start = max(0, n - cfg.eval_rows)
+    device = next(iter(saes.values())).W_dec.device if all(hasattr(s, "W_dec") for s in saes.values()) else torch.device("cpu")
+    report: dict[str, Any] = {
+        "store": str(store.path), "model": store.model, "hook": store.hook,
+        "eval_rows": {"start": start, "stop": n, "note": "the store's last rows; see --eval-rows"},
+        "config": to_dict(cfg), "saes": {},
+    }
+    stats = {}
+    for name, sae in saes.items():
+        N = _n_latents(sae, store.d_in)
+        stats[name] = ReconstructionStats(N, cfg.active_threshold)
+    bar = tqdm(total=n - start, disable=not cfg.progress, desc="reconstruction", unit="row", file=sys.stderr)
+    for s in range(start, n, cfg.batch_size):
+        e = min(n, s + cfg.batch_size)
+        x_BD = store.acts(s, e).to(device, torch.float32)
+        tok_B = store.token_ids(s, e)
+        for name, sae in saes.items():
+            stats[name].add(sae, x_BD, tok_B)
+        bar.update(e - s)
+    bar.close()
+    per_feature = {}
+    for name, sae in saes.items():
+        st = stats[name]
+        entry = {"arch": getattr(getattr(sae, "cfg", None), "arch", type(sae).__name__),
+                 "n_latents": st.N, "k": getattr(getattr(sae, "cfg", None), "k", None)}
+        entry.update(st.summary(cfg.dense_threshold))
+        pf = st.per_feature()
+        per_feature[name] = pf
+        if "selectivity_gini" in pf:
+            g = np.array([x for x in pf["selectivity_gini"] if x is not None])
+            sh = np.array([x for x in pf["top_token_share"] if x is not None])
+            entry["selectivity"] = {"gini": quantiles(g), "top_token_share": quantiles(sh),
+                                    "n_token_ids": int(torch.unique(torch.cat(st._tok_counts)).numel())}
+        report["saes"][name] = entry
+    if cfg.amortization:
+        m = min(cfg.amortization_rows, n - start)
+        x_BD = store.acts(start, start + m).to(device, torch.float32)
+        for name, sae in saes.items():
+            report["saes"][name]["amortization"] = amortization_gap(
+                sae, x_BD, iters=cfg.fista_iters, tau=cfg.active_threshold
+            )
+    if cfg.downstream and model is not None:
+        tok = model.tokenizer
+        contexts, info = eval_contexts(store, tok, cfg, getattr(model.cfg, "n_ctx", None))
+        special = store.manifest.get("special_token_ids")
+        if special is None:
+            special = [t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None]
+        ds = downstream_metrics(
+            model, store.hook, saes, contexts, mean_D=store.mean, special_ids=special,
+            exclude_special=cfg.exclude_special, batch_size=cfg.model_batch_size, progress=cfg.progress,
+        )
+        per_sae = ds.pop("saes")
+        report["downstream"] = {**ds, "text": info}
+        for name in saes:
+            report["saes"][name]["downstream"] = per_sae[name]
+    report["per_feature"] = per_feature
+    return report
+
+
+def _n_latents(sae: Any, d_in: int) -> int:
+    n = getattr(sae, "n_latents", None)
+    if n is not None:
+        return int(n)
+    with torch.no_grad():
+        dev = sae.W_dec.device if hasattr(sae, "W_dec") else "cpu"
+        return int(sae.encode(torch.zeros(1, d_in, device=dev)).shape[-1])
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Load the SAEs (and the model), evaluate, write eval.json/eval.txt/frontier.png."""
+    from llm_sae.sae.formats.native import load_sae
+    from llm_sae.store.store import open_store
+
+    if not cfg.sae:
+        raise ConfigError("give at least one --sae DIR")
+    if cfg.eval_rows <= 0 or cfg.batch_size <= 0:
+        raise ConfigError("--eval-rows and --batch-size must be positive")
+    store = open_store(cfg.store)
+    device = resolve_device(cfg.device)
+    saes = {}
+    for name, path in zip(_names(cfg.sae), cfg.sae, strict=True):
+        sae = load_sae(path, device=device)
+        if sae.d_in != store.d_in:
+            raise EvalError(
+                f"SAE {path} takes d_in={sae.d_in} but the store {cfg.store} holds d_in={store.d_in} "
+                f"(hook {store.hook}); evaluate it on a store of the hook it was trained on"
+            )
+        _check_hook(path, store)
+        saes[name] = sae
+    model = None
+    if cfg.downstream:
+        from llm_sae.lm.hooks import check_hooks, load_model
+
+        model_name = cfg.model or store.model
+        if not model_name or not store.hook:
+            raise EvalError(
+                f"the store at {cfg.store} does not name its model/hook; pass --model, or --no-downstream"
+            )
+        model = load_model(model_name, device=str(device))
+        check_hooks(model, [store.hook], model_name)
+    report = evaluate_saes(saes, store, cfg, model=model)
+    out = Path(cfg.out) if cfg.out else Path(cfg.sae[0]) / "eval"
+    write_report(report, out)
+    return report
+
+
+def _check_hook(sae_dir: str, store: Any) -> None:
+    """Warn when the SAE's training store was harvested at another hook than --store."""
+    tc = Path(sae_dir) / "train_cfg.json"
+    try:
+        train_store = json.loads(tc.read_text()).get("store")
+        m = json.loads((Path(train_store) / "manifest.json").read_text())
+    except (OSError, ValueError, TypeError, AttributeError):
+        return
+    if m.get("hook") and store.hook and m["hook"] != store.hook:
+        warnings.warn(
+            f"SAE {sae_dir} was trained at hook {m['hook']} but --store is at {store.hook}", stacklevel=2
+        )

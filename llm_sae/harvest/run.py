@@ -1,0 +1,190 @@
+"""The harvest: text → model → one store per hook, resumable and crash-safe."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llm_sae.common.atomic import write_json_atomic
+from llm_sae.common.device import resolve_device
+from llm_sae.common.dtypes import dtype_name
+from llm_sae.errors import DataError, ModelError, StoreError
+from llm_sae.harvest.config import HarvestConfig
+from llm_sae.harvest.loop import run_loop
+from llm_sae.lm.hooks import check_hooks, load_model, run_to_hooks, stop_layer
+from llm_sae.lm.text import dataset_spec, iter_documents, pack_contexts
+from llm_sae.store.format import MANIFEST, settings_diff
+from llm_sae.store.writer import StoreWriter
+
+
+def merge_rank_manifests(out: Path, world: int) -> dict[str, Any]:
+    """Rank 0's job at the end of a distributed harvest: one manifest for all ranks' shards."""
+    parts = [json.loads((out / f"manifest.rank{r}.json").read_text()) for r in range(world)]
+    m = dict(parts[0])
+    m["shards"] = [s for p in parts for s in p["shards"]]
+    m["n_rows"] = sum(p["n_rows"] for p in parts)
+    m["n_sequences"] = sum(p["n_sequences"] for p in parts)
+    m["next_sequence_id"] = max(p["next_sequence_id"] for p in parts)
+    # Where the text was left: the rank that took the last batch got furthest.
+    furthest = max((p["progress"] for p in parts), key=lambda q: q.get("contexts", 0))
+    m["progress"] = {**furthest, "ranks": [p["progress"] for p in parts]}
+    count = sum(p["stats"]["count"] for p in parts)
+    sum_norm = sum(p["stats"]["sum_norm"] for p in parts)
+    sum_x = np.sum([np.asarray(p["stats"]["sum"]) for p in parts], axis=0)
+    m["stats"] = {
+        "count": count, "sum_norm": sum_norm, "sum": sum_x.tolist(),
+        "mean_norm": sum_norm / max(count, 1), "mean": (sum_x / max(count, 1)).tolist(),
+    }
+    m["complete"] = all(p["complete"] for p in parts)
+    write_json_atomic(out / MANIFEST, m)
+    return m
+
+
+def store_dirs(cfg: HarvestConfig) -> dict[str, Path]:
+    """Where each hook's store goes: ``out`` itself for one hook, ``out/<hook>`` for several."""
+    hooks = _hooks(cfg)
+    out = Path(cfg.out)
+    return {hooks[0]: out} if len(hooks) == 1 else {h: out / h for h in hooks}
+
+
+def _hooks(cfg: HarvestConfig) -> list[str]:
+    hooks = [cfg.hook] if isinstance(cfg.hook, str) else list(cfg.hook)
+    hooks = [h for part in hooks for h in part.split(",") if h]
+    if not hooks:
+        raise ModelError("no hook given; pass --hook blocks.L.hook_resid_post (or another hook point)")
+    if len(set(hooks)) != len(hooks):
+        raise ModelError(f"hook names repeat in {hooks}; give each once")
+    return hooks
+
+
+def _settings(cfg: HarvestConfig, world: int) -> dict[str, Any]:
+    """Settings that decide what a store holds; a resumed run must match them."""
+    return {
+        "tokens": int(cfg.tokens),
+        "skip_special": bool(cfg.skip_special),
+        "model_dtype": dtype_name(cfg.model_dtype),
+        "world_size": world,
+    }
+
+
+def _existing(dirs: dict[str, Path], metas: dict[str, dict], manifest_name: str) -> dict[str, dict]:
+    """Manifests already on disk; StoreError naming any setting that differs."""
+    found = {}
+    for h, d in dirs.items():
+        p = d / manifest_name
+        if not p.exists():
+            continue
+        m = json.loads(p.read_text())
+        diffs = settings_diff(m, metas[h])
+        if diffs:
+            raise StoreError(
+                f"{d} holds a store made with other settings: {'; '.join(diffs)}. Rerun with "
+                "the original settings to resume it, or choose another --out"
+            )
+        found[h] = m
+    return found
+
+
+def harvest(cfg: HarvestConfig) -> dict[str, Path]:
+    """Run the harvest; returns {hook: store directory}. Resumes a killed run."""
+    hooks = _hooks(cfg)
+    if cfg.tokens <= 0:
+        raise DataError(f"--tokens must be positive, got {cfg.tokens}")
+    from llm_sae.distributed.env import init_from_env
+
+    rank, world = init_from_env()
+    dirs = store_dirs(cfg)
+    manifest_name = MANIFEST if world == 1 else f"manifest.rank{rank}.json"
+    prefix = "shard" if world == 1 else f"shard-r{rank}"
+    say = (lambda *a: print(*a, file=sys.stderr)) if rank == 0 else (lambda *a: None)
+
+    # Finished already? Decide before loading the model, which is the slow part.
+    if all((d / MANIFEST).exists() for d in dirs.values()):
+        done = {h: json.loads((d / MANIFEST).read_text()) for h, d in dirs.items()}
+        if all(m.get("complete") for m in done.values()):
+            spec = dataset_spec(cfg.dataset, config=cfg.dataset_config, split=cfg.split,
+                                text_column=cfg.text_column)
+            for h, m in done.items():
+                want = {"hook": h, "context_length": cfg.context_length, "dataset": spec,
+                        "harvest": _settings(cfg, world), "dtype": dtype_name(cfg.dtype), "model": cfg.model}
+                diffs = settings_diff(m, want)
+                if diffs:
+                    raise StoreError(
+                        f"{dirs[h]} holds a finished store made with other settings: "
+                        f"{'; '.join(diffs)}. Choose another --out"
+                    )
+            say(f"harvest: {', '.join(str(d) for d in dirs.values())} already complete "
+                f"({cfg.tokens:,} tokens per hook); nothing to do")
+            return dirs
+
+    device = str(resolve_device(cfg.device, per_rank=world > 1))
+    model = load_model(cfg.model, device=device, dtype=cfg.model_dtype)
+    check_hooks(model, hooks, cfg.model)
+    tok = model.tokenizer
+    if tok is None:
+        raise ModelError(f"model {cfg.model!r} has no tokenizer; save one next to the model")
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx and cfg.context_length > n_ctx:
+        raise DataError(f"--context-length {cfg.context_length} exceeds the model's {n_ctx} positions; use at most {n_ctx}")
+    stop = stop_layer(model, hooks)
+    special = sorted({t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None})
+
+    # One probe forward tells each hook's width, whatever kind of hook it is.
+    probe = run_to_hooks(model, torch.tensor([[special[0] if special else 0] * 2], device=device), hooks, stop)
+    spec = dataset_spec(cfg.dataset, config=cfg.dataset_config, split=cfg.split, text_column=cfg.text_column)
+    metas = {
+        h: {
+            "d_in": int(probe[h].shape[-1]),
+            "dtype": dtype_name(cfg.dtype),
+            "model": cfg.model,
+            "hook": h,
+            "context_length": int(cfg.context_length),
+            "tokenizer": getattr(tok, "name_or_path", None),
+            "dataset": spec,
+            "harvest": _settings(cfg, world),
+            "special_token_ids": special,
+            **({"extra": cfg.extra} if cfg.extra else {}),
+        }
+        for h in hooks
+    }
+    for h, x in probe.items():
+        if x.ndim != 3:
+            raise ModelError(f"hook {h!r} gives activations of shape {tuple(x.shape)}; only [batch, pos, d] hooks can be stored")
+    existing = _existing(dirs, metas, manifest_name)
+    if not existing:
+        # Fail on unusable text before any store directory is created.
+        docs = iter_documents(cfg.dataset, config=cfg.dataset_config, split=cfg.split,
+                              text_column=cfg.text_column, streaming=cfg.streaming)
+        if next(pack_contexts(docs, tok, cfg.context_length), None) is None:
+            raise DataError(
+                f"dataset {spec['name']!r} gives no complete context of {cfg.context_length} "
+                "tokens: it is empty or too short; give more text or a smaller --context-length"
+            )
+    writers = {
+        h: StoreWriter(dirs[h], metas[h], mode="resume" if h in existing else "new",
+                       shard_rows=cfg.shard_rows, prefix=prefix, manifest_name=manifest_name)
+        for h in hooks
+    }
+    try:
+        run_loop(cfg, model, hooks, writers, tok, special, stop, device, rank, world, say)
+    except BaseException:
+        # Keep every row already appended: committed shards stay, buffered rows are written
+        # with their progress so a rerun continues after them.
+        for w in writers.values():
+            try:
+                w.close(complete=False)
+            except Exception:
+                w.abort()
+        raise
+    if world > 1:
+        torch.distributed.barrier()
+        if rank == 0:
+            for d in dirs.values():
+                merge_rank_manifests(d, world)
+        torch.distributed.barrier()
+    return dirs

@@ -1,0 +1,77 @@
+"""``llm-sae export``: an SAE or an analysis in another library's format."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_sae.config import ConfigError, add_arguments, from_args
+from llm_sae.interop.neuronpedia import export_neuronpedia
+from llm_sae.interop.saelens import export_saelens
+
+
+@dataclass
+class ExportConfig:
+    """Write an SAE in SAELens's format, or an analysis in Neuronpedia's batch JSONL format."""
+
+    format: str
+    """Target format: saelens (needs --sae) or neuronpedia (needs --analysis)."""
+    out: str
+    """Output directory."""
+    sae: str | None = None
+    """Saved SAE directory to export (for --format saelens)."""
+    analysis: str | None = None
+    """Analysis directory (`llm-sae analyze --out`) to export (for --format neuronpedia)."""
+    hook_name: str | None = None
+    """saelens: metadata.hook_name (default: the hook of the store the SAE was trained on)."""
+    model_name: str | None = None
+    """Model name: SAELens metadata.model_name, Neuronpedia's modelId (default: from the store or analysis)."""
+    layer: int | None = None
+    """neuronpedia: layer number of the source id (default: parsed from blocks.L.* hooks)."""
+    source_set: str = "llm-sae"
+    """neuronpedia: source set name; the source id is LAYER-SOURCE_SET."""
+    release: str = "llm-sae"
+    """neuronpedia: release name."""
+    creator_name: str = "llm_sae"
+    """neuronpedia: creator name written into the records."""
+    creator_id: str = "llm-sae"
+    """neuronpedia: creatorId written into the records (Neuronpedia's importer maps it to a user)."""
+    features_per_batch: int = 1000
+    """neuronpedia: features per batch-i.jsonl.gz file."""
+
+
+def export(cfg: ExportConfig) -> Path:
+    """Run one export; returns the directory written."""
+    if cfg.format == "saelens":
+        if not cfg.sae:
+            raise ConfigError("--format saelens needs --sae DIR (a saved SAE)")
+        return export_saelens(cfg.sae, cfg.out, hook_name=cfg.hook_name, model_name=cfg.model_name)
+    if cfg.format == "neuronpedia":
+        if not cfg.analysis:
+            raise ConfigError(
+                "--format neuronpedia needs --analysis DIR (the output of `llm-sae analyze`)"
+            )
+        return export_neuronpedia(
+            cfg.analysis,
+            cfg.out,
+            model_id=cfg.model_name,
+            layer=cfg.layer,
+            source_set=cfg.source_set,
+            release=cfg.release,
+            creator_name=cfg.creator_name,
+            creator_id=cfg.creator_id,
+            features_per_batch=cfg.features_per_batch,
+        )
+    raise ConfigError(f"unknown --format {cfg.format!r}; choose saelens or neuronpedia")
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser, ExportConfig)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = from_args(ExportConfig, args)
+    out = export(cfg)
+    print(f"wrote {cfg.format} export to {out}")
+    return 0

@@ -1,0 +1,270 @@
+"""An exact float32 TopK encoder forward on CPU that runs its dense matmul in bfloat16.
+
+The encoder's only dense work is s = x W_encᵀ + b_enc, and TopK keeps k of its n columns.
+On CPUs with bfloat16 dot-product units (``avx512_bf16``, ``amx_bf16``) a bfloat16 matmul
+runs ~2.2× faster than a float32 one, so the forward screens with bfloat16 and keeps the
+float32 answer:
+
+1. screen: s̃ = bf16(x)·bf16(W_enc)ᵀ + b_enc (float32 accumulation, bfloat16 output) in
+   row slabs, and its top-(k+m) columns per row as candidates;
+2. exact: the float32 pre-activations x·w_j + b_j of the k+m candidates only (a sampled
+   dot product, 2·(k+m)·d FLOPs per row) and their top k;
+3. verify: a rigorous bound e_t ≥ |s̃_tj − (x_t·w_j + b_j)| (rounding of x, W and b to
+   bfloat16, float32 accumulation, rounding of the output; see ``_screen_slab``) certifies
+   a row when its k-th exact candidate value exceeds the (k+m)-th screened value (an upper
+   bound of every non-candidate's screened value) plus e_t: no latent outside the
+   candidates can then reach the top k. Rows that fail are recomputed in float32 over all
+   n latents, the reference path, and counted in ``STATS``.
+
+So the selection equals the float32 top-k (up to ties within float32 rounding, which any
+float32 summation order has), and the values are float32 dot products. ``LLM_SAE_SCREEN``
+= 0 turns the screen off, = 1 forces it on where the CPU flags are missing (for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+
+import torch
+from torch import Tensor
+
+from llm_sae.kernels import sparse_ops
+
+# Extra candidates per row beyond k: more means fewer rows fail verification but a
+# slower top-(k+m) and more exact dot products. Measured at k=32, n=24576, d=768 on an SAE
+# after 300 steps on synthetic data: m = 8, 16, 32, 64 fail 99%, 69%, 1.8%, 0% of rows;
+# a failed row costs ~20× what 32 more candidates do, so 32 is about the optimum. Fixed,
+# not adapted at run time, so that which rows fall back (and so the last bits of their
+# values) depends only on the inputs: resumed runs stay bit-identical.
+MARGIN = 32
+# The screen pays off only when the candidates are a small part of the n latents.
+_MIN_RATIO = 8
+
+_U = 2.0**-8  # bfloat16 unit roundoff (8 significand bits, round to nearest)
+_U32 = 2.0**-24  # float32 unit roundoff
+_TINY = 2.0**-100  # absolute slack: bfloat16 dot-product units flush subnormals to zero
+# Multiplies the whole error bound: 1 is the proof, tests set 0 to see it matters.
+_BOUND_SCALE = 1.0
+
+STATS = {"rows": 0, "fallback_rows": 0}
+"""Rows screened and rows recomputed in float32 because verification failed (cumulative)."""
+
+
+def reset_stats() -> None:
+    STATS.update(rows=0, fallback_rows=0)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True where /proc/cpuinfo lists a bfloat16 dot-product unit (Linux only)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def use_screen(x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) -> bool:
+    """Whether ``TopKEncode.forward`` should take the bfloat16-screened path."""
+    env = os.environ.get("LLM_SAE_SCREEN", "")
+    if env == "0":
+        return False
+    if not (
+        x_BD.device.type == "cpu"
+        and x_BD.dtype == W_enc_ND.dtype == b_enc_N.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and k + MARGIN < W_enc_ND.shape[0]
+    ):
+        return False
+    if env == "1":
+        return True
+    return W_enc_ND.shape[0] >= _MIN_RATIO * (k + MARGIN) and cpu_has_fast_bf16()
+
+
+def _gamma(n: int) -> float:
+    """Higham's γ_n bound on float32 summation of n terms, doubled for any blocked or
+    paired accumulation order a matmul kernel may use."""
+    return 2 * n * _U32 / (1 - 2 * n * _U32)
+
+
+class _WeightCopy(threading.local):
+    """bf16 [W_enc | b_hi | b_lo] and its error constants, in one buffer kept across calls.
+
+    The bias rides in the matmul as two extra columns (its bfloat16 head and the bfloat16
+    rounding of the rest) against two ones in x, so the screen includes it to ~2^-16
+    relative without a pass over the [B, N] output; 770 columns cost what 768 do.
+
+    The copy is remade on every call (~15 ms at n=24576, d=768, against ~600 ms for the
+    forward): keying it on (data_ptr, _version) is not safe, because fused and foreach
+    optimisers and writes through ``.data`` change W without bumping its version counter,
+    and a stale copy would void the error bound.
+    """
+
+    def __init__(self) -> None:
+        self.Wa_ND2: Tensor | None = None
+
+    def make(self, W_ND: Tensor, b_N: Tensor) -> tuple[Tensor, tuple[float, float, float, float]]:
+        N, D = W_ND.shape
+        Wa = self.Wa_ND2
+        if Wa is None or Wa.shape != (N, D + 2):
+            self.Wa_ND2 = None  # free the old copy before making the new one
+            Wa = self.Wa_ND2 = torch.empty(N, D + 2, dtype=torch.bfloat16)
+        Wa[:, D].copy_(b_N)
+        Wa[:, D + 1].copy_(b_N - Wa[:, D].float())
+        # One pass over W in cache-sized row blocks: cast, and the max over latents of
+        # ‖w_j − bf16(w_j)‖ and of ‖[bf16(w_j), b_hi, b_lo]‖ (so ‖w_j‖ ≤ wa + dw).
+        dw = wa = 0.0
+        step = max(1, 2**18 // max(1, D))
+        for s in range(0, N, step):
+            e = min(N, s + step)
+            W_blk = W_ND[s:e]
+            Wa[s:e, :D].copy_(W_blk)
+            Wa_f = Wa[s:e].float()
+            wa = max(wa, float(Wa_f.norm(dim=1).max()))
+            dw = max(dw, float(Wa_f[:, :D].sub_(W_blk).norm(dim=1).max()))
+        b_max = float(b_N.abs().max()) if N else 0.0
+        return Wa, (dw, wa, wa + dw, b_max)
+
+
+_WEIGHTS = _WeightCopy()
+
+
+class _Slab(threading.local):
+    """One reusable byte buffer per thread for the bfloat16 screen slab (and, viewed as
+    float32, the rows that fall back)."""
+
+    def __init__(self) -> None:
+        self.buf: Tensor | None = None
+
+    def get(self, nbytes: int) -> Tensor:
+        if self.buf is None or self.buf.numel() < nbytes:
+            self.buf = None
+            self.buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self.buf
+
+
+_SLAB = _Slab()
+
+
+def clear() -> None:
+    """Free the bfloat16 weight copy and the slab buffer."""
+    _WEIGHTS.__init__()
+    _SLAB.buf = None
+
+
+def _slab_rows(N: int, D: int) -> int:
+    """Rows per screen slab: the bfloat16 weight copy counts against the float32 path's
+    slab budget, so the screen's resident memory is no more than the path it replaces."""
+    budget = sparse_ops.FWD_CHUNK_BYTES.get("cpu", sparse_ops.FWD_CHUNK_BYTES_DEFAULT)
+    left = budget - N * (D + 2) * 2
+    return max(64, left // (2 * N))
+
+
+def screened_topk(
+    x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int, vals_BK: Tensor, idx_BK: Tensor
+) -> int:
+    """Fill vals_BK / idx_BK with the float32 top-k of x W_encᵀ + b_enc (pre-ReLU) per row;
+    returns how many rows fell back to the float32 matmul."""
+    B, D = x_BD.shape
+    N = W_enc_ND.shape[0]
+    M = k + MARGIN
+    if B == 0:
+        return 0
+    x_BD = x_BD.contiguous()
+    Wa_ND2, consts = _WEIGHTS.make(W_enc_ND, b_enc_N)
+    rows = min(B, _slab_rows(N, D))
+    buf = _SLAB.get(rows * N * 2)
+    xa_CD2 = torch.empty(rows, D + 2, dtype=torch.bfloat16)
+    xa_CD2[:, D:] = 1
+    bad = []
+    for s in range(0, B, rows):
+        e = min(B, s + rows)
+        bad_C = _screen_slab(
+            x_BD[s:e], W_enc_ND, b_enc_N, Wa_ND2, consts, k, M,
+            xa_CD2[: e - s], buf, vals_BK[s:e], idx_BK[s:e],
+        )  # fmt: skip
+        if bad_C.numel():
+            bad.append(bad_C + s)
+    # The failed rows of all slabs together: each float32 pass reads all of W_enc.
+    bad_R = torch.cat(bad) if bad else idx_BK.new_empty(0)
+    if bad_R.numel():
+        _fallback(x_BD, W_enc_ND, b_enc_N, k, bad_R, buf, vals_BK, idx_BK)
+    STATS["rows"] += B
+    STATS["fallback_rows"] += bad_R.numel()
+    return bad_R.numel()
+
+
+def _screen_slab(
+    x_CD: Tensor,
+    W_ND: Tensor,
+    b_N: Tensor,
+    Wa_ND2: Tensor,
+    consts: tuple[float, float, float, float],
+    k: int,
+    M: int,
+    xa_CD2: Tensor,
+    buf: Tensor,
+    vals_CK: Tensor,
+    idx_CK: Tensor,
+) -> Tensor:
+    """Screen, then the exact top k of the candidates into vals/idx; returns the rows
+    (slab-relative) that verification did not certify."""
+    C, D = x_CD.shape
+    N = W_ND.shape[0]
+    dw, wa, w, b_max = consts
+    xa_CD2[:, :D].copy_(x_CD)
+    s_CN = buf[: C * N * 2].view(torch.bfloat16).view(C, N)
+    torch.mm(xa_CD2, Wa_ND2.t(), out=s_CN)
+    s_CM, cand_CM = s_CN.topk(M, dim=1, sorted=False)
+    T_C = s_CM.min(dim=1).values.float()  # ≥ every non-candidate's screened value
+
+    # Exact float32 pre-activations of the candidates and their top k.
+    v_CM = sparse_ops.gathered_dot(W_ND, cand_CM, x_CD, 1).add_(b_N[cand_CM])
+    top_CK, pos_CK = v_CM.topk(k, dim=1, sorted=False)
+    torch.gather(cand_CM, 1, pos_CK, out=idx_CK)
+    vals_CK.copy_(top_CK)
+
+    # Bound on every non-candidate j's real pre-activation p_j = x·w_j + b_j. Its screened
+    # value is bf16(a_j) ≤ T for the float32 accumulator a_j (torch's CPU bfloat16 matmul,
+    # oneDNN's or its own, accumulates in float32 and rounds once, at the end), and
+    # rounding is monotone, so a_j ≤ T + u|T|. a_j is x̃a·w̃a_j (x̃ = bf16(x), w̃a_j = [bf16(w_j), b_hi, b_lo]) to
+    # within γ_{D+2}·‖x̃a‖‖w̃a_j‖, and x̃a·w̃a_j − p_j = −δx·w̃_j − x·δw_j + (b_hi + b_lo − b_j)
+    # with δx = x − x̃, δw_j = w_j − w̃_j: Cauchy–Schwarz with the norms measured, and
+    # |b_j − b_hi − b_lo| ≤ u²|b_j|.
+    x_C = x_CD.norm(dim=1)
+    dx_C = (xa_CD2[:, :D].float() - x_CD).norm(dim=1)
+    xa_C = (xa_CD2.float().pow(2).sum(dim=1)).sqrt()
+    err_C = (
+        T_C.abs() * _U
+        + xa_C * (wa * _gamma(D + 2))
+        + dx_C * wa
+        + x_C * dw
+        + (2 * _U * _U * b_max + _TINY)
+    )
+    # The candidates' float32 values are within γ_{D+1}(‖x‖‖w_j‖ + |b_j|) of the real ones.
+    err_C += (x_C * w + b_max) * _gamma(D + 1)
+    err_C *= _BOUND_SCALE * (1 + 2**-10)  # and slack for computing the bound in float32
+    kth_C = top_CK.min(dim=1).values
+    return (~(kth_C > T_C + err_C)).nonzero().view(-1)  # NaN/inf rows fail too
+
+
+def _fallback(
+    x_BD: Tensor, W_ND: Tensor, b_N: Tensor, k: int, rows_R: Tensor, buf: Tensor,
+    vals_BK: Tensor, idx_BK: Tensor,
+) -> None:  # fmt: skip
+    """The float32 reference for the given rows, in the slab buffer viewed as float32."""
+    N = W_ND.shape[0]
+    step = max(1, buf.numel() // (4 * N))
+    for s in range(0, rows_R.numel(), step):
+        r = rows_R[s : s + step]
+        pre_RN = buf[: r.numel() * N * 4].view(torch.float32).view(r.numel(), N)
+        torch.addmm(b_N, x_BD[r], W_ND.t(), out=pre_RN)
+        v_RK, i_RK = torch.topk(pre_RN, k, dim=1, sorted=False)
+        vals_BK[r] = v_RK
+        idx_BK[r] = i_RK

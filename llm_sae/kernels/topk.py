@@ -1,0 +1,178 @@
+"""TopK encode and decode as autograd functions whose backward touches only the k active latents."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from llm_sae.kernels import screen
+from llm_sae.kernels.sparse_ops import (
+    PRE_ACTS,
+    chunk_rows,
+    fwd_chunk_rows,
+    gathered_dot,
+    record_weight_grad,
+    sparse_t_dense,
+    weighted_row_sum,
+)
+
+
+# Triton dispatch: the kernels live in llm_sae/kernels/triton.py; the torch code here stays
+# the reference they are tested against. CUDA tensors take the Triton path whenever triton
+# imports; CPU tensors only under LLM_SAE_TRITON=1 TRITON_INTERPRET=1.
+def use_triton(t: Tensor) -> bool:
+    import llm_sae.kernels.triton as triton_kernels
+
+    return triton_kernels.usable_for(t)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type``, or None outside autocast."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class TopKEncode(torch.autograd.Function):
+    """ReLU(x W_encᵀ + b_enc) restricted to its top k entries; sparse backward."""
+
+    @staticmethod
+    def forward(ctx, x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int):  # type: ignore[override]
+        B, N = x_BD.shape[0], W_enc_ND.shape[0]
+        vals_BK = x_BD.new_empty(B, k)
+        idx_BK = torch.empty(B, k, dtype=torch.long, device=x_BD.device)
+
+        if screen.use_screen(x_BD, W_enc_ND, b_enc_N, k):
+            screen.screened_topk(x_BD, W_enc_ND, b_enc_N, k, vals_BK, idx_BK)
+            return TopKEncode._finish(ctx, x_BD, W_enc_ND, vals_BK, idx_BK)
+        chunk = fwd_chunk_rows(N, x_BD)
+        pre_CN = PRE_ACTS.get(min(chunk, B), N, x_BD)
+        W_enc_DN = W_enc_ND.t()
+        for s in range(0, B, chunk):
+            e = min(B, s + chunk)
+            torch.addmm(b_enc_N, x_BD[s:e], W_enc_DN, out=pre_CN[: e - s])
+            # top-k then ReLU on the k values equals ReLU then top-k (ReLU is monotone)
+            # and skips a dense pass over the pre-activations.
+            torch.topk(pre_CN[: e - s], k, dim=1, sorted=False, out=(vals_BK[s:e], idx_BK[s:e]))
+        return TopKEncode._finish(ctx, x_BD, W_enc_ND, vals_BK, idx_BK)
+
+    @staticmethod
+    def _finish(ctx, x_BD: Tensor, W_enc_ND: Tensor, vals_BK: Tensor, idx_BK: Tensor):
+        vals_BK.clamp_(min=0)  # non-positive winners become exact zeros
+        ctx.save_for_backward(x_BD, W_enc_ND, vals_BK, idx_BK)
+        ctx.mark_non_differentiable(idx_BK)
+        return vals_BK, idx_BK
+
+    @staticmethod
+    def backward(ctx, grad_vals_BK: Tensor, _grad_idx: Tensor | None):  # type: ignore[override]
+        x_BD, W_enc_ND, vals_BK, idx_BK = ctx.saved_tensors
+        # ReLU's derivative: zero where the winner was not positive.
+        g_BK = torch.where(vals_BK > 0, grad_vals_BK, 0).to(W_enc_ND.dtype)
+        if use_triton(W_enc_ND):  # Triton dispatch (see use_triton)
+            import llm_sae.kernels.triton as triton_kernels
+
+            need = ctx.needs_input_grad[:3]
+            return (*triton_kernels.encode_backward(x_BD, W_enc_ND, g_BK, idx_BK, need), None)
+        chunk = chunk_rows(idx_BK.shape[1], x_BD.shape[1], x_BD.element_size())
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = weighted_row_sum(W_enc_ND, idx_BK, g_BK)
+        if ctx.needs_input_grad[1] and not record_weight_grad(W_enc_ND, idx_BK, g_BK, x_BD):
+            grad_W = sparse_t_dense(idx_BK, g_BK, x_BD, W_enc_ND.shape[0], chunk)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W_enc_ND.shape[0], dtype=g_BK.dtype, device=g_BK.device)
+            grad_b.index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
+        return grad_x, grad_W, grad_b, None
+
+
+class TopKDecode(torch.autograd.Function):
+    """x_hat[b] = Σ_k vals[b, k] · W_dec[idx[b, k]]; sparse backward."""
+
+    @staticmethod
+    def forward(ctx, vals_BK: Tensor, idx_BK: Tensor, W_dec_ND: Tensor):  # type: ignore[override]
+        ctx.save_for_backward(vals_BK, idx_BK, W_dec_ND)
+        if use_triton(W_dec_ND):  # Triton dispatch (see use_triton)
+            import llm_sae.kernels.triton as triton_kernels
+
+            return triton_kernels.decode_forward(vals_BK, idx_BK, W_dec_ND)
+        return weighted_row_sum(W_dec_ND, idx_BK, vals_BK.to(W_dec_ND.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out_BD: Tensor):  # type: ignore[override]
+        vals_BK, idx_BK, W_dec_ND = ctx.saved_tensors
+        grad_out_BD = grad_out_BD.contiguous()
+        if use_triton(W_dec_ND):  # Triton dispatch (see use_triton)
+            import llm_sae.kernels.triton as triton_kernels
+
+            need = ctx.needs_input_grad
+            gv, gw = triton_kernels.decode_backward(
+                vals_BK, idx_BK, W_dec_ND, grad_out_BD, need[0], need[2]
+            )
+            return gv, None, gw
+        chunk = chunk_rows(idx_BK.shape[1], W_dec_ND.shape[1], W_dec_ND.element_size())
+        grad_vals = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_vals = gathered_dot(W_dec_ND, idx_BK, grad_out_BD, chunk).to(vals_BK.dtype)
+        if ctx.needs_input_grad[2]:
+            coef_BK = vals_BK.to(W_dec_ND.dtype)
+            if not record_weight_grad(W_dec_ND, idx_BK, coef_BK, grad_out_BD):
+                grad_W = sparse_t_dense(idx_BK, coef_BK, grad_out_BD, W_dec_ND.shape[0], chunk)
+        return grad_vals, None, grad_W
+
+
+def _check(name: str, t: Tensor, ndim: int) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def topk_encode(x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of ReLU(x W_encᵀ + b_enc) per row, as (vals_BK, idx_BK); sparse backward.
+
+    Values are ≥ 0 (a row with fewer than k positive pre-activations gets zeros), in no
+    particular order. Gradients flow to x, W_enc and b_enc through the k entries only.
+    """
+    _check("W_enc_ND", W_enc_ND, 2)
+    _check("b_enc_N", b_enc_N, 1)
+    lead = x_BD.shape[:-1]
+    if not 0 < k <= W_enc_ND.shape[0]:
+        raise ValueError(f"k={k} must be in 1..n_latents={W_enc_ND.shape[0]}")
+    x_BD = x_BD.reshape(-1, x_BD.shape[-1])
+    amp = _autocast_dtype(x_BD.device.type)
+    if amp is not None:
+        # Under autocast the encoder matmul runs in the autocast dtype (ops with out= are
+        # not autocast by torch), on cast copies of the float32 master weights; the casts'
+        # backward returns the gradients to the masters in float32.
+        x_BD, W_enc_ND, b_enc_N = x_BD.to(amp), W_enc_ND.to(amp), b_enc_N.to(amp)
+    vals_BK, idx_BK = TopKEncode.apply(x_BD, W_enc_ND, b_enc_N, k)
+    return vals_BK.view(*lead, k), idx_BK.view(*lead, k)
+
+
+def topk_decode(vals_BK: Tensor, idx_BK: Tensor, W_dec_ND: Tensor) -> Tensor:
+    """Σ_k vals[..., k] · W_dec[idx[..., k]] (no bias); sparse backward to vals and W_dec."""
+    _check("W_dec_ND", W_dec_ND, 2)
+    if vals_BK.shape != idx_BK.shape:
+        raise ValueError(f"vals {tuple(vals_BK.shape)} and idx {tuple(idx_BK.shape)} differ")
+    lead, K = vals_BK.shape[:-1], vals_BK.shape[-1]
+    x_BD = TopKDecode.apply(vals_BK.reshape(-1, K), idx_BK.reshape(-1, K), W_dec_ND)
+    return x_BD.view(*lead, W_dec_ND.shape[1])
+
+
+def dense_topk_encode(
+    x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """Reference for ``topk_encode``: plain autograd through a dense ReLU and ``torch.topk``."""
+    pre_BN = F.relu(x_BD @ W_enc_ND.t() + b_enc_N)
+    return pre_BN.topk(k, dim=-1, sorted=False)
+
+
+def dense_topk_decode(vals_BK: Tensor, idx_BK: Tensor, W_dec_ND: Tensor) -> Tensor:
+    """Reference for ``topk_decode``: scatter into dense [B, N] latents, then a dense matmul."""
+    z_BN = vals_BK.new_zeros(*vals_BK.shape[:-1], W_dec_ND.shape[0]).scatter(-1, idx_BK, vals_BK)
+    return z_BN @ W_dec_ND
+
+
+def clear_workspace() -> None:
+    """Free the cached pre-activation buffers (e.g. after training, before analysis)."""
+    PRE_ACTS.buf = None
+    screen.clear()

@@ -1,0 +1,61 @@
+"""What defines an SAE: its shape, its sparsity mechanism and that mechanism's knobs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from llm_sae.config import ConfigError
+from llm_sae.sae.archs import PARAMS
+from llm_sae.sae.registry import REGISTRY
+
+# The classic and modern architectures `llm-sae bench recovery` compares by default.
+ARCHS = ("topk", "batchtopk", "relu_l1", "jumprelu", "kl_sigmoid", "wta")
+
+
+@dataclass(kw_only=True)
+class CommonParams:
+    """What every SAE has: its shape, its architecture and its dead-latent loss."""
+
+    arch: str = "topk"
+    """SAE architecture: topk, batchtopk, relu_l1, jumprelu, kl_sigmoid, wta or lista."""
+    d_in: int = 0
+    """Input width (the model's d_model at the hook); taken from the store when training."""
+    n_latents: int | None = None
+    """Number of latents (dictionary size); default: expansion × d_in."""
+    k: int = 32
+    """Sparsity target, active latents per token: exact for topk, the batch average for
+    batchtopk and wta, the L0 target for jumprelu, and k/n_latents is the default target
+    mean activation for kl_sigmoid."""
+    aux_k: int | None = None
+    """Latents used by the AuxK loss to model the residual error (default: d_in/2, at most 512)."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK dead-latent loss (Gao et al. 2024 use 1/32)."""
+
+
+@dataclass(kw_only=True)
+class SAEConfig(*reversed(PARAMS), CommonParams):  # type: ignore[misc]
+    """What defines an SAE: the common fields and every architecture's own parameters.
+
+    Each architecture declares its knobs in its own dataclass in ``llm_sae/sae/archs/``
+    (listed in ``PARAMS`` there); this flat view of them all is what the CLI, config files
+    and ``cfg.json`` use, so every flag keeps one name whatever the architecture.
+    """
+
+    def resolved(self) -> SAEConfig:
+        """Only the SAE's own fields (a TrainConfig is an SAEConfig), with checks."""
+        names = [f.name for f in dataclasses.fields(SAEConfig)]
+        cfg = SAEConfig(**{n: getattr(self, n) for n in names})
+        if cfg.arch not in REGISTRY:
+            raise ConfigError(f"unknown SAE architecture {cfg.arch!r}; choose one of {sorted(REGISTRY)}")
+        if cfg.d_in <= 0:
+            raise ConfigError(f"d_in must be positive, got {cfg.d_in}")
+        if cfg.n_latents is None or cfg.n_latents <= 0:
+            raise ConfigError(f"n_latents must be positive, got {cfg.n_latents}")
+        if not 0 < cfg.k < cfg.n_latents:
+            raise ConfigError(
+                f"k={cfg.k} must be at least 1 and below n_latents={cfg.n_latents}; "
+                "lower --k or raise --expansion/--n-latents"
+            )
+        REGISTRY[cfg.arch].check_config(cfg)
+        return cfg

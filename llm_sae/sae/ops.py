@@ -1,0 +1,52 @@
+"""Small numeric helpers the architectures share."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from llm_sae.kernels.topk import topk_decode
+
+
+def geometric_median(x_BD: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
+    """The point minimising the summed distance to the rows (Weiszfeld iterations).
+
+    A better b_dec start than the mean: robust to the few huge-norm rows (e.g. BOS
+    positions) that language-model activations have.
+    """
+    x_BD = x_BD.double()
+    y_D = x_BD.mean(0)
+    for _ in range(iters):
+        w_B = 1.0 / (x_BD - y_D).norm(dim=1).clamp_min(1e-8)
+        y_new_D = (w_B[:, None] * x_BD).sum(0) / w_B.sum()
+        shift = (y_new_D - y_D).norm()
+        y_D = y_new_D
+        if shift <= tol * (1.0 + y_D.norm()):
+            break
+    return y_D.float()
+
+
+def dead_rows(dead_mask_N: Tensor, device: torch.device) -> Tensor:
+    """The dead latents' indices on ``device``. On a GPU the trainer passes the mask from
+    the host (read back with the step's other checks), so nothing here waits for the GPU."""
+    dead_M = dead_mask_N.nonzero().squeeze(1)
+    if dead_M.device != device:
+        dead_M = (dead_M.pin_memory() if device.type == "cuda" else dead_M).to(device, non_blocking=True)
+    return dead_M
+
+
+def decode_sparse(vals_BK: Tensor, idx_BK: Tensor, W_dec_ND: Tensor) -> Tensor:
+    """Σ_k vals·W_dec[idx] without a dense [B, N] intermediate (no bias)."""
+    return topk_decode(vals_BK, idx_BK, W_dec_ND)
+
+
+def update_ema(buf: Tensor, value: Tensor, momentum: float) -> None:
+    """Running average; a negative (unset) scalar buffer takes the first value as is."""
+    if buf.ndim == 0 and buf < 0:
+        buf.copy_(value)
+    else:
+        buf.mul_(momentum).add_(value.to(buf.dtype), alpha=1 - momentum)
+
+
+def warmup(progress: float, frac: float) -> float:
+    return 1.0 if frac <= 0 else min(1.0, progress / frac)

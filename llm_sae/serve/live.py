@@ -1,0 +1,178 @@
+"""The live view: encode typed text with the SAE and show the features."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from llm_sae.errors import LlmSaeError
+from llm_sae.serve.config import ServeError
+
+
+def sae_meta(sae_dir: Path) -> dict[str, Any]:
+    """The hook and model an SAE was trained on, from whichever metadata file records them."""
+    meta: dict[str, Any] = {}
+    for name in ("cfg.json", "train_cfg.json", "train_config.json", "meta.json", "store.json"):
+        p = sae_dir / name
+        if p.is_file():
+            try:
+                data = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict):
+                for k, v in data.items():
+                    meta.setdefault(k, v)
+                # "metadata": SAELens v6 cfg.json keeps model_name and hook_name there.
+                for nested in ("store", "manifest", "meta", "metadata"):
+                    if isinstance(data.get(nested), dict):
+                        for k, v in data[nested].items():
+                            meta.setdefault(k, v)
+    # `llm-sae train` records the store it read (train_cfg.json); its manifest names both.
+    store_path = meta.get("store")
+    if isinstance(store_path, str) and Path(store_path).is_dir():
+        try:
+            from llm_sae.store.store import open_store
+
+            store = open_store(store_path)
+            meta.setdefault("hook_name", store.hook)
+            meta.setdefault("model_name", store.model)
+        except Exception:  # noqa: BLE001 - a moved or partial store: fall back to flags
+            pass
+    return meta
+
+
+def _first(meta: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        v = meta.get(k)
+        if isinstance(v, list) and len(v) == 1:
+            v = v[0]
+        if isinstance(v, str) and v:
+            return v
+    return None
+
+
+class LiveEncoder:
+    """Tokenize text, run the model to the SAE's hook, and encode with the SAE."""
+
+    def __init__(
+        self,
+        sae_dir: str | Path,
+        model: str | None = None,
+        hook: str | None = None,
+        device: str = "cpu",
+        max_tokens: int = 1024,
+    ):
+        from llm_sae.sae.formats.native import load_sae
+
+        sae_dir = Path(sae_dir)
+        meta = sae_meta(sae_dir)
+        self.model_name = model or _first(meta, "model", "model_name", "model_path")
+        self.hook = hook or _first(meta, "hook_name", "hook", "hook_point", "hooks")
+        if not self.model_name:
+            raise ServeError(
+                f"the SAE in {sae_dir} does not record its model; pass --model NAME_OR_DIR"
+            )
+        if not self.hook:
+            raise ServeError(
+                f"the SAE in {sae_dir} does not record its hook point; pass --hook "
+                "(e.g. blocks.1.hook_resid_post)"
+            )
+        self.device = device
+        self.max_tokens = max_tokens
+        self.sae = load_sae(sae_dir, device=device)
+        self.bridge = _load_model(self.model_name, device)
+        self.tokenizer = self.bridge.tokenizer
+        self.lock = threading.Lock()
+        self.encode("")  # fail at start-up, not on the first request, if hook or width is wrong
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "live": True,
+            "model": str(self.model_name),
+            "hook": self.hook,
+            "n_latents": int(self.sae.n_latents),
+        }
+
+    def encode(self, text: str, feature: int | None = None, k: int = 5) -> dict[str, Any]:
+        import torch
+
+        n = int(self.sae.n_latents)
+        if feature is not None and not 0 <= feature < n:
+            raise ValueError(f"feature {feature} is out of range: this SAE has {n} features")
+        k = max(1, min(int(k), 50, n))
+        ids = self._token_ids(text)
+        with self.lock, torch.no_grad():
+            tokens_1T = torch.tensor([ids], dtype=torch.long, device=self.device)
+            x_TD = run_to_hook(self.bridge, tokens_1T, self.hook)[0].float()
+            if x_TD.shape[-1] != self.sae.d_in:
+                raise ServeError(
+                    f"hook {self.hook!r} of {self.model_name!r} is {x_TD.shape[-1]} wide but the "
+                    f"SAE reads d_in={self.sae.d_in}; pass the --model and --hook it was trained on"
+                )
+            z_TN = self.sae.encode(x_TD.to(next(self.sae.parameters()).dtype)).float()
+            vals_TK, idx_TK = z_TN.topk(k, dim=-1)
+            acts_T = z_TN[:, feature] if feature is not None else None
+        pieces = [self.tokenizer.decode([i]) for i in ids]
+        top = [
+            [[int(j), round(float(v), 5)] for v, j in zip(vr, ir, strict=True) if v > 0]
+            for vr, ir in zip(vals_TK.tolist(), idx_TK.tolist(), strict=True)
+        ]
+        return {
+            "tokens": pieces,
+            "top": top,
+            "feature": feature,
+            "acts": None if acts_T is None else [round(float(a), 5) for a in acts_T.tolist()],
+        }
+
+    def _token_ids(self, text: str) -> list[int]:
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        # Harvest contexts start with BOS, so the SAE saw activations that followed one.
+        if bos is not None:
+            ids = [bos] + ids
+        limit = self.max_tokens
+        n_ctx = getattr(getattr(self.bridge, "cfg", None), "n_ctx", None)
+        if isinstance(n_ctx, int) and n_ctx > 0:
+            limit = min(limit, n_ctx)
+        return ids[:limit]
+
+
+def _load_model(model: str, device: str) -> Any:
+    try:
+        from llm_sae.lm.models import load_bridge
+    except ImportError:  # models.py is optional; harvest loads models the same way
+        from llm_sae.lm.hooks import load_model
+
+        return load_model(model, device=device)
+    try:
+        return load_bridge(model, device=device)
+    except LlmSaeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any loader failure is the user's model path
+        raise ServeError(f"cannot load model {model!r} for the live view: {e}") from e
+
+
+def run_to_hook(bridge: Any, tokens_1T: Any, hook: str) -> Any:
+    """Activations [1, T, D] at ``hook``, stopping the forward pass after its block."""
+    import re
+
+    got: dict[str, Any] = {}
+
+    def grab(act: Any, hook: Any = None) -> Any:
+        got["x"] = act.detach()
+        return act
+
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    n_layers = getattr(getattr(bridge, "cfg", None), "n_layers", None)
+    stop = int(m.group(1)) + 1 if m else None
+    if stop is not None and isinstance(n_layers, int) and stop >= n_layers:
+        stop = None
+    try:
+        bridge.run_with_hooks(tokens_1T, fwd_hooks=[(hook, grab)], stop_at_layer=stop, return_type=None)
+    except (KeyError, ValueError, AttributeError) as e:
+        raise ServeError(f"the model has no hook point {hook!r} ({e}); pass --hook with a valid one") from e
+    if "x" not in got:
+        raise ServeError(f"hook {hook!r} never fired on this model; pass --hook with a valid one")
+    return got["x"]

@@ -1,0 +1,126 @@
+"""What a training run is asked to do, and the schedule it follows."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from llm_sae.config import ConfigError
+from llm_sae.errors import LlmSaeError
+from llm_sae.sae.config import SAEConfig
+
+
+class TrainingError(LlmSaeError):
+    """Training cannot go on (diverged, or bad data with on_nonfinite=stop)."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig(SAEConfig):
+    """Everything ``llm-sae train`` needs: the SAE's fields plus the run's."""
+
+    store: str
+    """Activation store directory (written by `llm-sae harvest`)."""
+    out: str
+    """Output directory: cfg.json + sae.safetensors, log.jsonl and the checkpoint."""
+    expansion: int = 32
+    """n_latents = expansion × d_in, unless --n-latents is given."""
+    tokens: int = 100_000_000
+    """Training length in tokens (activation rows); the store is cycled if smaller."""
+    batch_size: int = 4096
+    """Tokens per optimiser step."""
+    lr: float | None = None
+    """Adam learning rate (default 5e-4 / sqrt(n_latents / 2^14), at most 2e-3: sparsify's
+    1/sqrt(n) scaling at 2.5x its constant, which recovers far more true features on the
+    ground-truth benchmark; BENCHMARKS.md)."""
+    lr_warmup: float = 0.01
+    """Fraction of training over which the learning rate rises linearly from 0."""
+    lr_schedule: str = "linear"
+    """After warm-up: 'linear' (constant, then linear decay to 0 over the last lr_decay)
+    or 'cosine' (cosine decay to 0 over the rest of training)."""
+    lr_decay: float = 0.2
+    """Fraction at the end of training over which a linear schedule decays to 0."""
+    adam_betas: tuple[float, ...] = (0.9, 0.999)
+    """Adam β1, β2."""
+    adam_eps: float = 1e-8
+    """Adam ε."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 turns clipping off)."""
+    dead_latents: str | None = None
+    """Dead-latent handling: auxk, resample or none (default: auxk for topk/batchtopk,
+    resample for relu_l1, none for the others)."""
+    dead_tokens: int | None = None
+    """A latent is dead after this many tokens without firing (default: 10M as in Gao et
+    al., or for shorter runs a 40th of --tokens with AuxK and a tenth with resampling,
+    which restarts a latent from scratch and so waits longer)."""
+    seed: int = 0
+    """Seed for the initialisation, the data order and resampling."""
+    init_rows: int = 16384
+    """Rows sampled (with another seed) for the geometric-median b_dec initialisation."""
+    log_every: int = 100
+    """Steps between metric logs (progress bar, log.jsonl, wandb)."""
+    checkpoint_every: int = 20_000_000
+    """Tokens between checkpoints (0: only at the end)."""
+    resume: bool = True
+    """Resume from OUT/checkpoint when there is one; --no-resume starts over."""
+    on_nonfinite: str = "skip"
+    """A batch with NaN/Inf: 'skip' it (counted and logged) or 'stop' naming its rows."""
+    verify_store: bool = False
+    """Check the store's checksums and values before training (reads it all once)."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    precision: str = "auto"
+    """Matmul precision: bf16 (autocast; float32 master weights and loss), tf32 (float32
+    with TF32 matmuls on GPUs that have them), fp32, or auto (bf16 on CUDA, fp32 on CPU)."""
+    wandb: bool = False
+    """Log to Weights & Biases (WANDB_MODE=offline works without an account)."""
+    wandb_project: str = "llm-sae"
+    """wandb project name."""
+    shard_latents: int = 1
+    """Under torchrun: split the latents over this many ranks (TopK only; model parallel);
+    the world size divided by it is the data-parallel degree. 1: data parallel only."""
+
+
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` → bf16 on CUDA, fp32 elsewhere; ConfigError for an unknown name."""
+    if name not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
+class TF32:
+    """TF32 matmuls for float32 on CUDA inside the block; the global flag is restored."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self) -> None:
+        self.before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.enabled
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = self.before
+
+
+def default_lr(n_latents: int) -> float:
+    return min(2e-3, 5e-4 / math.sqrt(n_latents / 2**14))
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base learning rate at ``step`` of ``total``."""
+    warm = max(1, round(cfg.lr_warmup * total)) if cfg.lr_warmup > 0 else 0
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.lr_schedule == "cosine":
+        t = (step - warm) / max(1, total - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    decay_start = total - round(cfg.lr_decay * total)
+    if step < decay_start or cfg.lr_decay <= 0:
+        return 1.0
+    return max(0.0, (total - step) / max(1, total - decay_start))

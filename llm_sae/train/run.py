@@ -1,0 +1,110 @@
+"""``train``: a store in, a saved SAE out, resumable."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llm_sae.config import ConfigError, to_dict
+from llm_sae.distributed.env import report_rank_failure
+from llm_sae.distributed.parallel import Parallel, make_parallel
+from llm_sae.sae.base import SAE
+from llm_sae.sae.registry import REGISTRY
+from llm_sae.sources.base import ActivationSource
+from llm_sae.sources.store import StoreSource
+from llm_sae.train.checkpoint import find_checkpoint
+from llm_sae.train.config import TrainConfig
+from llm_sae.train.trainer import Trainer
+
+
+def build_sae(cfg: TrainConfig, d_in: int) -> SAE:
+    """The SAE a TrainConfig asks for, on an input of width ``d_in``."""
+    n = cfg.n_latents or cfg.expansion * d_in
+    sae_cfg = dataclasses.replace(cfg, d_in=d_in, n_latents=n).resolved()
+    return REGISTRY[sae_cfg.arch](sae_cfg)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train an SAE from ``cfg.store`` into ``cfg.out``; returns the output directory.
+
+    Under ``torchrun`` every rank runs this: data parallel, latent-sharded with
+    ``cfg.shard_latents`` > 1, or both (docs/distributed.md).
+    """
+    par = make_parallel(cfg.shard_latents)
+    with report_rank_failure("training") if par.world_size > 1 else contextlib.nullcontext():
+        return train_with(cfg, par)
+
+
+def train_with(cfg: TrainConfig, par: Parallel, source: ActivationSource | None = None) -> Path:
+    """``train`` on a given parallel strategy, from ``source`` (default: the store
+    ``cfg.store``)."""
+    if source is None:
+        source = StoreSource(cfg.store, verify=cfg.verify_store)
+    source.check()
+    total_steps = cfg.tokens // cfg.batch_size
+    if total_steps <= 0:
+        raise ConfigError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size}")
+    if cfg.batch_size % par.dp_size:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} does not split over {par.dp_size} data-parallel ranks; "
+            "use a multiple of that number"
+        )
+    if par.n_shards > 1 and cfg.dead_latents == "resample":
+        raise ConfigError(
+            "--dead-latents resample does not work with --shard-latents > 1 (a rank sees only "
+            "its own latents); use auxk, the topk default, or none"
+        )
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = par.device(cfg.device)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    # Built whole (same seed on every rank), then cut to this rank's latents if sharded.
+    sae = par.shard(build_sae(cfg, source.d_in)).to(device)
+    trainer = Trainer(
+        sae, cfg, total_steps=total_steps, input_scale=math.sqrt(source.d_in) / source.mean_norm,
+        out_dir=out, parallel=par,
+    )
+    ckpt = find_checkpoint(out) if cfg.resume else None
+    par.barrier()  # every rank has looked before rank 0 clears anything
+    if ckpt is not None:
+        trainer.load_checkpoint(ckpt)
+    else:
+        if par.is_main:
+            for stale in ("checkpoint", "checkpoint.old", "log.jsonl"):
+                p = out / stale
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        # A sample drawn with its own seed, not from the training order.
+        trainer.init_from_sample(source.sample(cfg.init_rows, cfg.seed + 1_000_003))
+    if par.is_main:
+        (out / "train_cfg.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+    if trainer.step_idx < total_steps:
+        # Step t sees the same global batch whatever the world size, so resuming with
+        # another number of ranks continues the same run.
+        trainer.fit(source.batches(
+            cfg.batch_size, seed=cfg.seed, start_batch=trainer.batches_seen, device=device,
+            dtype=_batch_dtype(source, trainer), batch_slice=par.batch_slice(),
+        ))
+        trainer.save_checkpoint(out / "checkpoint")
+    trainer.export(out)
+    return out
+
+
+def _batch_dtype(source: Any, trainer: Trainer) -> torch.dtype:
+    """bf16 batches straight from a bf16 source when training in bf16 (half the bytes to
+    copy to the device, no conversion on the host); float32 otherwise."""
+    if trainer.precision == "bf16" and getattr(source, "dtype", None) == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float32
