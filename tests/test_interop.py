@@ -68,7 +68,7 @@ def random_sae(arch: str, seed: int = 0, d_in: int = D, n: int = N):
         if arch == "relu_l1":  # its decoder rows are not unit norm
             sae.W_dec.mul_(0.5 + torch.rand(n, 1, generator=g))
         if arch == "jumprelu":
-            sae.log_threshold.copy_(torch.log(0.05 + 0.5 * torch.rand(n, generator=g)))
+            sae.threshold.copy_(0.05 + 0.5 * torch.rand(n, generator=g))
         if arch == "batchtopk":
             sae.threshold.fill_(0.3)
         if arch == "wta":
@@ -170,7 +170,7 @@ def test_pre_6_saelens_saves_load_as_saelens_reads_them(tmp_path):
     w = load_file(str(old_jump / "sae_weights.safetensors"))
     log_N = torch.log(w.pop("threshold").clamp_min(1e-3))
     save_file({**w, "log_threshold": log_N}, str(old_jump / "sae_weights.safetensors"))
-    assert torch.equal(load_sae(old_jump).log_threshold, log_N)
+    assert torch.equal(load_sae(old_jump).threshold, log_N.exp())
 
 
 def test_export_takes_hook_and_model_from_the_training_store(tmp_path, tiny_store):

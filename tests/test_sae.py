@@ -29,7 +29,7 @@ def warm_up(sae, steps: int = 3) -> None:
 
 
 def test_registry_has_every_architecture():
-    assert set(REGISTRY) == {"topk", "batchtopk", "relu_l1", "jumprelu", "kl_sigmoid", "wta", "lista"}
+    assert set(REGISTRY) == {"topk", "batchtopk", "matryoshka", "relu_l1", "jumprelu", "kl_sigmoid", "wta", "lista"}
     for name, cls in REGISTRY.items():
         assert make(name).cfg.arch == name == cls.arch
 
@@ -90,7 +90,7 @@ def test_jumprelu_threshold_gets_straight_through_gradient():
     x_BD = torch.randn(64, D)
     out = sae(x_BD)
     out.loss.backward()
-    g = sae.log_threshold.grad
+    g = sae.threshold.grad
     assert g is not None and bool(g.abs().sum() > 0)
     # Far fewer than k... no: at init nearly half the latents fire, far above the target,
     # so the L0 penalty must push thresholds up (negative gradient) overall.

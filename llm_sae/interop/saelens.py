@@ -20,12 +20,13 @@ SAELENS_FORMAT_VERSION = "6.54.12"
 """The SAELens release whose on-disk format the export writes (and the tests load it with)."""
 
 
-# Ours → SAELens. batchtopk and wta are thresholded ReLUs at inference: JumpReLU exactly.
+# Ours → SAELens. batchtopk, matryoshka and wta are thresholded ReLUs at inference: JumpReLU exactly.
 OURS_TO_SAELENS = {
     "relu_l1": "standard",
     "topk": "topk",
     "jumprelu": "jumprelu",
     "batchtopk": "jumprelu",
+    "matryoshka": "jumprelu",
     "wta": "jumprelu",
 }
 
@@ -53,8 +54,8 @@ def saelens_weights(sae: SAE) -> tuple[str, dict[str, Tensor]]:
         "b_dec": sae.b_dec.detach(),
     }
     if arch == "jumprelu":
-        state["threshold"] = sae.log_threshold.detach().exp()
-    elif arch == "batchtopk":
+        state["threshold"] = sae.threshold.detach()
+    elif arch in ("batchtopk", "matryoshka"):
         # Eval mode keeps relu(pre) > max(θ, 0): one global threshold, as SAELens saves it.
         state["threshold"] = sae.threshold.detach().clamp_min(0).expand(sae.n_latents)
     elif arch == "wta":

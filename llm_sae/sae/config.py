@@ -10,7 +10,7 @@ from llm_sae.sae.archs import PARAMS
 from llm_sae.sae.registry import REGISTRY
 
 # The classic and modern architectures `llm-sae bench recovery` compares by default.
-ARCHS = ("topk", "batchtopk", "relu_l1", "jumprelu", "kl_sigmoid", "wta")
+ARCHS = ("topk", "batchtopk", "matryoshka", "relu_l1", "jumprelu", "kl_sigmoid", "wta")
 
 
 @dataclass(kw_only=True)
@@ -18,7 +18,7 @@ class CommonParams:
     """What every SAE has: its shape, its architecture and its dead-latent loss."""
 
     arch: str = "topk"
-    """SAE architecture: topk, batchtopk, relu_l1, jumprelu, kl_sigmoid, wta or lista."""
+    """SAE architecture: topk, batchtopk, matryoshka, relu_l1, jumprelu, kl_sigmoid, wta or lista."""
     d_in: int = 0
     """Input width (the model's d_model at the hook); taken from the store when training."""
     n_latents: int | None = None

@@ -50,3 +50,11 @@ def update_ema(buf: Tensor, value: Tensor, momentum: float) -> None:
 
 def warmup(progress: float, frac: float) -> float:
     return 1.0 if frac <= 0 else min(1.0, progress / frac)
+
+
+def tune_log_coef(log_coef: Tensor, l0: Tensor, target: float, rate: float = 0.01) -> None:
+    """One step of a multiplicative controller driving a sparsity coefficient c = exp(log_coef)
+    towards the value at which the batch L0 is ``target``: log c += rate·(L0/target − 1),
+    the error clipped to [−1, 1] so a far-off start (a dense ReLU at step 0) moves c by at
+    most e^rate a step. A buffer, so a resumed run continues with the same coefficient."""
+    log_coef.add_(rate * (l0.detach().float() / target - 1.0).clamp(-1.0, 1.0))

@@ -20,7 +20,12 @@ if TYPE_CHECKING:
 @dataclass(kw_only=True)
 class BatchTopKParams:
     stat_momentum: float = 0.99
-    """Momentum of running statistics: kl_sigmoid's ρ̂, batchtopk's and wta's inference thresholds."""
+    """Momentum of running statistics: kl_sigmoid's ρ̂ and wta's inference thresholds."""
+    threshold_momentum: float = 0.9
+    """batchtopk and matryoshka: momentum of the inference threshold, a running average
+    of each batch's cut-off. One batch's cut-off is already precise (a quantile of B·N
+    values), so a short window that follows the end of training beats a long one that
+    still remembers its start."""
 
 
 @register
@@ -28,8 +33,9 @@ class BatchTopKSAE(SAE):
     """BatchTopK (Bussmann et al. 2024): the B·k largest activations over the whole batch.
 
     Tokens get a variable number of latents (k on average). Inference cannot depend on
-    the batch, so a global threshold (running average of the smallest kept activation)
-    is learned during training and used as a JumpReLU-style cut-off in eval mode.
+    the batch, so it is a JumpReLU with one global threshold: a running average of each
+    training batch's cut-off (its smallest kept activation), exported to SAELens as
+    ``jumprelu``.
     """
 
     arch = "batchtopk"
@@ -51,7 +57,7 @@ class BatchTopKSAE(SAE):
         with torch.no_grad():
             kept = z_BN[z_BN > 0]
             if kept.numel():
-                update_ema(self.threshold, kept.min(), self.cfg.stat_momentum)
+                update_ema(self.threshold, kept.min(), self.cfg.threshold_momentum)
         return z_BN
 
     def _scale_latents(self, factor: float) -> None:

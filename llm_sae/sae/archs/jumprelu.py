@@ -1,41 +1,52 @@
-"""JumpReLU (Rajamanoharan et al. 2024): a learned threshold per latent."""
+"""JumpReLU (Rajamanoharan et al. 2024), in its current recipe: a learned threshold per latent."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm_sae.config import ConfigError
-from llm_sae.sae.base import SAE
-from llm_sae.sae.ops import warmup
+from llm_sae.sae.base import SAE, ForwardOutput
+from llm_sae.sae.ops import tune_log_coef, warmup
 from llm_sae.sae.registry import register
 
 if TYPE_CHECKING:
     from llm_sae.sae.config import SAEConfig
 
+SPARSITY_LOSSES = ("quadratic", "step", "tanh")
+_ALIASES = {"target": "quadratic", "l0": "step"}  # the names before the current recipe
+
 
 @dataclass(kw_only=True)
 class JumpReLUParams:
-    jumprelu_sparsity: str = "target"
-    """jumprelu: 'target' penalises l0_coef·d_in·(L0/k − 1)²; 'l0' penalises l0_coef·L0."""
+    jumprelu_sparsity: str = "quadratic"
+    """jumprelu: the sparsity loss. 'quadratic': l0_coef·(2/T)·(L0 − T)² on the batch L0,
+    towards T = --target-l0 or k (Gemma Scope 2); 'step': l0_coef·L0 (Rajamanoharan et
+    al. 2024); 'tanh': l0_coef·Σ tanh(tanh_scale·f·‖W_dec‖) (Anthropic, January 2025).
+    With --target-l0, step and tanh tune l0_coef until the L0 is the target."""
     l0_coef: float = 1.0
-    """jumprelu: coefficient of the L0 penalty (see jumprelu_sparsity)."""
+    """jumprelu: coefficient of the sparsity loss (the starting value when tuned)."""
     bandwidth: float = 0.1
     """jumprelu: width ε of the rectangle kernel in the threshold's straight-through gradient."""
     init_threshold: float = 1.0
-    """jumprelu: initial threshold of every latent."""
+    """jumprelu: initial threshold of every latent (inputs are scaled to E‖x‖ = √d_in)."""
+    tanh_scale: float = 4.0
+    """jumprelu with the tanh loss: the scale c in tanh(c·f·‖W_dec‖)."""
+    pre_act_coef: float = 3e-6
+    """jumprelu: weight of Anthropic's pre-activation loss Σ_dead relu(θ − pre)·‖W_dec‖,
+    which pulls dead latents up to their thresholds (0 turns it off)."""
 
 
 class _JumpReLU(torch.autograd.Function):
-    """z·H(z − θ); the θ gradient uses a rectangle kernel of width ε (straight-through)."""
+    """pre·H(pre − θ); θ's gradient through a rectangle kernel of width ε (straight-through),
+    pre's through the gate only (DeepMind's estimator)."""
 
     @staticmethod
-    def forward(ctx: Any, pre_BN: Tensor, log_theta_N: Tensor, eps: float) -> Tensor:
-        theta_N = log_theta_N.exp()
+    def forward(ctx: Any, pre_BN: Tensor, theta_N: Tensor, eps: float) -> Tensor:
         ctx.save_for_backward(pre_BN, theta_N)
         ctx.eps = eps
         return pre_BN * (pre_BN > theta_N)
@@ -46,17 +57,15 @@ class _JumpReLU(torch.autograd.Function):
         eps = ctx.eps
         g_pre = g_BN * (pre_BN > theta_N)
         near_BN = ((pre_BN - theta_N).abs() < eps / 2).to(g_BN.dtype)
-        # d/dθ via the kernel, times θ for the log parameterisation.
-        g_theta_N = (g_BN * near_BN * (-theta_N / eps)).sum(0)
-        return g_pre, g_theta_N * theta_N, None
+        g_theta_N = (g_BN * near_BN).sum(0, dtype=torch.float32) * (-theta_N / eps)
+        return g_pre, g_theta_N, None
 
 
 class _Step(torch.autograd.Function):
-    """H(z − θ) with a straight-through θ gradient; no gradient to z (as in the paper)."""
+    """H(pre − θ) with a straight-through θ gradient; none to pre (as in the paper)."""
 
     @staticmethod
-    def forward(ctx: Any, pre_BN: Tensor, log_theta_N: Tensor, eps: float) -> Tensor:
-        theta_N = log_theta_N.exp()
+    def forward(ctx: Any, pre_BN: Tensor, theta_N: Tensor, eps: float) -> Tensor:
         ctx.save_for_backward(pre_BN, theta_N)
         ctx.eps = eps
         return (pre_BN > theta_N).to(pre_BN.dtype)
@@ -66,45 +75,108 @@ class _Step(torch.autograd.Function):
         pre_BN, theta_N = ctx.saved_tensors
         eps = ctx.eps
         near_BN = ((pre_BN - theta_N).abs() < eps / 2).to(g_BN.dtype)
-        g_theta_N = (g_BN * near_BN * (-1.0 / eps)).sum(0)
-        return None, g_theta_N * theta_N, None
+        return None, (g_BN * near_BN).sum(0, dtype=torch.float32) * (-1.0 / eps), None
 
 
 @register
 class JumpReLUSAE(SAE):
-    """JumpReLU (Rajamanoharan et al. 2024): z·H(z − θ) with a learned per-latent θ.
+    """JumpReLU: pre·H(pre − θ) with a learned per-latent threshold θ ≥ 0.
 
-    θ = exp(log_threshold); its gradient comes from a straight-through estimator with a
-    rectangle kernel of width ``bandwidth``. Sparsity is an L0 penalty, or by default an
-    L0 target: l0_coef·d_in·(L0/k − 1)² (d_in makes it comparable with the summed error).
+    θ is the parameter itself, in float32 whatever autocast does to the matmuls. It used to
+    be exp(log θ): Adam moves a parameter by about lr a step, so a log-parameterised θ
+    moved by about lr·θ and small thresholds barely moved at all (SAELens found and fixed
+    the same in 2026). θ is projected back to ≥ 0 after each step. The trainer's
+    dead-latent loss for this architecture (``--dead-latents auxk``, the default) is
+    Anthropic's pre-activation loss on the dead latents rather than AuxK.
     """
 
     arch = "jumprelu"
-    default_dead_latents = "none"
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
-        if cfg.jumprelu_sparsity not in ("target", "l0"):
-            raise ConfigError(f"jumprelu_sparsity must be 'target' or 'l0', got {cfg.jumprelu_sparsity!r}")
+        mode = _ALIASES.get(cfg.jumprelu_sparsity, cfg.jumprelu_sparsity)
+        if mode not in SPARSITY_LOSSES:
+            raise ConfigError(
+                f"jumprelu_sparsity must be one of {', '.join(SPARSITY_LOSSES)}, got {cfg.jumprelu_sparsity!r}"
+            )
+        if cfg.target_l0 is not None and not 0 < cfg.target_l0 < (cfg.n_latents or 0):
+            raise ConfigError(f"target_l0={cfg.target_l0} must be in (0, n_latents={cfg.n_latents})")
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
-        self.log_threshold = nn.Parameter(torch.full((self.n_latents,), math.log(self.cfg.init_threshold)))
+        self.threshold = nn.Parameter(torch.full((self.n_latents,), float(self.cfg.init_threshold)))
+        self.mode = _ALIASES.get(self.cfg.jumprelu_sparsity, self.cfg.jumprelu_sparsity)
+        if self.cfg.target_l0 is not None and self.mode != "quadratic":
+            self.register_buffer("log_l0_coef", torch.tensor(float(self.cfg.l0_coef)).log())
+
+    @property
+    def target(self) -> float:
+        return float(self.cfg.target_l0 if self.cfg.target_l0 is not None else self.cfg.k)
 
     def activate(self, pre_BN: Tensor) -> Tensor:
-        return pre_BN * (pre_BN > self.log_threshold.exp())
+        return pre_BN * (pre_BN > self.threshold)
 
-    def train_activate(self, pre_BN: Tensor) -> Tensor:
-        return _JumpReLU.apply(pre_BN, self.log_threshold, self.cfg.bandwidth)
+    def forward(
+        self, x_BD: Tensor, *, dead_mask_N: Tensor | None = None, aux: bool = True
+    ) -> ForwardOutput:
+        pre_BN = self.pre_acts(x_BD)
+        z_BN = _JumpReLU.apply(pre_BN, self.threshold, self.cfg.bandwidth)
+        x_hat_BD = self.decode(z_BN)
+        sparsity, metrics = self.sparsity_loss(pre_BN, z_BN)
+        if aux and dead_mask_N is not None and self.cfg.pre_act_coef > 0:
+            pre_act = self.pre_act_loss(pre_BN, dead_mask_N)
+            sparsity = sparsity + self.cfg.pre_act_coef * pre_act
+            metrics["pre_act"] = pre_act.detach()
+        fired_BN = z_BN != 0
+        return self._finish(x_BD, x_hat_BD, sparsity, metrics, fired_BN.sum(0).float(), None, False)
 
     def sparsity_loss(self, pre_BN: Tensor, z_BN: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        l0 = _Step.apply(pre_BN, self.log_threshold, self.cfg.bandwidth).sum(-1).mean()
-        coef = self.cfg.l0_coef * warmup(self.progress, self.cfg.sparsity_warmup)
-        if self.cfg.jumprelu_sparsity == "target":
-            penalty = coef * self.d_in * (l0 / self.cfg.k - 1.0).pow(2)
+        l0 = _Step.apply(pre_BN, self.threshold, self.cfg.bandwidth).sum(-1).mean()
+        if self.mode == "quadratic":
+            T = self.target
+            coef = self.cfg.l0_coef * warmup(self.progress, self.cfg.sparsity_warmup)
+            return coef * (2.0 / T) * (l0 - T).pow(2), {"l0": l0.detach()}
+        if self.mode == "tanh":
+            penalty = torch.tanh(self.cfg.tanh_scale * F.relu(z_BN) * self.W_dec.norm(dim=1)).sum(-1).mean()
         else:
-            penalty = coef * l0
-        return penalty, {"l0": l0.detach()}
+            penalty = l0
+        if self.cfg.target_l0 is None:
+            coef: Tensor | float = self.cfg.l0_coef * warmup(self.progress, self.cfg.sparsity_warmup)
+        else:
+            with torch.no_grad():
+                tune_log_coef(self.log_l0_coef, l0, self.cfg.target_l0)
+            coef = self.log_l0_coef.exp()
+        return coef * penalty, {"l0": l0.detach(), "l0_coef": torch.as_tensor(coef).detach()}
+
+    def pre_act_loss(self, pre_BN: Tensor, dead_mask_N: Tensor) -> Tensor:
+        """Anthropic's pre-activation loss (January 2025), on the dead latents only as in
+        SAELens: Σ_dead relu(θ − pre)·‖W_dec‖, averaged over rows. It gives a latent that
+        never crosses its threshold a gradient that raises its pre-activations."""
+        dead_N = dead_mask_N.to(pre_BN.device, non_blocking=True)
+        if not bool(dead_N.any()):
+            return pre_BN.new_zeros((), dtype=torch.float32)
+        w_N = self.W_dec.norm(dim=1) * dead_N
+        return (F.relu(self.threshold - pre_BN) * w_N).sum(-1).mean()
+
+    @torch.no_grad()
+    def constrain_weights(self) -> None:
+        super().constrain_weights()
+        self.threshold.clamp_(min=0.0)  # below 0 the gate would pass negative values
 
     def _scale_latents(self, factor: float) -> None:
-        self.log_threshold += math.log(factor)
+        self.threshold *= factor
+
+    def _apply(self, fn: Any, recurse: bool = True) -> JumpReLUSAE:
+        """``.to(dtype)`` casts every parameter; the threshold stays float32 (Adam's lr-sized
+        steps on an O(1) threshold round away in bfloat16)."""
+        out = super()._apply(fn, recurse)
+        if self.threshold.dtype != torch.float32:
+            self.threshold.data = self.threshold.data.float()
+        return out
+
+    def _load_from_state_dict(self, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        # SAEs saved before the threshold was parameterised directly hold log θ.
+        old = state.pop(prefix + "log_threshold", None)
+        if old is not None and prefix + "threshold" not in state:
+            state[prefix + "threshold"] = old.exp()
+        super()._load_from_state_dict(state, prefix, *args)

@@ -14,7 +14,6 @@ from llm_sae.sae.formats.weights import (
     InteropError,
     build_sae_from,
     get_tensor,
-    log_threshold,
     read_cfg_weights,
 )
 
@@ -80,9 +79,9 @@ def load_saelens(path: str | Path) -> SAE:
     extra: dict[str, Tensor] = {}
     if arch == "jumprelu":
         if "threshold" not in state and "log_threshold" in state:  # older SAELens saves
-            extra["log_threshold"] = state["log_threshold"]
-        else:
-            extra["log_threshold"] = log_threshold(get_tensor(state, "threshold", path))
+            extra["threshold"] = state["log_threshold"].exp()
+        else:  # SAELens gates relu(pre) at θ: below 0 that is ours at θ = 0
+            extra["threshold"] = get_tensor(state, "threshold", path).clamp_min(0)
     k = int(cfg["k"]) if arch == "topk" else None
     return build_sae_from(SAELENS_TO_OURS[arch], W_enc_ND, b_enc_N, W_dec_ND, b_dec_D, k=k, **extra)
 

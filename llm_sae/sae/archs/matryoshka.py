@@ -1,0 +1,94 @@
+"""Matryoshka BatchTopK (Bussmann et al. 2025; Nabeshima 2024): nested dictionaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from llm_sae.config import ConfigError
+from llm_sae.sae.archs.batchtopk import BatchTopKSAE
+from llm_sae.sae.base import ForwardOutput
+from llm_sae.sae.registry import register
+
+if TYPE_CHECKING:
+    from llm_sae.sae.config import SAEConfig
+
+
+@dataclass(kw_only=True)
+class MatryoshkaParams:
+    matryoshka_widths: list[int] | None = None
+    """matryoshka: widths of the nested prefixes of the dictionary that must each reconstruct
+    the input on their own, increasing; n_latents is added as the last if missing (default
+    n/32, n/8, n/2, n, SynthSAEBench's)."""
+
+
+@register
+class MatryoshkaSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK: BatchTopK whose prefixes of latents are SAEs in their own right.
+
+    Latents [0, w) must reconstruct x without the rest, for every w in the widths, and the
+    loss is the sum of those reconstruction errors. The first latents learn the general,
+    frequent features and the later ones refine them, so a parent feature is not
+    absorbed into its children (Bussmann et al. 2025): on SynthSAEBench it beats
+    BatchTopK on F1 and MCC. Dead latents get the Matryoshka AuxK: those of each level
+    reconstruct the residual of the prefix that ends with that level. Inference is
+    BatchTopK's (one global threshold), and so is the SAELens export (``jumprelu``).
+    """
+
+    arch = "matryoshka"
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        widths = cfg.matryoshka_widths or []
+        n = cfg.n_latents or 0
+        if any(w <= 0 or w > n for w in widths) or any(b <= a for a, b in zip(widths[:-1], widths[1:], strict=True)):
+            raise ConfigError(
+                f"matryoshka_widths must increase and lie in (0, n_latents={n}], got {widths}"
+            )
+
+    @property
+    def widths(self) -> list[int]:
+        n = self.n_latents
+        widths = list(self.cfg.matryoshka_widths or [max(1, n // 32), max(1, n // 8), max(1, n // 2)])
+        return sorted({w for w in widths if 0 < w < n}) + [n]
+
+    def forward(
+        self, x_BD: Tensor, *, dead_mask_N: Tensor | None = None, aux: bool = True
+    ) -> ForwardOutput:
+        pre_BN = self.pre_acts(x_BD)
+        z_BN = self.train_activate(pre_BN)
+        # Prefix decodes, each the previous plus the next slice of latents: the whole
+        # dictionary is read once. Level i's residual is kept (detached) for its AuxK.
+        x_hat_BD = self.b_dec.expand_as(x_BD)
+        inner = x_BD.new_zeros((), dtype=torch.float32)
+        metrics: dict[str, Tensor] = {}
+        self._level_errs: list[tuple[int, int, Tensor]] = []
+        lo = 0
+        for w in self.widths:
+            x_hat_BD = x_hat_BD + z_BN[:, lo:w] @ self.W_dec[lo:w]
+            err_BD = x_BD - x_hat_BD
+            if w < self.n_latents:
+                level = err_BD.float().pow(2).sum(-1).mean()
+                inner = inner + level
+                metrics[f"mse_{w}"] = (level / x_BD.shape[-1]).detach()
+            self._level_errs.append((lo, w, err_BD.detach()))
+            lo = w
+        fired_BN = z_BN > 0
+        metrics["l0"] = fired_BN.sum(-1).float().mean().detach()
+        out = self._finish(x_BD, x_hat_BD, inner, metrics, fired_BN.sum(0).float(), dead_mask_N, aux)
+        del self._level_errs
+        return out
+
+    def auxk_loss(self, x_BD: Tensor, err_BD: Tensor, dead_mask_N: Tensor) -> Tensor:
+        """The Matryoshka AuxK: per level, its dead latents model the residual of the prefix
+        ending with it (SAELens's ``use_matryoshka_aux_loss``), each with the fitted
+        scale and the few-dead down-weighting of ``SAE.auxk_loss``."""
+        total = x_BD.new_zeros((), dtype=torch.float32)
+        for lo, hi, level_err_BD in self._level_errs:
+            mask_N = torch.zeros_like(dead_mask_N)
+            mask_N[lo:hi] = dead_mask_N[lo:hi]
+            total = total + super().auxk_loss(x_BD, level_err_BD, mask_N)
+        return total

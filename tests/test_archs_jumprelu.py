@@ -1,0 +1,92 @@
+"""JumpReLU, current recipe: direct float32 threshold, three sparsity losses, the
+pre-activation loss for dead latents, a trained L0 near its target, old saves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from archs_util import K, fit, l0
+from safetensors.torch import load_file, save_file
+
+from llm_sae.config import ConfigError
+from llm_sae.sae.config import SAEConfig
+from llm_sae.sae.formats.native import load_sae
+from llm_sae.sae.registry import REGISTRY
+
+D, N = 16, 64
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    return REGISTRY["jumprelu"](SAEConfig(arch="jumprelu", d_in=D, n_latents=N, k=K, **kw))
+
+
+def test_threshold_is_a_float32_parameter_even_under_bf16_autocast():
+    sae = make()
+    assert "threshold" in dict(sae.named_parameters()) and sae.threshold.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae(torch.randn(32, D))
+    out.loss.float().backward()
+    assert sae.threshold.grad is not None and sae.threshold.grad.dtype == torch.float32
+    assert sae.to(torch.bfloat16).threshold.dtype == torch.float32
+
+
+def test_adam_moves_small_and_large_thresholds_alike():
+    """Directly parameterised, Adam moves θ by ~lr whatever its size (exp(log θ) moved a
+    θ of 0.01 a hundred times less than one of 1)."""
+    sae = make(init_threshold=1.0)
+    with torch.no_grad():
+        sae.threshold[: N // 2] = 0.01
+    before = sae.threshold.detach().clone()
+    opt = torch.optim.Adam([sae.threshold], lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        opt.zero_grad()
+        sae.threshold.grad = torch.randn(N, generator=g).sign()
+        opt.step()
+    moved = (sae.threshold.detach() - before).abs()
+    assert torch.allclose(moved[: N // 2].mean(), moved[N // 2 :].mean(), rtol=0.5)
+
+
+@pytest.mark.parametrize("mode", ["quadratic", "step", "tanh"])
+def test_every_sparsity_loss_pushes_thresholds_up_when_too_dense(mode):
+    sae = make(jumprelu_sparsity=mode, init_threshold=0.05, l0_coef=10.0)
+    out = sae(torch.randn(256, D))
+    assert float(out.metrics["l0"]) > 2 * K
+    (g,) = torch.autograd.grad(out.metrics["sparsity_loss"] * 0 + out.loss - out.loss.detach() * 0, [sae.threshold])
+    assert float(g.sum()) < 0
+
+
+def test_unknown_sparsity_loss_fails_and_old_names_still_load():
+    with pytest.raises(ConfigError, match="jumprelu_sparsity"):
+        make(jumprelu_sparsity="l1")
+    assert make(jumprelu_sparsity="target").mode == "quadratic"
+    assert make(jumprelu_sparsity="l0").mode == "step"
+
+
+def test_pre_activation_loss_lifts_dead_latents_toward_their_threshold():
+    sae = make(init_threshold=5.0)  # nothing fires
+    dead_N = torch.ones(N, dtype=torch.bool)
+    out = sae(torch.randn(64, D), dead_mask_N=dead_N)
+    assert float(out.metrics["pre_act"]) > 0
+    (g_b,) = torch.autograd.grad(out.loss, [sae.b_enc])
+    assert bool((g_b < 0).all())  # gradient descent raises every dead latent's b_enc
+
+
+def test_quadratic_loss_trains_l0_within_10_percent_of_the_target():
+    # step and tanh with --target-l0 (the tuned coefficient) are not there yet at this
+    # length: L0 2.1 and 4.4 for a target of 4 (BENCHMARKS.md).
+    _, _, _, z_BN = fit("jumprelu", steps=400, jumprelu_sparsity="quadratic", l0_coef=4.0)
+    assert abs(l0(z_BN) - K) <= 0.1 * K, l0(z_BN)
+
+
+def test_saves_with_log_threshold_still_load(tmp_path):
+    sae = make()
+    with torch.no_grad():
+        sae.threshold.uniform_(0.1, 1.0)
+    path = sae.save(tmp_path / "j")
+    state = load_file(str(path / "sae.safetensors"))
+    theta = state.pop("threshold")
+    save_file({**state, "log_threshold": theta.log()}, str(path / "sae.safetensors"))
+    assert torch.allclose(load_sae(path).threshold, theta, rtol=1e-6)

@@ -1,0 +1,84 @@
+"""Matryoshka BatchTopK: nested prefixes each reconstruct, per-level AuxK, config, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from archs_util import fit
+
+from llm_sae.config import ConfigError
+from llm_sae.sae.config import SAEConfig
+from llm_sae.sae.formats.native import load_sae
+from llm_sae.sae.registry import REGISTRY
+
+D, N, K = 16, 64, 4
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    return REGISTRY["matryoshka"](SAEConfig(arch="matryoshka", d_in=D, n_latents=N, k=K, **kw))
+
+
+def test_default_widths_are_synthsaebench_fractions_then_all():
+    assert make().widths == [2, 8, 32, 64]
+    assert make(matryoshka_widths=[16, 32]).widths == [16, 32, 64]
+    assert make(matryoshka_widths=[16, 64]).widths == [16, 64]
+
+
+@pytest.mark.parametrize("widths", [[32, 16], [0, 8], [8, 100], [8, 8]])
+def test_bad_widths_fail_with_config_error(widths):
+    with pytest.raises(ConfigError, match="matryoshka_widths"):
+        make(matryoshka_widths=widths)
+
+
+def test_loss_is_the_sum_of_every_prefix_reconstruction():
+    sae = make(matryoshka_widths=[8, 32])
+    x_BD = torch.randn(32, D)
+    out = sae(x_BD)
+    with torch.no_grad():
+        z_BN = sae.train_activate(sae.pre_acts(x_BD))  # the same batch: the same selection
+        want = sum(
+            (x_BD - z_BN[:, :w] @ sae.W_dec[:w] - sae.b_dec).pow(2).sum(-1).mean() for w in (8, 32, 64)
+        )
+    assert torch.allclose(out.loss, want, rtol=1e-5)
+    assert torch.allclose(out.x_hat_BD, z_BN @ sae.W_dec + sae.b_dec, atol=1e-5)
+
+
+def test_each_levels_dead_latents_model_that_levels_residual():
+    sae = make(matryoshka_widths=[8, 32])
+    x_BD = torch.randn(64, D)
+    none_N = torch.zeros(N, dtype=torch.bool)
+    assert float(sae(x_BD, dead_mask_N=none_N).metrics["aux"]) == 0
+    dead_N = none_N.clone()
+    dead_N[8:16] = True  # dead latents in the second level only
+    sae.aux_calls = []
+    base = type(sae).__mro__[2].auxk_loss  # SAE.auxk_loss, which the levels call
+
+    def spy(self, x, err, mask):
+        self.aux_calls.append((int(mask.nonzero().min()) if mask.any() else None, err.clone()))
+        return base(self, x, err, mask)
+
+    type(sae).__mro__[2].auxk_loss, saved = spy, base
+    try:
+        out = sae(x_BD, dead_mask_N=dead_N)
+    finally:
+        type(sae).__mro__[2].auxk_loss = saved
+    assert float(out.metrics["aux"]) > 0
+    # One call per level; the second level's call sees only its own dead latents and the
+    # residual of the 32-latent prefix.
+    assert [c[0] for c in sae.aux_calls] == [None, 8, None]
+    with torch.no_grad():
+        z_BN = sae.train_activate(sae.pre_acts(x_BD))
+        want = x_BD - z_BN[:, :32] @ sae.W_dec[:32] - sae.b_dec
+    assert torch.allclose(sae.aux_calls[1][1], want, atol=1e-5)
+
+
+def test_first_prefix_reconstructs_on_its_own_after_training(tmp_path):
+    sae, trainer, x_BD, z_BN = fit("matryoshka", steps=200, matryoshka_widths=[8, 32])
+    with torch.no_grad():
+        err = lambda w: float((x_BD - z_BN[:, :w] @ sae.W_dec[:w] - sae.b_dec).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum())  # noqa: E731
+        fvu_8, fvu_all = err(8), err(N)
+    assert fvu_all < fvu_8 < 0.9  # the 8-latent prefix alone explains part of the variance
+    loaded = load_sae(sae.save(tmp_path / "m"))
+    assert loaded.cfg.arch == "matryoshka" and loaded.widths == [8, 32, 64]
+    assert torch.equal(loaded.encode(x_BD), sae.encode(x_BD))
