@@ -26,3 +26,8 @@ class CheckpointError(LlmSaeError):
 
 class AnalyzeError(LlmSaeError):
     """Inputs that cannot be analysed together (e.g. an SAE and a store of other widths)."""
+
+
+class ExplainError(LlmSaeError):
+    """An explanation run that cannot start or go on (endpoint, settings, inputs), or
+    an explanations folder that is not the output of ``llm-sae explain``."""

@@ -32,3 +32,5 @@ class DashboardConfig:
     max_feature_kb: float = 30.0
     """Size budget of one feature's data file; example windows are cut around their peak
     token until the file fits."""
+    explanations: str | None = None
+    """Output of `llm-sae explain` to show (default: ANALYSIS/explanations when it exists)."""

@@ -114,12 +114,18 @@ def pick_interval_examples(bins: list[dict[str, Any]], budget: int) -> list[int]
 WINDOWS = ((48, 16), (32, 12), (24, 8), (16, 6), (10, 4), (6, 2), (3, 1), (0, 0))
 
 
-def feature_js(rec: dict[str, Any], cfg: DashboardConfig, prev_id: int | None, next_id: int | None) -> str:
-    """The data file of one feature: a call of the page's registered callback."""
+def feature_js(rec: dict[str, Any], cfg: DashboardConfig, prev_id: int | None, next_id: int | None,
+               explanation: dict[str, Any] | None = None) -> str:
+    """The data file of one feature: a call of the page's registered callback.
+
+    ``explanation`` (from ``explanation_brief``) rides along when `llm-sae explain` wrote one.
+    """
     window = None
     for nxt in (*WINDOWS, None):
         site = feature_record(rec, cfg, window)
         site["prev"], site["next"] = prev_id, next_id
+        if explanation is not None:
+            site["explanation"] = explanation
         text = f"LLM_SAE_FEATURE({site['id']},{js_literal(site)});\n"
         if len(text.encode("utf-8", "backslashreplace")) <= cfg.max_feature_kb * 1000 or nxt is None:
             return text

@@ -8,13 +8,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from llm_sae.common.explanation_files import explanation_brief, find_explanations, load_explanation
 from llm_sae.dashboard.config import DashboardConfig, DashboardError
 from llm_sae.dashboard.records import SHARD_SIZE, feature_js, feature_relpath, js_literal, round_sig
 
 ASSET_PAGES = ("index.html", "feature.html", "live.html")
 
 
-ASSET_FILES = ("style.css", "common.js", "index.js", "feature.js", "live.js")
+ASSET_FILES = ("style.css", "common.js", "index.js", "feature.js", "live.js", "steer.js")
 
 
 SITE_MARKER = "data/meta.js"
@@ -69,13 +70,17 @@ def write_site(
     _prepare_out(out)
     copy_assets(out)
     cols: dict[str, list[Any]] = {"id": [], "density": [], "max_act": [], "dead": [], "top": []}
+    expl_dir = find_explanations(cfg.analysis, cfg.explanations)
+    if expl_dir is not None:
+        cols.update(expl=[], score=[])  # the index's explanation column, sortable by score
+    briefs: dict[int, dict[str, Any]] = {}  # only for records still waiting to be written
     feature_bytes: list[int] = []
     # A page's data names its neighbours in id order, so a record is written one step late.
     pending: tuple[dict[str, Any], int | None] | None = None
 
     def flush(rec: dict[str, Any], prev_id: int | None, next_id: int | None) -> None:
         path = out / feature_relpath(int(rec["id"]))
-        _write_text(path, feature_js(rec, cfg, prev_id, next_id))
+        _write_text(path, feature_js(rec, cfg, prev_id, next_id, briefs.pop(int(rec["id"]), None)))
         feature_bytes.append(path.stat().st_size)
 
     for rec in tqdm(features, total=n_features, desc="dashboard", unit="feat", disable=None):
@@ -85,6 +90,13 @@ def write_site(
         cols["max_act"].append(round_sig(rec.get("max_act") or 0.0, 4))
         cols["dead"].append(1 if rec.get("dead") else 0)
         cols["top"].append([str(t) for t in (rec.get("top_tokens") or [])[: cfg.top_tokens]])
+        if expl_dir is not None:
+            res = load_explanation(expl_dir, fid)
+            brief = explanation_brief(res) if res is not None else None
+            cols["expl"].append(brief["text"] if brief else None)
+            cols["score"].append(brief["score"] if brief else None)
+            if brief:
+                briefs[fid] = brief
         if pending is not None:
             flush(pending[0], pending[1], fid)
         pending = (rec, pending[0]["id"] if pending is not None else None)

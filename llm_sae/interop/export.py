@@ -39,6 +39,8 @@ class ExportConfig:
     """neuronpedia: creatorId written into the records (Neuronpedia's importer maps it to a user)."""
     features_per_batch: int = 1000
     """neuronpedia: features per batch-i.jsonl.gz file."""
+    explanations: str | None = None
+    """neuronpedia: `llm-sae explain` output to include (default: ANALYSIS/explanations when it exists)."""
 
 
 def export(cfg: ExportConfig) -> Path:
@@ -62,6 +64,7 @@ def export(cfg: ExportConfig) -> Path:
             creator_name=cfg.creator_name,
             creator_id=cfg.creator_id,
             features_per_batch=cfg.features_per_batch,
+            explanations=cfg.explanations,
         )
     raise ConfigError(f"unknown --format {cfg.format!r}; choose saelens or neuronpedia")
 

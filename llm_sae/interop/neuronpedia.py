@@ -44,17 +44,23 @@ def export_neuronpedia(
     creator_name: str = "llm_sae",
     creator_id: str = "llm-sae",
     features_per_batch: int = 1000,
+    explanations: str | Path | None = None,
 ) -> Path:
     """Write ``analysis_dir`` in Neuronpedia's export layout; returns the source directory.
 
     ``out_dir/{model_id}/{layer}-{source_set}/`` gets release.jsonl, model.jsonl,
     sourceset.jsonl, source.jsonl and, per batch of features, ``features/batch-i.jsonl.gz``
     and ``activations/batch-i.jsonl.gz`` (one JSON object per line), as Neuronpedia's
-    ``convert-saedashboard-to-neuronpedia-export.py`` writes them.
+    ``convert-saedashboard-to-neuronpedia-export.py`` writes them. Explanations from
+    ``llm-sae explain`` (``explanations``, default ``analysis_dir/explanations`` when it
+    exists) go to ``explanations/batch-i.jsonl.gz`` with their scores.
     """
     from llm_sae.common.analysis_files import load_feature, load_summary
+    from llm_sae.common.explanation_files import find_explanations
+    from llm_sae.interop.neuronpedia_explanations import neuronpedia_explanation
 
     summary = load_summary(analysis_dir)
+    expl_dir = find_explanations(analysis_dir, explanations)  # a wrong folder fails before writing
     info = _neuronpedia_info(
         summary, model_id, layer, source_set, release, creator_name, creator_id
     )
@@ -65,14 +71,20 @@ def export_neuronpedia(
     for name, record in _neuronpedia_headers(info, summary, now).items():
         (src / f"{name}.jsonl").write_text(json.dumps(record) + "\n", encoding="utf-8")
     n, per = int(summary["n_features"]), max(1, int(features_per_batch))
+    if expl_dir is not None:
+        (src / "explanations").mkdir(exist_ok=True)
     for b, start in enumerate(range(0, n, per)):
-        feats, acts = [], []
+        feats, acts, expls = [], [], []
         for i in range(start, min(n, start + per)):
             rec = load_feature(analysis_dir, i)
             feats.append(neuronpedia_feature(rec, info, now))
             acts.extend(neuronpedia_activations(rec, info, now))
+            if expl_dir is not None:
+                expls.extend(neuronpedia_explanation(expl_dir, i, info, now))
         _write_jsonl_gz(src / "features" / f"batch-{b}.jsonl.gz", feats)
         _write_jsonl_gz(src / "activations" / f"batch-{b}.jsonl.gz", acts)
+        if expl_dir is not None:
+            _write_jsonl_gz(src / "explanations" / f"batch-{b}.jsonl.gz", expls)
     return src
 
 

@@ -47,6 +47,29 @@
     return t;
   }
 
+  // The explanation written by `llm-sae explain` and its scores (balanced accuracy, 0.5 = chance).
+  function explanationPanel(x) {
+    var p = el("div", { cls: "panel", id: "explanation" });
+    p.appendChild(el("h2", null, ["Explanation ", x.model ? el("span", { cls: "muted", style: "font-weight:400;font-size:12px", text: "by " + x.model }) : null]));
+    p.appendChild(el("p", { cls: "expl-text", text: x.text }));
+    var sc = x.scores || {}, parts = [];
+    for (var k in sc) if (Object.prototype.hasOwnProperty.call(sc, k)) parts.push(k + " " + (sc[k] === null ? "–" : LS.fmt(sc[k], 3)));
+    if (parts.length) p.appendChild(el("p", { cls: "muted", text: "balanced accuracy: " + parts.join(" · ") }));
+    return p;
+  }
+
+  // Under `llm-sae serve --sae`, a link that opens the live view's steering panel with this feature.
+  var live = null;
+  function steerLink(id) {
+    var a = el("a", { id: "steer-link", href: "live.html#steer=" + id, text: "Steer with this feature →", style: "display:none" });
+    var show = function (j) { if (j && j.live) a.style.display = ""; };
+    if (live !== null) show(live);
+    else if (location.protocol === "http:" || location.protocol === "https:") {
+      fetch("api/info").then(function (r) { return r.ok ? r.json() : null; }).then(function (j) { live = j || {}; show(live); }).catch(function () {});
+    }
+    return a;
+  }
+
   function render(f) {
     current = f;
     document.title = "Feature " + f.id + (meta.sae_name ? " · " + meta.sae_name : "");
@@ -64,6 +87,8 @@
     if (f.mean_act !== undefined && f.mean_act !== null) stats.appendChild(stat("mean act (firing)", LS.fmt(f.mean_act, 4)));
     if (f.n_fires !== undefined && f.n_fires !== null) stats.appendChild(stat("times fired", String(f.n_fires)));
     out.appendChild(stats);
+    if (f.explanation) out.appendChild(explanationPanel(f.explanation));
+    out.appendChild(steerLink(f.id));
 
     var cols = el("div", { cls: "cols" });
     var hp = el("div", { cls: "panel hist", id: "histogram" });

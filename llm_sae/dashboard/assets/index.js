@@ -14,6 +14,15 @@
   var state = { key: "id", desc: false, page: 0, size: 100, query: "", hideDead: false, dmin: null, dmax: null };
   var view = []; // the filtered, sorted rows
   var lowerTop = null; // lowercased top-token text, built on first search
+  // Explanations from `llm-sae explain`, when the site was built with them: two more
+  // columns (score sortable), and the search also looks in the explanation text.
+  var hasExpl = !!(idx && idx.expl && idx.score);
+  var lowerExpl = null;
+  if (hasExpl) {
+    var hidden = document.querySelectorAll(".expl-col, #expl-search");
+    for (var hx = 0; hx < hidden.length; hx++) hidden[hx].hidden = false;
+    LS.$("search").placeholder = "tokens or explanation text";
+  }
 
   document.title = (meta.sae_name ? meta.sae_name + " · " : "") + "SAE features";
   LS.$("title").textContent = "Features" + (meta.sae_name ? " of " + meta.sae_name : "");
@@ -67,7 +76,10 @@
   function topText(i) { return (idx.top[i] || []).join("\u0001"); }
   function matches(i, q) {
     if (!lowerTop) { lowerTop = new Array(n); for (var j = 0; j < n; j++) lowerTop[j] = topText(j).toLowerCase(); }
-    return lowerTop[i].indexOf(q) !== -1;
+    if (lowerTop[i].indexOf(q) !== -1) return true;
+    if (!hasExpl || !LS.$("search-expl").checked) return false;
+    if (!lowerExpl) { lowerExpl = new Array(n); for (var e = 0; e < n; e++) lowerExpl[e] = (idx.expl[e] || "").toLowerCase(); }
+    return lowerExpl[i].indexOf(q) !== -1;
   }
   // The search box accepts the visible forms too: '·' means space, '↵' newline, '→' tab.
   function normaliseQuery(q) {
@@ -131,6 +143,10 @@
       for (var t = 0; t < toks.length; t++) tops.appendChild(LS.chip(toks[t]));
       tr.appendChild(tops);
       tr.appendChild(el("td", null, [dead ? el("span", { cls: "badge dead", text: "dead" }) : null]));
+      if (hasExpl) {
+        tr.appendChild(el("td", { cls: "num", text: idx.score[i] === null ? "" : LS.fmt(idx.score[i], 3) }));
+        tr.appendChild(el("td", { cls: "expl", text: idx.expl[i] || "" }));
+      }
       frag.appendChild(tr);
     }
     LS.clear(tbody).appendChild(frag);
@@ -155,7 +171,7 @@
       var key = this.getAttribute("data-key");
       // Numbers are most interesting largest-first; ids and text smallest-first.
       if (state.key === key) state.desc = !state.desc;
-      else { state.key = key; state.desc = key === "density" || key === "max_act" || key === "dead"; }
+      else { state.key = key; state.desc = key === "density" || key === "max_act" || key === "dead" || key === "score"; }
       recompute();
     });
   }
@@ -166,6 +182,7 @@
     timer = setTimeout(function () { state.query = v; recompute(); }, 120);
   });
   LS.$("hide-dead").addEventListener("change", function () { state.hideDead = this.checked; recompute(); });
+  LS.$("search-expl").addEventListener("change", function () { recompute(); });
   function num(v) { return v === "" || isNaN(parseFloat(v)) ? null : parseFloat(v); }
   LS.$("dmin").addEventListener("input", function () { state.dmin = num(this.value); recompute(); });
   LS.$("dmax").addEventListener("input", function () { state.dmax = num(this.value); recompute(); });

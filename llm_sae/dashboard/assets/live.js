@@ -55,10 +55,13 @@
     if (tok !== undefined) LS.$("token-features-title").appendChild(LS.chip(tok));
     (j.top[selected] || []).forEach(function (pair) {
       var show = el("button", { text: "show on text", onclick: function () { LS.$("feature").value = pair[0]; run(); } });
+      var add = function () { if (LS.steerAdd) LS.steerAdd(pair[0]); };
+      var steer = el("span", { cls: "steer-add", role: "button", tabindex: "0", text: "steer with it", onclick: add,
+        onkeydown: function (e) { if (e.key === "Enter") add(); } });
       tb.appendChild(el("tr", null, [
         el("td", { cls: "num" }, [el("a", { href: "feature.html#" + pair[0], text: "#" + pair[0] })]),
         el("td", { cls: "num", text: LS.fmt(pair[1], 4) }),
-        el("td", null, [show]),
+        el("td", null, [show, " ", steer]),
       ]));
     });
   }
