@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dashboard": ("llm_sae.dashboard.build", "Render analysis output into a static, offline site."),
     "serve": ("llm_sae.serve.server", "Serve a dashboard site locally, with an optional live view."),
     "explain": ("llm_sae.explain.run", "Explain features with an LLM and score the explanations."),
+    "steer": ("llm_sae.serve.steer", "Generate text with SAE features added, clamped or ablated."),
     "eval": ("llm_sae.evaluate.cli", "Measure an SAE: reconstruction, downstream loss, sparsity."),
     "bench": ("llm_sae.bench.recovery", "Built-in benchmarks (ground-truth feature recovery)."),
     "export": ("llm_sae.interop.export", "Write an SAE in another library's format."),

@@ -212,7 +212,7 @@ def test_reads_model_and_hook_from_a_saelens_folder():
     """SAELens v6 keeps model_name and hook_name under cfg.json's "metadata"."""
     from pathlib import Path
 
-    from llm_sae.serve.live import sae_meta
+    from llm_sae.sae.formats.meta import sae_meta
 
     meta = sae_meta(Path(__file__).parent / "data" / "peers" / "saelens" / "topk")
     assert meta["model_name"] == "tiny-peer-model"

@@ -94,3 +94,13 @@ def run_to_hooks(model: Any, tokens_BL: torch.Tensor, hooks: list[str], stop: in
     if missing:
         raise ModelError(f"hook(s) {missing} never fired on this model; pick another hook point")
     return got
+
+
+def logits_with_edits(model: Any, tokens_BL: torch.Tensor, edits: list[tuple[str, Any]]) -> torch.Tensor:
+    """Logits [B, L, V] of a forward pass in which each ``(hook, fn)`` of ``edits`` may
+    replace the activation at its hook (``fn(act, hook) -> act``). With no edits no hook
+    is attached at all, so the result is the plain model's, bit for bit."""
+    with torch.inference_mode():
+        if not edits:
+            return model(tokens_BL, return_type="logits")
+        return model.run_with_hooks(tokens_BL, fwd_hooks=edits, return_type="logits")

@@ -2,55 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
 
 from llm_sae.errors import LlmSaeError
+from llm_sae.sae.formats.meta import recorded_model_and_hook
 from llm_sae.serve.config import ServeError
-
-
-def sae_meta(sae_dir: Path) -> dict[str, Any]:
-    """The hook and model an SAE was trained on, from whichever metadata file records them."""
-    meta: dict[str, Any] = {}
-    for name in ("cfg.json", "train_cfg.json", "train_config.json", "meta.json", "store.json"):
-        p = sae_dir / name
-        if p.is_file():
-            try:
-                data = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(data, dict):
-                for k, v in data.items():
-                    meta.setdefault(k, v)
-                # "metadata": SAELens v6 cfg.json keeps model_name and hook_name there.
-                for nested in ("store", "manifest", "meta", "metadata"):
-                    if isinstance(data.get(nested), dict):
-                        for k, v in data[nested].items():
-                            meta.setdefault(k, v)
-    # `llm-sae train` records the store it read (train_cfg.json); its manifest names both.
-    store_path = meta.get("store")
-    if isinstance(store_path, str) and Path(store_path).is_dir():
-        try:
-            from llm_sae.store.store import open_store
-
-            store = open_store(store_path)
-            meta.setdefault("hook_name", store.hook)
-            meta.setdefault("model_name", store.model)
-        except Exception:  # noqa: BLE001 - a moved or partial store: fall back to flags
-            pass
-    return meta
-
-
-def _first(meta: dict[str, Any], *keys: str) -> Any:
-    for k in keys:
-        v = meta.get(k)
-        if isinstance(v, list) and len(v) == 1:
-            v = v[0]
-        if isinstance(v, str) and v:
-            return v
-    return None
 
 
 class LiveEncoder:
@@ -67,9 +25,9 @@ class LiveEncoder:
         from llm_sae.sae.formats.native import load_sae
 
         sae_dir = Path(sae_dir)
-        meta = sae_meta(sae_dir)
-        self.model_name = model or _first(meta, "model", "model_name", "model_path")
-        self.hook = hook or _first(meta, "hook_name", "hook", "hook_point", "hooks")
+        rec_model, rec_hook = recorded_model_and_hook(sae_dir)
+        self.model_name = model or rec_model
+        self.hook = hook or rec_hook
         if not self.model_name:
             raise ServeError(
                 f"the SAE in {sae_dir} does not record its model; pass --model NAME_OR_DIR"
@@ -85,6 +43,7 @@ class LiveEncoder:
         self.bridge = _load_model(self.model_name, device)
         self.tokenizer = self.bridge.tokenizer
         self.lock = threading.Lock()
+        self.steerer: Any = None  # made on the first /api/steer request (serve/steer_api.py)
         self.encode("")  # fail at start-up, not on the first request, if hook or width is wrong
 
     def info(self) -> dict[str, Any]:

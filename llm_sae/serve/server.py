@@ -107,7 +107,7 @@ class SiteHandler(BaseHTTPRequestHandler):
         if not self._host_ok():
             self._error(HTTPStatus.FORBIDDEN)
             return
-        if url.path != "/api/encode":
+        if url.path not in ("/api/encode", "/api/steer"):
             self._error(HTTPStatus.NOT_FOUND)
             return
         # JSON only: a cross-site form cannot send it without a CORS preflight we never allow.
@@ -128,7 +128,21 @@ class SiteHandler(BaseHTTPRequestHandler):
         except ValueError:
             self._json(400, {"error": "body must be a JSON object like {\"text\": \"...\"}"})
             return
+        if url.path == "/api/steer":
+            self._steer(req)
+            return
         self._encode(req)
+
+    def _steer(self, req: dict[str, Any]) -> None:
+        if self.live is None:
+            self._json(404, {"error": "no live view: start `llm-sae serve SITE --sae DIR --model MODEL`"})
+            return
+        from llm_sae.serve.steer_api import steer_request
+
+        try:
+            self._json(200, steer_request(self.live, req))
+        except (TypeError, ValueError, LlmSaeError) as e:  # a request out of bounds
+            self._json(400, {"error": str(e)})
 
     def _encode(self, req: dict[str, Any]) -> None:
         if self.live is None:

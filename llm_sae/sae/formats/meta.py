@@ -1,0 +1,67 @@
+"""Which model and hook point a saved SAE reads: one reader for every folder format.
+
+The live view, ``llm-sae steer`` and anything else that runs an SAE on its model ask here,
+so a new metadata file or a SAELens key is learnt in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+META_FILES = ("cfg.json", "train_cfg.json", "train_config.json", "meta.json", "store.json")
+MODEL_KEYS = ("model", "model_name", "model_path")
+HOOK_KEYS = ("hook_name", "hook", "hook_point", "hooks")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def sae_meta(sae_dir: str | Path) -> dict[str, Any]:
+    """The metadata an SAE folder records, merged (the first file to name a key wins).
+
+    Nested ``store``/``manifest``/``meta``/``metadata`` dicts are flattened in: SAELens v6
+    keeps model_name and hook_name under "metadata". When `llm-sae train` recorded the
+    store it read (train_cfg.json), that store's manifest.json (the store's on-disk
+    contract, docs/internals.md) fills in what the SAE folder lacks.
+    """
+    sae_dir = Path(sae_dir)
+    meta: dict[str, Any] = {}
+    for name in META_FILES:
+        data = _read_json(sae_dir / name)
+        for k, v in data.items():
+            meta.setdefault(k, v)
+        for nested in ("store", "manifest", "meta", "metadata"):
+            if isinstance(data.get(nested), dict):
+                for k, v in data[nested].items():
+                    meta.setdefault(k, v)
+    store_path = meta.get("store")
+    if isinstance(store_path, str):
+        manifest = _read_json(Path(store_path) / "manifest.json")  # a moved store: {}
+        for key in ("hook", "model"):
+            if isinstance(manifest.get(key), str):
+                meta.setdefault(key + "_name", manifest[key])
+    return meta
+
+
+def first_str(meta: dict[str, Any], *keys: str) -> str | None:
+    """The first of ``keys`` holding a non-empty string (a one-element list counts)."""
+    for k in keys:
+        v = meta.get(k)
+        if isinstance(v, list) and len(v) == 1:
+            v = v[0]
+        if isinstance(v, str) and v:
+            return v
+    return None
+
+
+def recorded_model_and_hook(sae_dir: str | Path) -> tuple[str | None, str | None]:
+    """(model, hook) the SAE in ``sae_dir`` was trained on; None for what it does not record."""
+    meta = sae_meta(sae_dir)
+    return first_str(meta, *MODEL_KEYS), first_str(meta, *HOOK_KEYS)
