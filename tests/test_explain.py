@@ -190,7 +190,7 @@ def test_client_retries_429_and_5xx_over_http(llm):
     reply = client.complete([{"role": "system", "content": "[explain-v1]"},
                              {"role": "user", "content": 'Activations: ("<id 3>", 9)'}])
     assert 'the token "<id 3>"' in reply.text and reply.retries == 3
-    assert time.perf_counter() - t0 < 0.4  # the server's retry-after-ms (5 ms) won over 0.5+1+2 s
+    assert time.perf_counter() - t0 < 1.0  # the server's retry-after-ms (5 ms) won over 0.5+1+2 s
     assert len(llm.log) == 4 and client.usage.retries == 3 and client.usage.requests == 1
     assert client.usage.prompt_tokens > 0 and client.usage.cost(1e6, 0) == client.usage.prompt_tokens
 
@@ -345,3 +345,24 @@ def test_local_hf_backend_explains_with_no_server(planted, tmp_path):
     assert s["this_run"]["requests"] == 2 and s["n_explained"] == 1
     fz = r["scores"]["fuzzing"]
     assert fz["parse_failures"] == 1 and fz["balanced_accuracy"] is None
+
+
+def test_one_reader_for_explanations_refuses_a_folder_that_is_not_explain_output(planted, tmp_path):
+    """dashboard and export both read through llm_sae.common.explanation_files: a wrong
+    --explanations fails there, in one line, before a site or an export is written."""
+    from llm_sae.common.explanation_files import find_explanations, load_explanation, result_path
+    from llm_sae.dashboard import DashboardConfig, build_dashboard
+    from llm_sae.interop import export_neuronpedia
+
+    (tmp_path / "notes").mkdir()
+    for build in (lambda: build_dashboard(DashboardConfig(analysis=str(planted), out=str(tmp_path / "site"),
+                                                          explanations=str(tmp_path / "notes"))),
+                  lambda: export_neuronpedia(planted, tmp_path / "np", model_id="m", explanations=tmp_path / "notes")):
+        with pytest.raises(ExplainError, match="not the output of `llm-sae explain`"):
+            build()
+    assert not (tmp_path / "site" / "index.html").exists() and not (tmp_path / "np").exists()
+    assert find_explanations(planted) is None  # no ANALYSIS/explanations: nothing to show
+    (tmp_path / "notes" / "run.json").write_text("{}")
+    result_path(tmp_path / "notes", 3).parent.mkdir(parents=True)
+    result_path(tmp_path / "notes", 3).write_text("{torn")  # a hand-edited file reads as absent
+    assert load_explanation(tmp_path / "notes", 3) is None

@@ -113,9 +113,9 @@ def test_unsteered_is_the_plain_model_and_clamp_zero_is_ablation(steerer):
     from llm_sae.lm.models import resolve_model
 
     hf = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-stdlib")).eval()
-    ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+    ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
                       pad_token_id=0)[0, len(toks):].tolist()
-    ours = s.generate(PROMPT, max_new_tokens=12)["ids"]
+    ours = s.generate(PROMPT, max_new_tokens=6)["ids"]
     assert ours == ref[: len(ours)] and len(ours) >= 1
 
 
@@ -123,9 +123,9 @@ def test_unsteered_is_the_plain_model_and_clamp_zero_is_ablation(steerer):
 def test_steered_generation_is_deterministic_for_a_seed(steerer):
     s, _ = steerer
     ivs = [Intervention(10, "add", 6.0), Intervention(20, "clamp", 2.0)]
-    a = s.generate(PROMPT, ivs, max_new_tokens=8, temperature=1.0, seed=3)
-    b = s.generate(PROMPT, ivs, max_new_tokens=8, temperature=1.0, seed=3)
-    c = s.generate(PROMPT, ivs, max_new_tokens=8, temperature=1.0, seed=4)
+    a = s.generate(PROMPT, ivs, max_new_tokens=5, temperature=1.0, seed=3)
+    b = s.generate(PROMPT, ivs, max_new_tokens=5, temperature=1.0, seed=3)
+    c = s.generate(PROMPT, ivs, max_new_tokens=5, temperature=1.0, seed=4)
     assert a == b and a["ids"] != c["ids"]
     with pytest.raises(SteerError, match="context"):
         s.generate("x " * 120, max_new_tokens=32)

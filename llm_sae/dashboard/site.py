@@ -67,10 +67,10 @@ def write_site(
     from tqdm import tqdm
 
     out = Path(out)
+    expl_dir = find_explanations(cfg.analysis, cfg.explanations)  # a wrong folder fails before writing
     _prepare_out(out)
     copy_assets(out)
     cols: dict[str, list[Any]] = {"id": [], "density": [], "max_act": [], "dead": [], "top": []}
-    expl_dir = find_explanations(cfg.analysis, cfg.explanations)
     if expl_dir is not None:
         cols.update(expl=[], score=[])  # the index's explanation column, sortable by score
     briefs: dict[int, dict[str, Any]] = {}  # only for records still waiting to be written
