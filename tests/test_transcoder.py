@@ -134,3 +134,32 @@ def test_skip_without_target_is_a_config_error():
 
     with pytest.raises(ConfigError, match="--target-store"):
         SAEConfig(d_in=8, n_latents=32, k=2, skip=True).resolved()
+
+
+def test_replacement_model_loss_recovered(pair_dirs, tiny_gpt2_dir, tmp_path, one_thread):
+    """A transcoder predicting zeros recovers nothing; with the clean error term any
+    transcoder gives back the clean model; a trained one lands between."""
+    from llm_sae.evaluate.replacement import Replacement, replacement_from_run, replacement_metrics
+    from llm_sae.lm.hooks import load_model
+
+    d_in, d_out = pair_dirs
+    run = train(TrainConfig(store=str(d_in), target_store=str(d_out), out=str(tmp_path / "tc"), arch="topk",
+                            k=8, expansion=4, batch_size=64, tokens=64 * 40, device="cpu"))
+    model = load_model(str(tiny_gpt2_dir))
+    rep = replacement_from_run(run, load_sae(run))
+    assert (rep.in_hook, rep.out_hook) == (IN, OUT)
+
+    class Zeros:
+        def predict(self, x_BD):
+            return torch.zeros(x_BD.shape[0], 32)
+
+    l1 = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+    ctx_CL = PairedStoreSource(d_in, d_out).inputs.store.sequence_tokens([0, 1, 2, 3])
+    res = replacement_metrics(model, {"tc0": rep, "zeros1": Replacement(Zeros(), *l1)}, ctx_CL, batch_size=2)
+    r = res["replaced"]
+    assert set(r) == {"tc0", "zeros1", "all"} and res["tokens"] == 4 * 31
+    assert r["zeros1"]["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    for row in r.values():
+        assert row["loss_recovered_with_error"] == pytest.approx(1.0, abs=1e-4)
+        assert row["kl_with_error"] == pytest.approx(0.0, abs=1e-4)
+    assert r["tc0"]["kl"] > 0 and r["tc0"]["ce"] != res["ce_clean"]
