@@ -80,14 +80,9 @@ def replacement_metrics(
         toks_BL = contexts_CL[s : s + batch_size].to(next(iter(model.parameters())).device)
         targets_BL = toks_BL[:, 1:]
         clean: dict[str, Tensor] = {}
-
-        def record(x: Tensor, hook: Any, name: str = "") -> Tensor:
-            clean[name] = x.detach()
-            return x
-
-        hooks = {h for r in reps.values() for h in (r.in_hook, r.out_hook)}
+        hooks = sorted({h for r in reps.values() for h in (r.in_hook, r.out_hook)})
         logits = model.run_with_hooks(
-            toks_BL, fwd_hooks=[(h, lambda x, hook, h=h: record(x, hook, h)) for h in hooks], return_type="logits"
+            toks_BL, fwd_hooks=[(h, _recorder(clean, h)) for h in hooks], return_type="logits"
         )
         logp_clean = logits[:, :-1].float().log_softmax(-1)
         add("clean", *_loss(logits, None, targets_BL))
@@ -114,6 +109,14 @@ def replacement_metrics(
             row.update({f"ce{suffix}": ce, f"kl{suffix}": kl, f"loss_recovered{suffix}": rec})
         out["replaced"][gname] = row
     return out
+
+
+def _recorder(into: dict[str, Tensor], name: str) -> Any:
+    def fn(x: Tensor, hook: Any) -> Tensor:
+        into[name] = x.detach()
+        return x
+
+    return fn
 
 
 def _predict(sae: Any, x_BLD: Tensor) -> Tensor:
