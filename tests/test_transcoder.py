@@ -34,7 +34,7 @@ def pair_dirs(tmp_path_factory, tiny_gpt2_dir, text_dir):
     return dirs[IN], dirs[OUT]
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu_l1", "jumprelu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu_l1", "jumprelu", "matryoshka"])
 def test_every_encoder_is_a_transcoder_and_folds_both_scales(arch):
     torch.manual_seed(0)
     sae = REGISTRY[arch](SAEConfig(arch=arch, d_in=16, n_latents=64, k=4, d_out=24, skip=True))

@@ -167,6 +167,12 @@ class SAE(nn.Module):
         return self._finish(x_BD, x_hat_BD, sparsity, metrics, fired_BN.sum(0).float(), dead_mask_N, aux,
                             target_BE=target_BE)
 
+    def target_of(self, x_BD: Tensor, target_BE: Tensor | None) -> Tensor:
+        """What the loss reconstructs: the input for an SAE; a transcoder must be given one."""
+        if target_BE is None and self.is_transcoder:
+            raise ValueError("a transcoder's forward needs target_BE, the output hook's activations")
+        return x_BD if target_BE is None else target_BE
+
     def _finish(
         self,
         x_BD: Tensor,
@@ -180,9 +186,7 @@ class SAE(nn.Module):
         target_BE: Tensor | None = None,
     ) -> ForwardOutput:
         """The loss against ``target_BE`` (a transcoder's output hook; default the input)."""
-        if self.is_transcoder and target_BE is None:
-            raise ValueError("a transcoder's forward needs target_BE, the output hook's activations")
-        y_BE = x_BD if target_BE is None else target_BE
+        y_BE = self.target_of(x_BD, target_BE)
         # Summed over D, averaged over B: the convention of the L1 papers, whose
         # coefficients (e.g. λ = 5) assume inputs scaled to E‖x‖ = √D.
         recon, err_BD = _SquaredError.apply(y_BE, x_hat_BD)

@@ -117,6 +117,8 @@ class Trainer:
             raise DataError("the initialisation sample has no finite rows; check the store")
         if self.input_scale is None:
             self.input_scale = math.sqrt(x_BD.shape[1]) / float(x_BD.norm(dim=1).mean().clamp_min(1e-12))
+        if self.target_scale is None and y_sample_BE is not None:
+            self.target_scale = math.sqrt(y_BE.shape[1]) / float(y_BE.norm(dim=1).mean().clamp_min(1e-12))
         assert self.output_scale is not None
         self.sae.b_dec.copy_(geometric_median(y_BE * self.output_scale).to(self.device))
 
