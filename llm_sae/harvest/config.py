@@ -46,5 +46,7 @@ class HarvestConfig:
     """Append to the stores on a background thread (on GPU: rows copied to pinned host
     buffers asynchronously), so the model never waits on the disk; --no-async-write appends
     in the harvest loop."""
+    pair: list[str] = field(default_factory=list)
+    """Transcoder pairs IN:OUT, e.g. blocks.1.ln2.hook_normalized:blocks.1.hook_mlp_out (repeat or comma-separate): both hooks are stored row-aligned and each store's manifest names its partner."""
     extra: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
     """Free-form notes copied into the manifest (Python only)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,9 +53,25 @@ def store_dirs(cfg: HarvestConfig) -> dict[str, Path]:
     return {hooks[0]: out} if len(hooks) == 1 else {h: out / h for h in hooks}
 
 
+def _pairs(cfg: HarvestConfig) -> dict[str, dict[str, str]]:
+    """{hook: its manifest's "pair" entry} for every hook named in ``cfg.pair``."""
+    specs = [cfg.pair] if isinstance(cfg.pair, str) else list(cfg.pair or [])
+    out: dict[str, dict[str, str]] = {}
+    for spec in (p for part in specs for p in part.split(",") if p):
+        a, sep, b = spec.partition(":")
+        if not sep or not a or not b or a == b:
+            raise ModelError(f"--pair {spec!r} must be IN_HOOK:OUT_HOOK, two different hooks")
+        for h, role, other in ((a, "input", b), (b, "output", a)):
+            if h in out:
+                raise ModelError(f"hook {h!r} is in two --pair entries; give each hook one partner")
+            out[h] = {"role": role, "partner_hook": other}
+    return out
+
+
 def _hooks(cfg: HarvestConfig) -> list[str]:
-    hooks = [cfg.hook] if isinstance(cfg.hook, str) else list(cfg.hook)
+    hooks = [cfg.hook] if isinstance(cfg.hook, str) else list(cfg.hook or [])
     hooks = [h for part in hooks for h in part.split(",") if h]
+    hooks += [h for h in _pairs(cfg) if h not in hooks]
     if not hooks:
         raise ModelError("no hook given; pass --hook blocks.L.hook_resid_post (or another hook point)")
     if len(set(hooks)) != len(hooks):
@@ -99,6 +116,7 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
 
     rank, world = init_from_env()
     dirs = store_dirs(cfg)
+    pairs = _pairs(cfg)
     manifest_name = MANIFEST if world == 1 else f"manifest.rank{rank}.json"
     prefix = "shard" if world == 1 else f"shard-r{rank}"
     say = (lambda *a: print(*a, file=sys.stderr)) if rank == 0 else (lambda *a: None)
@@ -148,6 +166,8 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
             "dataset": spec,
             "harvest": _settings(cfg, world),
             "special_token_ids": special,
+            **({"pair": {**pairs[h], "partner": os.path.relpath(dirs[pairs[h]["partner_hook"]], dirs[h])}}
+               if h in pairs else {}),
             **({"extra": cfg.extra} if cfg.extra else {}),
         }
         for h in hooks

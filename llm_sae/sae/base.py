@@ -36,7 +36,13 @@ class ForwardOutput:
 
 
 class SAE(nn.Module):
-    """Base class: parameters, dense encode/decode, losses common to all, save/load."""
+    """Base class: parameters, dense encode/decode, losses common to all, save/load.
+
+    With ``cfg.d_out`` set it is a transcoder: it reads x_BD (width D) and predicts another
+    hook's y_BE (width E), with an optional linear skip path ``W_skip_ED``. Every
+    architecture is a transcoder this way; the decoder and its sparse kernels do not care
+    what width they write, and the loss only needs a target (the input, for an SAE).
+    """
 
     arch: ClassVar[str] = ""
     unit_norm_decoder: ClassVar[bool] = True
@@ -51,16 +57,25 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = dataclasses.replace(cfg.resolved(), arch=self.arch)
-        D, N = self.cfg.d_in, self.cfg.n_latents
+        D, N, E = self.cfg.d_in, self.cfg.n_latents, self.d_out
         assert N is not None
-        W_dec_ND = torch.randn(N, D)
-        W_dec_ND *= self.decoder_init_norm / W_dec_ND.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(W_dec_ND)
+        W_dec_NE = torch.randn(N, E)
+        W_dec_NE *= self.decoder_init_norm / W_dec_NE.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec_NE)
         # Encoder starts as the decoder's transpose: each latent first reads the direction
         # it writes, which makes early training far better conditioned (Gao et al. 2024).
-        self.W_enc = nn.Parameter(W_dec_ND.clone())
+        # A transcoder's input and output spaces differ: its encoder starts at random.
+        if self.is_transcoder:
+            W_enc_ND = torch.randn(N, D)
+            W_enc_ND *= self.decoder_init_norm / W_enc_ND.norm(dim=1, keepdim=True)
+        else:
+            W_enc_ND = W_dec_NE.clone()
+        self.W_enc = nn.Parameter(W_enc_ND)
         self.b_enc = nn.Parameter(torch.zeros(N))
-        self.b_dec = nn.Parameter(torch.zeros(D))
+        self.b_dec = nn.Parameter(torch.zeros(E))
+        if self.cfg.skip:
+            # Starts at zero (as in SAELens and sparsify): the latents learn first.
+            self.W_skip = nn.Parameter(torch.zeros(E, D))
         self.progress = 1.0
 
     # ----------------------------------------------------------------- hooks for subclasses
@@ -92,6 +107,15 @@ class SAE(nn.Module):
         return self.cfg.d_in
 
     @property
+    def d_out(self) -> int:
+        """Output width: d_in for an SAE, the target hook's width for a transcoder."""
+        return self.cfg.d_in if self.cfg.d_out is None else self.cfg.d_out
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.cfg.d_out is not None
+
+    @property
     def n_latents(self) -> int:
         assert self.cfg.n_latents is not None
         return self.cfg.n_latents
@@ -100,8 +124,26 @@ class SAE(nn.Module):
         """Fraction of training done, in [0, 1]; drives sparsity-coefficient warm-ups."""
         self.progress = float(progress)
 
+    def centered(self, x_BD: Tensor) -> Tensor:
+        """What the encoder reads: x − b_dec for an SAE, x itself for a transcoder (whose
+        b_dec lives in the output space; b_enc absorbs any input offset)."""
+        # x + (−b_dec) is x − b_dec bit for bit, but subtraction's backward negates the
+        # whole [B, D] gradient before summing it for b_dec; this negates the [D] sum.
+        return x_BD if self.is_transcoder else x_BD + -self.b_dec
+
     def pre_acts(self, x_BD: Tensor) -> Tensor:
-        return F.linear(x_BD - self.b_dec, self.W_enc, self.b_enc)
+        return F.linear(self.centered(x_BD), self.W_enc, self.b_enc)
+
+    def add_skip(self, y_hat_BE: Tensor, x_BD: Tensor) -> Tensor:
+        """The skip path's x·W_skipᵀ added to a decode (a no-op without one)."""
+        if not self.cfg.skip:
+            return y_hat_BE
+        return y_hat_BE + F.linear(x_BD.to(y_hat_BE.dtype), self.W_skip.to(y_hat_BE.dtype))
+
+    def predict(self, x_BD: Tensor) -> Tensor:
+        """The reconstruction (SAE) or prediction of the output hook (transcoder) for raw
+        inputs, skip path included: what a spliced-in replacement computes."""
+        return self.add_skip(self.decode(self.encode(x_BD)), x_BD)
 
     def encode(self, x_BD: Tensor) -> Tensor:
         """Dense latent activations [B, N] (the reference path)."""
@@ -111,16 +153,25 @@ class SAE(nn.Module):
         return z_BN @ self.W_dec + self.b_dec
 
     def forward(
-        self, x_BD: Tensor, *, dead_mask_N: Tensor | None = None, aux: bool = True
+        self, x_BD: Tensor, *, target_BE: Tensor | None = None,
+        dead_mask_N: Tensor | None = None, aux: bool = True,
     ) -> ForwardOutput:
-        """Training forward: reconstruction + sparsity (+ AuxK over ``dead_mask_N``)."""
+        """Training forward: reconstruction of ``target_BE`` (default: the input) +
+        sparsity (+ AuxK over ``dead_mask_N``)."""
         pre_BN = self.pre_acts(x_BD)
         z_BN = self.train_activate(pre_BN)
-        x_hat_BD = self.decode(z_BN)
+        x_hat_BD = self.add_skip(self.decode(z_BN), x_BD)
         sparsity, metrics = self.sparsity_loss(pre_BN, z_BN)
         fired_BN = self.fired(z_BN)
         metrics.setdefault("l0", fired_BN.sum(-1).float().mean().detach())
-        return self._finish(x_BD, x_hat_BD, sparsity, metrics, fired_BN.sum(0).float(), dead_mask_N, aux)
+        return self._finish(x_BD, x_hat_BD, sparsity, metrics, fired_BN.sum(0).float(), dead_mask_N, aux,
+                            target_BE=target_BE)
+
+    def target_of(self, x_BD: Tensor, target_BE: Tensor | None) -> Tensor:
+        """What the loss reconstructs: the input for an SAE; a transcoder must be given one."""
+        if target_BE is None and self.is_transcoder:
+            raise ValueError("a transcoder's forward needs target_BE, the output hook's activations")
+        return x_BD if target_BE is None else target_BE
 
     def _finish(
         self,
@@ -131,19 +182,23 @@ class SAE(nn.Module):
         fired_N: Tensor,
         dead_mask_N: Tensor | None,
         aux: bool,
+        *,
+        target_BE: Tensor | None = None,
     ) -> ForwardOutput:
+        """The loss against ``target_BE`` (a transcoder's output hook; default the input)."""
+        y_BE = self.target_of(x_BD, target_BE)
         # Summed over D, averaged over B: the convention of the L1 papers, whose
         # coefficients (e.g. λ = 5) assume inputs scaled to E‖x‖ = √D.
-        recon, err_BD = _SquaredError.apply(x_BD, x_hat_BD)
+        recon, err_BD = _SquaredError.apply(y_BE, x_hat_BD)
         with torch.no_grad():  # for the metrics only; one pass, no [B, D] temporaries
-            total_var = x_BD.var(0, correction=0).sum().clamp_min(1e-12)
+            total_var = y_BE.var(0, correction=0).sum().clamp_min(1e-12)
         loss = recon + sparsity
         aux_loss = x_BD.new_zeros(())
         if aux and dead_mask_N is not None and self.cfg.aux_coef > 0:
-            aux_loss = self.auxk_loss(x_BD, err_BD.detach(), dead_mask_N)
+            aux_loss = self.auxk_loss(x_BD, err_BD.detach(), dead_mask_N)  # err_BD is [B, E]
             loss = loss + self.cfg.aux_coef * aux_loss
         metrics.update(
-            mse=(recon / x_BD.shape[-1]).detach(),
+            mse=(recon / y_BE.shape[-1]).detach(),
             fvu=(recon / total_var).detach(),
             aux=(aux_loss / total_var).detach(),
             sparsity_loss=sparsity.detach(),
@@ -190,7 +245,7 @@ class SAE(nn.Module):
             return x_BD.new_zeros(()), 0, 0
         k_aux = self.cfg.aux_k or min(512, max(1, self.d_in // 2))
         k_aux = min(k_aux, n_dead)
-        pre_BM = F.linear((x_BD - self.b_dec).detach(), self.W_enc[dead_M], self.b_enc[dead_M])
+        pre_BM = F.linear(self.centered(x_BD).detach(), self.W_enc[dead_M], self.b_enc[dead_M])
         vals_BK, pos_BK = F.relu(pre_BM).topk(k_aux, dim=-1, sorted=False)
         return decode_sparse(vals_BK, dead_M[pos_BK], self.W_dec), n_dead, k_aux
 
@@ -220,22 +275,29 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------------------- folding
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
-        """Make this SAE take raw x when it was trained on ``scale · x``.
+    def fold_input_scale(self, scale: float, output_scale: float | None = None) -> None:
+        """Make this SAE take raw x when it was trained on ``scale · x`` (and, for a
+        transcoder, to predict ``output_scale · y``; default: ``scale``).
 
-        After folding, ``decode(encode(x)) == old_decode(old_encode(scale·x)) / scale``.
-        ReLU-like archs divide the latents by ``scale`` (decoder rows stay unit norm, and
-        latent values come out in the units of the raw activations); others scale the
+        After folding, ``predict(x) == old_predict(scale·x) / output_scale``.
+        ReLU-like archs divide the latents by ``output_scale`` (decoder rows stay unit
+        norm, and latent values come out in the units of the raw outputs); others scale the
         encoder up and the decoder down.
         """
-        s = float(scale)
-        self.b_dec /= s
+        s_in = float(scale)
+        s_out = s_in if output_scale is None else float(output_scale)
+        self.b_dec /= s_out
+        if self.cfg.skip:
+            self.W_skip *= s_in / s_out
         if self.homogeneous:
-            self.b_enc /= s
-            self._scale_latents(1.0 / s)
+            # relu(a·u) = a·relu(u) for a > 0: z_new(x) = z_old(s_in·x) / s_out.
+            if s_in != s_out:
+                self.W_enc *= s_in / s_out
+            self.b_enc /= s_out
+            self._scale_latents(1.0 / s_out)
         else:
-            self.W_enc *= s
-            self.W_dec /= s
+            self.W_enc *= s_in
+            self.W_dec /= s_out
 
     # --------------------------------------------------------------------- save / load
     def save(self, path: str | Path) -> Path:

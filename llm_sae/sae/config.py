@@ -31,6 +31,12 @@ class CommonParams:
     """Latents used by the AuxK loss to model the residual error (default: d_in/2, at most 512)."""
     aux_coef: float = 1 / 32
     """Weight of the AuxK dead-latent loss (Gao et al. 2024 use 1/32)."""
+    d_out: int | None = None
+    """Output width of a transcoder (it predicts another hook's activations from its input);
+    None for an SAE, which reconstructs its input. Taken from the target store when training."""
+    skip: bool = False
+    """Transcoders only: add a linear skip path W_skip from input to output (a skip
+    transcoder, Paulo et al. 2025), so the latents model only what a linear map misses."""
 
 
 @dataclass(kw_only=True)
@@ -57,5 +63,9 @@ class SAEConfig(*reversed(PARAMS), CommonParams):  # type: ignore[misc]
                 f"k={cfg.k} must be at least 1 and below n_latents={cfg.n_latents}; "
                 "lower --k or raise --expansion/--n-latents"
             )
+        if cfg.d_out is not None and cfg.d_out <= 0:
+            raise ConfigError(f"d_out must be positive, got {cfg.d_out}")
+        if cfg.skip and cfg.d_out is None:
+            raise ConfigError("--skip needs a transcoder: give a --target-store (the output hook's store)")
         REGISTRY[cfg.arch].check_config(cfg)
         return cfg

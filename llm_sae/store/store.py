@@ -140,6 +140,19 @@ class Store:
         """Rows ``[start, stop)`` as a [n, d_in] tensor in the store's dtype."""
         return self._to_torch(self._gather(start, stop, "acts"))
 
+    def acts_at(self, rows: np.ndarray) -> torch.Tensor:
+        """Rows at any indices (any order) as [len(rows), d_in]: how a paired source reads
+        the partner store's rows of a batch the first store's reader chose."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.d_in), self._np_dtype)
+        shard = np.searchsorted(self._offsets, rows, side="right") - 1
+        for s in np.unique(shard):
+            at = np.nonzero(shard == s)[0]
+            local = rows[at] - self._offsets[s]
+            order = np.argsort(local, kind="stable")  # walk the file forwards
+            out[at[order]] = np.take(self._mmap(int(s), "acts"), local[order], axis=0)
+        return self._to_torch(out)
+
     def token_ids(self, start: int, stop: int) -> torch.Tensor:
         """The token id each row of ``[start, stop)`` was computed at (LongTensor [n])."""
         return torch.from_numpy(self._gather(start, stop, "rows")[:, 0].astype(np.int64))

@@ -38,7 +38,7 @@ FORMAT = 2
 STATE = "state.safetensors"
 LEGACY_STATE = "state.pt"  # release 0.1: a pickle, read with weights_only=True
 COUNTERS = ("step_idx", "batches_seen", "tokens", "skipped_batches", "last_resample_tokens",
-            "n_resampled", "input_scale")
+            "n_resampled", "input_scale", "target_scale")
 DEAD_COUNTERS = ("last_resample_tokens", "n_resampled")  # kept by the trainer's DeadLatents
 
 

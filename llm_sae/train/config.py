@@ -22,6 +22,9 @@ class TrainConfig(SAEConfig):
 
     store: str
     """Activation store directory (written by `llm-sae harvest`)."""
+    target_store: str | None = None
+    """Train a transcoder: the store of the output hook to predict from --store's input hook
+    (both written by one `llm-sae harvest --pair IN:OUT`)."""
     out: str
     """Output directory: cfg.json + sae.safetensors, log.jsonl and the checkpoint."""
     expansion: int = 32

@@ -20,16 +20,18 @@ from llm_sae.distributed.parallel import Parallel, make_parallel
 from llm_sae.sae.base import SAE
 from llm_sae.sae.registry import REGISTRY
 from llm_sae.sources.base import ActivationSource
+from llm_sae.sources.paired import PairedStoreSource, target_scale
 from llm_sae.sources.store import StoreSource
 from llm_sae.train.checkpoint import find_checkpoint
 from llm_sae.train.config import TrainConfig
 from llm_sae.train.trainer import Trainer
 
 
-def build_sae(cfg: TrainConfig, d_in: int) -> SAE:
-    """The SAE a TrainConfig asks for, on an input of width ``d_in``."""
+def build_sae(cfg: TrainConfig, d_in: int, d_out: int | None = None) -> SAE:
+    """The SAE a TrainConfig asks for, on an input of width ``d_in`` (a transcoder to
+    width ``d_out`` when given)."""
     n = cfg.n_latents or cfg.expansion * d_in
-    sae_cfg = dataclasses.replace(cfg, d_in=d_in, n_latents=n).resolved()
+    sae_cfg = dataclasses.replace(cfg, d_in=d_in, n_latents=n, d_out=d_out).resolved()
     return REGISTRY[sae_cfg.arch](sae_cfg)
 
 
@@ -47,8 +49,16 @@ def train(cfg: TrainConfig) -> Path:
 def train_with(cfg: TrainConfig, par: Parallel, source: ActivationSource | None = None) -> Path:
     """``train`` on a given parallel strategy, from ``source`` (default: the store
     ``cfg.store``)."""
-    if source is None:
+    if source is None and cfg.target_store:
+        source = PairedStoreSource(cfg.store, cfg.target_store, verify=cfg.verify_store)
+    elif source is None:
         source = StoreSource(cfg.store, verify=cfg.verify_store)
+    d_out = getattr(source, "d_out", None)  # a paired source: train a transcoder
+    if d_out is not None and (cfg.dead_latents == "resample" or par.n_shards > 1):
+        raise ConfigError(
+            "transcoders train with --dead-latents auxk or none and without --shard-latents "
+            "(resampling and the sharded TopK assume the output is the input)"
+        )
     source.check()
     total_steps = cfg.tokens // cfg.batch_size
     if total_steps <= 0:
@@ -71,10 +81,10 @@ def train_with(cfg: TrainConfig, par: Parallel, source: ActivationSource | None 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     # Built whole (same seed on every rank), then cut to this rank's latents if sharded.
-    sae = par.shard(build_sae(cfg, source.d_in)).to(device)
+    sae = par.shard(build_sae(cfg, source.d_in, d_out)).to(device)
     trainer = Trainer(
         sae, cfg, total_steps=total_steps, input_scale=math.sqrt(source.d_in) / source.mean_norm,
-        out_dir=out, parallel=par,
+        target_scale=target_scale(source), out_dir=out, parallel=par,
     )
     ckpt = find_checkpoint(out) if cfg.resume else None
     par.barrier()  # every rank has looked before rank 0 clears anything
@@ -86,7 +96,9 @@ def train_with(cfg: TrainConfig, par: Parallel, source: ActivationSource | None 
                 p = out / stale
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         # A sample drawn with its own seed, not from the training order.
-        trainer.init_from_sample(source.sample(cfg.init_rows, cfg.seed + 1_000_003))
+        seed = cfg.seed + 1_000_003
+        pairs = getattr(source, "sample_pairs", None)  # a transcoder's b_dec starts at the targets
+        trainer.init_from_sample(*(pairs(cfg.init_rows, seed) if pairs else (source.sample(cfg.init_rows, seed),)))
     if par.is_main:
         (out / "train_cfg.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 

@@ -50,6 +50,7 @@ class Trainer:
         *,
         total_steps: int,
         input_scale: float | None = None,
+        target_scale: float | None = None,
         out_dir: str | Path | None = None,
         parallel: Parallel | None = None,
     ) -> None:
@@ -64,6 +65,8 @@ class Trainer:
             raise ConfigError(f"dead_latents must be auxk, resample or none, got {self.dead_method!r}")
         self.sae, self.cfg, self.total_steps = sae, cfg, int(total_steps)
         self.input_scale = input_scale
+        # A transcoder's targets get their own scale (E‖y‖ = √E); None: the input scale.
+        self.target_scale = target_scale
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = sae.W_enc.device
         self.base_lr = cfg.lr or default_lr(sae.n_latents)
@@ -97,35 +100,57 @@ class Trainer:
     def dead_mask(self) -> Tensor:
         return self.dead.mask()
 
+    @property
+    def output_scale(self) -> float | None:
+        """The scale of the targets: the input scale unless a transcoder was given its own."""
+        return self.input_scale if self.target_scale is None else self.target_scale
+
     @torch.no_grad()
-    def init_from_sample(self, x_sample_BD: Tensor) -> None:
-        """Input scale (if not given) and b_dec at the geometric median of the sample."""
+    def init_from_sample(self, x_sample_BD: Tensor, y_sample_BE: Tensor | None = None) -> None:
+        """Input scale (if not given) and b_dec at the geometric median of the sample (of
+        the targets ``y_sample_BE`` for a transcoder)."""
         x_BD = x_sample_BD.to(self.device, torch.float32)
-        x_BD = x_BD[torch.isfinite(x_BD).all(-1)]
+        y_BE = x_BD if y_sample_BE is None else y_sample_BE.to(self.device, torch.float32)
+        ok_B = torch.isfinite(x_BD).all(-1) & torch.isfinite(y_BE).all(-1)
+        x_BD, y_BE = x_BD[ok_B], y_BE[ok_B]
         if x_BD.shape[0] == 0:
             raise DataError("the initialisation sample has no finite rows; check the store")
         if self.input_scale is None:
             self.input_scale = math.sqrt(x_BD.shape[1]) / float(x_BD.norm(dim=1).mean().clamp_min(1e-12))
-        self.sae.b_dec.copy_(geometric_median(x_BD * self.input_scale).to(self.device))
+        if self.target_scale is None and y_sample_BE is not None:
+            self.target_scale = math.sqrt(y_BE.shape[1]) / float(y_BE.norm(dim=1).mean().clamp_min(1e-12))
+        assert self.output_scale is not None
+        self.sae.b_dec.copy_(geometric_median(y_BE * self.output_scale).to(self.device))
 
     # ---------------------------------------------------------------------- a step
-    def step(self, x_BD: Tensor, rows_B: Tensor | None = None) -> ForwardOutput | None:
-        """One optimiser step on a batch of raw activations; None if the batch was skipped."""
+    def step(
+        self, x_BD: Tensor, rows_B: Tensor | None = None, y_BE: Tensor | None = None
+    ) -> ForwardOutput | None:
+        """One optimiser step on a batch of raw activations (and a transcoder's raw
+        targets ``y_BE``); None if the batch was skipped."""
         self.batches_seen += 1
         x_BD = x_BD.to(self.device, torch.float32, non_blocking=True)
+        finite_t = finite_flag(x_BD)
+        if y_BE is not None:
+            # Checked with the inputs: a NaN target skips the batch as a NaN input does.
+            y_BE = y_BE.to(self.device, torch.float32, non_blocking=True)
+            finite_t = finite_t & finite_flag(y_BE)
+
         auxk = self.dead_method == "auxk"
         dead_N = None
         if self.device.type == "cuda":
-            finite, dead_N = self._read_back(x_BD, auxk)
+            finite, dead_N = self._read_back(finite_t, auxk)
         else:
-            finite = bool(finite_flag(x_BD))
+            finite = bool(finite_t)
         if self.par.any(not finite):
-            self._skip_nonfinite(x_BD, rows_B)
+            self._skip_nonfinite(x_BD if y_BE is None or bool(finite_flag(x_BD)) else y_BE, rows_B)
             return None
         if self.input_scale is None:
-            self.init_from_sample(*self.par.global_batch(x_BD))  # the same b_dec on every rank
+            # The same b_dec on every rank.
+            self.init_from_sample(*self.par.global_batch(x_BD, *([] if y_BE is None else [y_BE])))
         assert self.input_scale is not None
         xs_BD = x_BD * self.input_scale
+        ys_BE = None if y_BE is None else y_BE * self.output_scale
         sae = self.sae
         sae.train()
         sae.set_progress(self.step_idx / max(1, self.total_steps))
@@ -139,8 +164,8 @@ class Trainer:
         # float32, and backward runs outside autocast, as torch recommends.
         bf16, tf32 = self.precision == "bf16", self.precision == "tf32"
         with TF32(tf32), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = sae(xs_BD, dead_mask_N=dead_N)
-        del xs_BD  # the backward needs only what the forward saved: 12 MB less at its peak
+            out = sae(xs_BD, dead_mask_N=dead_N, **({} if ys_BE is None else {"target_BE": ys_BE}))
+        del xs_BD, ys_BE  # the backward needs only what the forward saved: 12 MB less at its peak
         out.loss = out.loss.float()
         if self.device.type == "cuda":
             # Not read here, which would stall the GPU between forward and backward: fused
@@ -184,7 +209,7 @@ class Trainer:
             )
         self.skipped_batches += 1
 
-    def _read_back(self, x_BD: Tensor, auxk: bool) -> tuple[bool, Tensor | None]:
+    def _read_back(self, finite_t: Tensor, auxk: bool) -> tuple[bool, Tensor | None]:
         """On a GPU, the step's one wait for the device: (the batch is finite, the dead
         mask on the host), and the previous step's loss check.
 
@@ -194,7 +219,7 @@ class Trainer:
         n=24576). AuxK indexes the dead rows from the host mask (``SAE.aux_reconstruction``).
         """
         pending = self._unchecked_loss is not None
-        parts = [finite_flag(x_BD).view(1)]
+        parts = [finite_t.view(1)]
         if pending:
             parts.append(torch.isfinite(self._unchecked_loss[0]).view(1))
         if auxk:
@@ -252,8 +277,9 @@ class Trainer:
                         f"the batch iterator ran out after {self.batches_seen} batches, "
                         f"before step {self.total_steps}; use a looping reader or fewer --tokens"
                     )
-                x_BD, rows_B = item if isinstance(item, (tuple, list)) else (item, None)
-                if self.step(x_BD, rows_B) is None:
+                # (x_BD, rows_B) or, from a paired source, (x_BD, rows_B, y_BE).
+                x_BD, rows_B, *y = item if isinstance(item, (tuple, list)) else (item, None)
+                if self.step(x_BD, rows_B, *y) is None:
                     continue
                 bar.update(1)
                 if self.step_idx % self.cfg.log_every == 0 or self.step_idx == self.total_steps:
@@ -301,7 +327,7 @@ class Trainer:
         sae = self.par.full_sae(self.sae)  # unsharded copy on rank 0, None elsewhere
         if sae is None:
             return Path(out_dir)
-        sae.fold_input_scale(self.input_scale or 1.0)
+        sae.fold_input_scale(self.input_scale or 1.0, self.output_scale or 1.0)
         return sae.save(out_dir)
 
 

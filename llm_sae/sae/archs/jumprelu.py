@@ -117,18 +117,20 @@ class JumpReLUSAE(SAE):
         return pre_BN * (pre_BN > self.threshold)
 
     def forward(
-        self, x_BD: Tensor, *, dead_mask_N: Tensor | None = None, aux: bool = True
+        self, x_BD: Tensor, *, target_BE: Tensor | None = None,
+        dead_mask_N: Tensor | None = None, aux: bool = True,
     ) -> ForwardOutput:
         pre_BN = self.pre_acts(x_BD)
         z_BN = _JumpReLU.apply(pre_BN, self.threshold, self.cfg.bandwidth)
-        x_hat_BD = self.decode(z_BN)
+        x_hat_BD = self.add_skip(self.decode(z_BN), x_BD)
         sparsity, metrics = self.sparsity_loss(pre_BN, z_BN)
         if aux and dead_mask_N is not None and self.cfg.pre_act_coef > 0:
             pre_act = self.pre_act_loss(pre_BN, dead_mask_N)
             sparsity = sparsity + self.cfg.pre_act_coef * pre_act
             metrics["pre_act"] = pre_act.detach()
         fired_BN = z_BN != 0
-        return self._finish(x_BD, x_hat_BD, sparsity, metrics, fired_BN.sum(0).float(), None, False)
+        return self._finish(x_BD, x_hat_BD, sparsity, metrics, fired_BN.sum(0).float(), None, False,
+                            target_BE=target_BE)
 
     def sparsity_loss(self, pre_BN: Tensor, z_BN: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         l0 = _Step.apply(pre_BN, self.threshold, self.cfg.bandwidth).sum(-1).mean()

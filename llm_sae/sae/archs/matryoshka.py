@@ -56,29 +56,32 @@ class MatryoshkaSAE(BatchTopKSAE):
         return sorted({w for w in widths if 0 < w < n}) + [n]
 
     def forward(
-        self, x_BD: Tensor, *, dead_mask_N: Tensor | None = None, aux: bool = True
+        self, x_BD: Tensor, *, target_BE: Tensor | None = None,
+        dead_mask_N: Tensor | None = None, aux: bool = True,
     ) -> ForwardOutput:
         pre_BN = self.pre_acts(x_BD)
         z_BN = self.train_activate(pre_BN)
         # Prefix decodes, each the previous plus the next slice of latents: the whole
         # dictionary is read once. Level i's residual is kept (detached) for its AuxK.
-        x_hat_BD = self.b_dec.expand_as(x_BD)
+        y_BE = self.target_of(x_BD, target_BE)  # a transcoder's target, else x
+        x_hat_BD = self.add_skip(self.b_dec.expand_as(y_BE), x_BD)
         inner = x_BD.new_zeros((), dtype=torch.float32)
         metrics: dict[str, Tensor] = {}
         self._level_errs: list[tuple[int, int, Tensor]] = []
         lo = 0
         for w in self.widths:
             x_hat_BD = x_hat_BD + z_BN[:, lo:w] @ self.W_dec[lo:w]
-            err_BD = x_BD - x_hat_BD
+            err_BD = y_BE - x_hat_BD
             if w < self.n_latents:
                 level = err_BD.float().pow(2).sum(-1).mean()
                 inner = inner + level
-                metrics[f"mse_{w}"] = (level / x_BD.shape[-1]).detach()
+                metrics[f"mse_{w}"] = (level / y_BE.shape[-1]).detach()
             self._level_errs.append((lo, w, err_BD.detach()))
             lo = w
         fired_BN = z_BN > 0
         metrics["l0"] = fired_BN.sum(-1).float().mean().detach()
-        out = self._finish(x_BD, x_hat_BD, inner, metrics, fired_BN.sum(0).float(), dead_mask_N, aux)
+        out = self._finish(x_BD, x_hat_BD, inner, metrics, fired_BN.sum(0).float(), dead_mask_N, aux,
+                           target_BE=target_BE)
         del self._level_errs
         return out
 

@@ -28,23 +28,23 @@ class TopKSAE(SAE):
 
     def encode_topk(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
         """The sparse form: values [B, K] (≥ 0) and latent indices [B, K]."""
-        # x + (−b_dec) is x − b_dec bit for bit, but subtraction's backward negates the
-        # whole [B, D] gradient before summing it for b_dec; this negates the [D] sum.
-        vals_BK, idx_BK = topk_encode(x_BD + -self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
+        vals_BK, idx_BK = topk_encode(self.centered(x_BD), self.W_enc, self.b_enc, self.cfg.k)
         return F.relu(vals_BK), idx_BK
 
     def forward(
-        self, x_BD: Tensor, *, dead_mask_N: Tensor | None = None, aux: bool = True
+        self, x_BD: Tensor, *, target_BE: Tensor | None = None,
+        dead_mask_N: Tensor | None = None, aux: bool = True,
     ) -> ForwardOutput:
         vals_BK, idx_BK = self.encode_topk(x_BD)
         x_hat_BD = decode_sparse(vals_BK, idx_BK, self.W_dec)
         # In place where the dtypes allow: the decode is a fresh tensor nothing saved, so
         # this is the same sum without a second [B, D] tensor.
         x_hat_BD = x_hat_BD.add_(self.b_dec) if x_hat_BD.dtype == self.b_dec.dtype else x_hat_BD + self.b_dec
+        x_hat_BD = self.add_skip(x_hat_BD, x_BD)
         on_BK = (vals_BK > 0).float()
         fired_N = torch.zeros(self.n_latents, device=x_BD.device).index_add_(
             0, idx_BK.flatten(), on_BK.flatten()
         )
         metrics = {"l0": on_BK.sum(-1).mean().detach()}
         zero = x_BD.new_zeros(())
-        return self._finish(x_BD, x_hat_BD, zero, metrics, fired_N, dead_mask_N, aux)
+        return self._finish(x_BD, x_hat_BD, zero, metrics, fired_N, dead_mask_N, aux, target_BE=target_BE)

@@ -1,0 +1,142 @@
+"""The replacement model: chosen MLPs replaced by their transcoders, and its next-token loss.
+
+What circuit tracing runs on. Each transcoder reads its input hook (e.g.
+``blocks.L.ln2.hook_normalized``) and its prediction replaces its output hook
+(``blocks.L.hook_mlp_out``) in the same forward pass, so later layers see earlier
+replacements. With ``error=True`` each replacement adds the error term of the clean run,
+``y_clean − tc(x_clean)`` (frozen, as circuit-tracer's local replacement model does): all
+layers replaced, the model is then the clean model again, which makes the error-free
+numbers the ones that measure the transcoders. Loss recovered is against zero-ablating
+the same MLP outputs: (CE_zero − CE_replaced) / (CE_zero − CE_clean).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llm_sae.evaluate.config import EvalError
+
+
+@dataclass
+class Replacement:
+    """One transcoder and where it sits: it reads ``in_hook`` and replaces ``out_hook``."""
+
+    sae: Any
+    in_hook: str
+    out_hook: str
+
+
+def replacement_from_run(run_dir: str | Path, sae: Any) -> Replacement:
+    """The hooks a transcoder trained by ``llm-sae train --target-store`` reads and writes,
+    from its train_cfg.json and the two stores' manifests."""
+    cfg_file = Path(run_dir) / "train_cfg.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+        hooks = [json.loads((Path(cfg[k]) / "manifest.json").read_text())["hook"] for k in ("store", "target_store")]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EvalError(
+            f"cannot tell which hooks {run_dir} reads and writes ({e}); it needs its train_cfg.json "
+            "and both stores (a transcoder trained with --target-store), or build a Replacement by hand"
+        ) from None
+    return Replacement(sae, hooks[0], hooks[1])
+
+
+def _loss(logits_BLV: Tensor, logp_clean_BLV: Tensor | None, targets_BL: Tensor) -> tuple[float, float, int]:
+    logp = logits_BLV[:, :-1].float().log_softmax(-1)
+    ce = float(-logp.gather(-1, targets_BL[..., None]).sum())
+    kl = 0.0 if logp_clean_BLV is None else float((logp_clean_BLV.exp() * (logp_clean_BLV - logp)).sum())
+    return ce, kl, targets_BL.numel()
+
+
+@torch.no_grad()
+def replacement_metrics(
+    model: Any, reps: dict[str, Replacement], contexts_CL: Tensor, *, batch_size: int = 8,
+) -> dict[str, Any]:
+    """CE, KL to the clean model and loss recovered for each transcoder alone and for all
+    at once (key ``all``), each without and with the error term."""
+    if not reps:
+        raise EvalError("no transcoders to splice in; give at least one")
+    outs = [r.out_hook for r in reps.values()]
+    if len(set(outs)) != len(outs):
+        raise EvalError(f"two transcoders replace the same hook among {outs}; give one per MLP")
+    groups = {name: [name] for name in reps}
+    if len(reps) > 1:
+        groups["all"] = list(reps)
+    sums: dict[str, list[float]] = {}
+
+    def add(key: str, ce: float, kl: float, n: int) -> None:
+        s = sums.setdefault(key, [0.0, 0.0, 0])
+        s[0] += ce
+        s[1] += kl
+        s[2] += n
+
+    for s in range(0, len(contexts_CL), batch_size):
+        toks_BL = contexts_CL[s : s + batch_size].to(next(iter(model.parameters())).device)
+        targets_BL = toks_BL[:, 1:]
+        clean: dict[str, Tensor] = {}
+        hooks = sorted({h for r in reps.values() for h in (r.in_hook, r.out_hook)})
+        logits = model.run_with_hooks(
+            toks_BL, fwd_hooks=[(h, _recorder(clean, h)) for h in hooks], return_type="logits"
+        )
+        logp_clean = logits[:, :-1].float().log_softmax(-1)
+        add("clean", *_loss(logits, None, targets_BL))
+        err = {n: clean[r.out_hook] - _predict(r.sae, clean[r.in_hook]) for n, r in reps.items()}
+        for gname, members in groups.items():
+            zero = [(reps[n].out_hook, lambda x, hook: torch.zeros_like(x)) for n in members]
+            add(f"{gname}/zero", *_loss(model.run_with_hooks(toks_BL, fwd_hooks=zero, return_type="logits"),
+                                        logp_clean, targets_BL))
+            for with_err in (False, True):
+                fwd = _splice([(reps[n], err[n] if with_err else None) for n in members])
+                logits = model.run_with_hooks(toks_BL, fwd_hooks=fwd, return_type="logits")
+                add(f"{gname}/{'error' if with_err else 'replaced'}", *_loss(logits, logp_clean, targets_BL))
+    mean = {k: (v[0] / max(v[2], 1), v[1] / max(v[2], 1)) for k, v in sums.items()}
+    ce_clean = mean["clean"][0]
+    out: dict[str, Any] = {"ce_clean": ce_clean, "tokens": int(sums["clean"][2]), "replaced": {}}
+    for gname, members in groups.items():
+        ce_zero = mean[f"{gname}/zero"][0]
+        row: dict[str, Any] = {"transcoders": members, "ce_zero_ablation": ce_zero}
+        for tag in ("replaced", "error"):
+            ce, kl = mean[f"{gname}/{tag}"]
+            den = ce_zero - ce_clean
+            rec = (ce_zero - ce) / den if abs(den) > 1e-12 else float("nan")
+            suffix = "" if tag == "replaced" else "_with_error"
+            row.update({f"ce{suffix}": ce, f"kl{suffix}": kl, f"loss_recovered{suffix}": rec})
+        out["replaced"][gname] = row
+    return out
+
+
+def _recorder(into: dict[str, Tensor], name: str) -> Any:
+    def fn(x: Tensor, hook: Any) -> Tensor:
+        into[name] = x.detach()
+        return x
+
+    return fn
+
+
+def _predict(sae: Any, x_BLD: Tensor) -> Tensor:
+    shape = x_BLD.shape
+    y_NE = sae.predict(x_BLD.reshape(-1, shape[-1]).float())
+    return y_NE.reshape(*shape[:-1], y_NE.shape[-1])
+
+
+def _splice(pairs: list[tuple[Replacement, Tensor | None]]) -> list[tuple[str, Any]]:
+    """Hooks that record each input and replace each output with the prediction (+ error)."""
+    seen: dict[str, Tensor] = {}
+    fwd: list[tuple[str, Any]] = []
+    for rep, err in pairs:
+        def grab(x: Tensor, hook: Any, rep: Replacement = rep) -> Tensor:
+            seen[rep.in_hook] = x
+            return x
+
+        def put(y: Tensor, hook: Any, rep: Replacement = rep, err: Tensor | None = err) -> Tensor:
+            y_hat = _predict(rep.sae, seen[rep.in_hook])
+            return (y_hat if err is None else y_hat + err).to(y.dtype)
+
+        fwd += [(rep.in_hook, grab), (rep.out_hook, put)]
+    return fwd
