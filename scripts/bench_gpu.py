@@ -16,6 +16,9 @@ Implementations (each step = forward + backward + optimiser + decoder-norm upkee
                   (LLM_SAE_TRITON=0)
   llm_sae+triton  the same with the Triton kernels (llm_sae/kernels/triton.py); on CPU it
                   runs under TRITON_INTERPRET=1, which is only a correctness smoke test
+  llm_sae+fused   llm_sae+triton with the encoder matmul and top-k fused in one Triton kernel
+                  (llm_sae/kernels/fused_topk.py, LLM_SAE_FUSED_TOPK=1): the [B, n]
+                  pre-activations are never written to memory
   sparsify        sparsify.SparseCoder forward (bf16 autocast is built in) + fvu backward +
                   gradient projection + Adam
   saelens         sae_lens TopKTrainingSAE.training_forward_pass under bf16 autocast +
@@ -38,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_PY = ROOT / ".peers" / "bin" / "python"
 PEERS_PY_USED: Path | str = PEERS_PY  # --peers-python
-IMPLS = ("llm_sae", "llm_sae+triton", "sparsify", "saelens")
+IMPLS = ("llm_sae", "llm_sae+triton", "llm_sae+fused", "sparsify", "saelens")
 PEERS = {"sparsify": "sparsify", "saelens": "sae_lens"}
 
 
@@ -64,7 +67,7 @@ def _build_step(impl: str, a: argparse.Namespace, n: int, x_BD, device):
     import torch
 
     D, K = a.d_in, a.k
-    if impl in ("llm_sae", "llm_sae+triton"):
+    if impl in ("llm_sae", "llm_sae+triton", "llm_sae+fused"):
         from llm_sae.sae.registry import REGISTRY
         from llm_sae.train.config import TrainConfig
         from llm_sae.train.trainer import Trainer
@@ -199,7 +202,7 @@ def _has_module(python: Path | str, module: str) -> bool:
 
 def _python_for(impl: str) -> str | None:
     """The interpreter that can run ``impl``, or None when it is not installed."""
-    if impl == "llm_sae+triton":
+    if impl in ("llm_sae+triton", "llm_sae+fused"):
         return sys.executable if _has_module(sys.executable, "triton") else None
     if impl not in PEERS:
         return sys.executable
@@ -227,8 +230,10 @@ def _run_worker(python: str, impl: str, a: argparse.Namespace) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONWARNINGS="ignore")
     if impl == "llm_sae":
         env["LLM_SAE_TRITON"] = "0"
-    elif impl == "llm_sae+triton":
+    elif impl in ("llm_sae+triton", "llm_sae+fused"):
         env["LLM_SAE_TRITON"] = "1"
+        if impl == "llm_sae+fused":
+            env["LLM_SAE_FUSED_TOPK"] = "1"
         if a.device == "cpu":
             env["TRITON_INTERPRET"] = "1"  # set before triton is imported in the worker
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -248,8 +253,8 @@ def _device_name(device: str) -> str:
 def summarise(a: argparse.Namespace, mm: dict, results: dict) -> dict:
     """Add tokens/s, FLOP/s shares and the ratios against sparsify to ``results``."""
     # The Triton path is ours on CUDA; on CPU it runs under the interpreter (a smoke test).
-    triton_ran = "by_n" in results.get("llm_sae+triton", {})
-    ours = "llm_sae+triton" if triton_ran and a.device.startswith("cuda") else "llm_sae"
+    ran = [i for i in ("llm_sae+fused", "llm_sae+triton") if "by_n" in results.get(i, {})]
+    ours = ran[0] if ran and a.device.startswith("cuda") else "llm_sae"
     targets = {}
     for r in results.values():
         for n_str, m in r.get("by_n", {}).items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,6 +29,19 @@ def use_triton(t: Tensor) -> bool:
     return triton_kernels.usable_for(t)
 
 
+def use_fused_topk(t: Tensor) -> bool:
+    """The fused encoder + top-k kernel (``kernels/fused_topk.py``): opt-in with
+    ``LLM_SAE_FUSED_TOPK=1`` until a GPU benchmark says it wins; on the CPU only under
+    the Triton interpreter (tests)."""
+    if os.environ.get("LLM_SAE_FUSED_TOPK") != "1":
+        return False
+    import llm_sae.kernels.triton as triton_kernels
+
+    if t.device.type == "cpu":
+        return os.environ.get("TRITON_INTERPRET") == "1" and triton_kernels.available()
+    return t.device.type == "cuda" and triton_kernels.available()
+
+
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype in force for ``device_type``, or None outside autocast."""
     if torch.is_autocast_enabled(device_type):
@@ -43,6 +58,13 @@ class TopKEncode(torch.autograd.Function):
         vals_BK = x_BD.new_empty(B, k)
         idx_BK = torch.empty(B, k, dtype=torch.long, device=x_BD.device)
 
+        if use_fused_topk(x_BD):
+            from llm_sae.kernels.fused_topk import fused_topk_encode
+
+            vals, idx = fused_topk_encode(x_BD, W_enc_ND, b_enc_N, k)
+            vals_BK.copy_(vals)
+            idx_BK.copy_(idx)
+            return TopKEncode._finish(ctx, x_BD, W_enc_ND, vals_BK, idx_BK)
         if screen.use_screen(x_BD, W_enc_ND, b_enc_N, k):
             screen.screened_topk(x_BD, W_enc_ND, b_enc_N, k, vals_BK, idx_BK)
             return TopKEncode._finish(ctx, x_BD, W_enc_ND, vals_BK, idx_BK)
