@@ -149,3 +149,23 @@ def test_auxk_from_the_host_mask_equals_the_device_mask():
     outs = [tr.sae(x, dead_mask_N=m) for m in (dead, dead.cpu())]
     assert outs[0].metrics["aux"] > 0
     torch.testing.assert_close(outs[0].loss, outs[1].loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_topk_selects_the_top_k_on_cuda(dtype):
+    """The fused encoder + top-k kernel at a realistic shape: each value is the named
+    latent's pre-activation, and the chosen set is the float64 top k except at near-ties."""
+    from llm_sae.kernels.fused_topk import fused_topk_encode
+
+    B, D, N, k = 2048, 768, 24576, 32
+    x, W_enc, b_enc, _ = _params(B, D, N)
+    x, W = x.to(dtype), W_enc.detach().to(dtype)
+    vals, idx = fused_topk_encode(x, W, b_enc.detach(), k)
+    pre = x.double() @ W.double().T + b_enc.detach().double()
+    torch.testing.assert_close(vals.double(), pre.gather(1, idx), rtol=1e-4, atol=1e-4)
+    top = pre.topk(k + 1, dim=1).values
+    clear = (top[:, k - 1] - top[:, k]) > 1e-3
+    assert clear.float().mean() > 0.9
+    ref = pre.topk(k, dim=1).indices
+    same = (idx.sort(1).values == ref.sort(1).values).all(1)
+    assert bool(same[clear].all())
