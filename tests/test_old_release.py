@@ -195,7 +195,18 @@ def test_resuming_a_release_checkpoint_ends_as_the_uninterrupted_run(tmp_path, m
 
     final = FIX / "resume" / "final"
     assert read_checkpoint_meta(find_checkpoint(out))["step"] == PROVENANCE["resume"]["steps"]
-    assert (out / "cfg.json").read_text() == (final / "cfg.json").read_text()
+    # The same config: every key release 0.1 wrote, with its value; keys added since (new
+    # architectures' parameters, transcoders' d_out/skip) at defaults that change nothing.
+    import dataclasses
+    import json
+
+    from llm_sae.sae import SAEConfig
+
+    got_cfg, want_cfg = json.loads((out / "cfg.json").read_text()), json.loads((final / "cfg.json").read_text())
+    assert {k: got_cfg[k] for k in want_cfg} == want_cfg
+    defaults = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
+    assert {k: v for k, v in got_cfg.items() if k not in want_cfg} == {
+        k: defaults[k] for k in got_cfg if k not in want_cfg}
     got, want = load_file(str(out / "sae.safetensors")), load_file(str(final / "sae.safetensors"))
     assert sorted(got) == sorted(want)
     for name in want:
