@@ -98,3 +98,23 @@ def test_sweep_exact_resume_after_sigkill(store_dir, tmp_path):
     for name in ("topk-k2", "topk-k4", "topk-k8"):
         assert (killed / name / "sae.safetensors").read_bytes() == (ref / name / "sae.safetensors").read_bytes()
     assert json.loads((killed / "sweep.json").read_text())["complete"]
+
+
+def test_eval_over_a_sweep_folder_gives_frontiers_per_arch(tiny_store, tmp_path, capsys):
+    from llm_sae.cli import main
+
+    sweep = tmp_path / "sweep"
+    assert main(["train", "--store", str(tiny_store), "--out", str(sweep), "--k", "2,6", "--arch",
+                 "topk,batchtopk", "--expansion", "2", "--tokens", str(8 * B), "--batch-size", str(B),
+                 "--device", "cpu", "--log-every", "4"]) == 0
+    assert main(["eval", "--sae", str(sweep), "--store", str(tiny_store), "--eval-rows", "300",
+                 "--no-downstream", "--no-amortization", "--no-progress"]) == 0
+    rep = json.loads((sweep / "eval" / "eval.json").read_text())
+    # One table, each architecture's SAEs together in order of k: its frontier.
+    assert list(rep["saes"]) == ["batchtopk-k2", "batchtopk-k6", "topk-k2", "topk-k6"]
+    assert rep["saes"]["topk-k6"]["sparsity"]["l0"]["max"] <= 6
+    assert (sweep / "eval" / "frontier.png").stat().st_size > 1000
+    assert "topk-k6" in capsys.readouterr().out
+    (sweep / "topk-k6" / "sae.safetensors").unlink()
+    assert main(["eval", "--sae", str(sweep), "--store", str(tiny_store), "--no-downstream"]) == 1
+    assert "not finished" in capsys.readouterr().err
