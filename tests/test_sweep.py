@@ -118,3 +118,24 @@ def test_eval_over_a_sweep_folder_gives_frontiers_per_arch(tiny_store, tmp_path,
     (sweep / "topk-k6" / "sae.safetensors").unlink()
     assert main(["eval", "--sae", str(sweep), "--store", str(tiny_store), "--no-downstream"]) == 1
     assert "not finished" in capsys.readouterr().err
+
+
+def _sweep_job(cfgs: list[TrainConfig]) -> None:
+    train_sweep(cfgs)
+
+
+@pytest.mark.slow
+def test_sweep_on_two_gloo_ranks_equals_one_process(store_dir, tmp_path):
+    from tests.test_distributed import assert_same_weights, spawn
+
+    def cfgs(out, **kw):
+        return sweep_configs(base(store_dir, out, tokens=12 * B, checkpoint_every=4 * B, **kw), {"k": ["2", "4", "8"]})
+
+    one = train_sweep(cfgs(tmp_path / "one"))
+    spawn([(_sweep_job, cfgs(tmp_path / "spread", distribute_saes=True)),
+           (_sweep_job, cfgs(tmp_path / "dp"))])
+    for name in ("topk-k2", "topk-k4", "topk-k8"):
+        # Whole gathered batches, one process per SAE: bit for bit the one-process sweep.
+        assert (tmp_path / "spread" / name / "sae.safetensors").read_bytes() == (one / name / "sae.safetensors").read_bytes()
+        assert_same_weights(one / name, tmp_path / "dp" / name)  # data parallel: all-reduce rounding
+    assert json.loads((tmp_path / "spread" / "sweep.json").read_text())["complete"]

@@ -112,6 +112,8 @@ class ModelSource:
         self, batch_size: int, *, seed: int, start_batch: int, device: torch.device,
         dtype: torch.dtype, batch_slice: tuple[int, int] | None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
+        if batch_slice is not None and batch_size % batch_slice[1]:
+            raise DataError(f"--batch-size {batch_size} does not split into {batch_slice[1]} equal parts")
         skip = start_batch * batch_size  # rows of the shuffled stream already trained on
         per_block = max(1, self.buffer_rows // self.L)
         contexts = self._contexts(cycle=True)
@@ -140,8 +142,10 @@ class ModelSource:
                 pending_x, pending_rows = [x_all[batch_size:]], [rows_all[batch_size:]]
                 have -= batch_size
                 x_BD, rows_B = x_all[:batch_size], rows_all[:batch_size]
-                if batch_slice is not None:
-                    x_BD, rows_B = x_BD[batch_slice[0] : batch_slice[1]], rows_B[batch_slice[0] : batch_slice[1]]
+                if batch_slice is not None:  # the i-th of n equal parts, as a store reader cuts it
+                    i, n_parts = batch_slice
+                    part = batch_size // n_parts
+                    x_BD, rows_B = x_BD[i * part : (i + 1) * part], rows_B[i * part : (i + 1) * part]
                 yield x_BD.to(device), rows_B
             row0, b = row0 + n, b + 1
             block = list(itertools.islice(contexts, per_block))

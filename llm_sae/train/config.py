@@ -107,6 +107,10 @@ class TrainConfig(SAEConfig):
     shard_latents: int = 1
     """Under torchrun: split the latents over this many ranks (TopK only; model parallel);
     the world size divided by it is the data-parallel degree. 1: data parallel only."""
+    distribute_saes: bool = False
+    """Under torchrun, a sweep: each SAE lives on one rank (SAE i on rank i mod world) and
+    trains on whole batches that the ranks read a part of each and all-gather; without
+    it every SAE is data parallel over all ranks."""
 
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")

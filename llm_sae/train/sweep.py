@@ -10,7 +10,8 @@ What may vary between the SAEs of a sweep is everything of the SAE and its optim
 ``--tokens``, ``--batch-size``, ``--seed``, the device) is one for all. Each SAE is seeded
 from ``--seed`` as if trained alone, so an SAE of a sweep equals the same SAE trained by
 itself. A killed sweep resumes exactly: each SAE from its own checkpoint, the stream from
-the SAE furthest behind (``train/loop.py``).
+the SAE furthest behind (``train/loop.py``). Under torchrun the whole sweep is data
+parallel, or with ``--distribute-saes`` each SAE lives on one rank (``train/spread.py``).
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ from llm_sae.distributed.parallel import Parallel, make_parallel
 from llm_sae.sources.base import ActivationSource
 from llm_sae.train.config import TrainConfig
 from llm_sae.train.run import check_run, make_source, run_trainers, sae_config, start_trainer
+from llm_sae.train.spread import train_spread
 
 MANIFEST = "sweep.json"
 # One value for the whole sweep: they define the stream of batches, or the process.
 SHARED = ("out", "store", "target_store", "model", "dataset", "hook", "dataset_config", "split", "text_column",
           "context_length", "model_batch_size", "model_dtype", "buffer_rows", "tokens", "batch_size",
-          "seed", "init_rows", "device", "verify_store", "shard_latents", "resume", "on_nonfinite")
+          "seed", "init_rows", "device", "verify_store", "shard_latents", "distribute_saes", "resume",
+          "on_nonfinite")
 SHORT = {"arch": "", "expansion": "x", "n_latents": "n"}  # in folder names
 
 
@@ -112,10 +115,13 @@ def _train_sweep(cfgs: list[TrainConfig], par: Parallel, source: ActivationSourc
     out.mkdir(parents=True, exist_ok=True)
     if par.is_main:
         write_json_atomic(out / MANIFEST, manifest)
-    trainers = [start_trainer(c, par, source, out / n) for c, n in zip(cfgs, names, strict=True)]
-    run_trainers(trainers, source, base, par)
-    for t, n in zip(trainers, names, strict=True):
-        t.export(out / n)
+    if base.distribute_saes and par.world_size > 1:
+        train_spread(cfgs, names, par, source, out)
+    else:
+        trainers = [start_trainer(c, par, source, out / n) for c, n in zip(cfgs, names, strict=True)]
+        run_trainers(trainers, source, base, par)
+        for t, n in zip(trainers, names, strict=True):
+            t.export(out / n)
     if par.is_main:
         write_json_atomic(out / MANIFEST, {**manifest, "complete": True})
     par.barrier()
