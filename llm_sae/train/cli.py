@@ -12,7 +12,7 @@ from llm_sae.common.process import return_large_blocks_to_os
 from llm_sae.config import ConfigError, add_arguments, from_args
 from llm_sae.train.config import TrainConfig
 from llm_sae.train.run import train
-from llm_sae.train.sweep import sweep_configs, train_sweep
+from llm_sae.train.sweep import SHARED, sweep_configs, train_sweep
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +33,8 @@ def sweep_axes(args: argparse.Namespace) -> dict[str, list[str]]:
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
         scalar = typing.get_origin(hints[f.name]) not in (list, tuple)
-        if scalar and isinstance(value, str) and "," in value:
+        # Fields one for the whole sweep (a path, the batch size) keep their commas.
+        if scalar and f.name not in SHARED and isinstance(value, str) and "," in value:
             axes[f.name] = [v for v in value.split(",") if v]
             setattr(args, f.name, None)
     return axes
