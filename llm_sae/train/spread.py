@@ -40,13 +40,13 @@ class OwnSAEs(Parallel):
 class GatheredBatches:
     """The global batches, each assembled from every rank's part with one all-gather."""
 
-    def __init__(self, parts: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> None:
+    def __init__(self, parts: Iterator[tuple[torch.Tensor, ...]], device: torch.device) -> None:
         self.parts, self.device = parts, device
 
     def __iter__(self) -> GatheredBatches:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[torch.Tensor, ...]:
         got = self._round(need=True)
         assert got is not None  # this rank needs one, so the round happened
         return got
@@ -56,14 +56,15 @@ class GatheredBatches:
         while self._round(need=False) is not None:
             pass
 
-    def _round(self, need: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _round(self, need: bool) -> tuple[torch.Tensor, ...] | None:
         flag = torch.tensor([int(need)], device=self.device)
         if not all_reduce_(flag, dist.group.WORLD, dist.ReduceOp.MAX).item():
             return None
-        x_BD, rows_B = next(self.parts)
-        x_BD = all_gather_cat(x_BD.to(self.device), dist.group.WORLD)
-        rows_B = all_gather_cat(rows_B.to(self.device), dist.group.WORLD).cpu()
-        return x_BD, rows_B
+        # (x_BD, rows_B) or a transcoder's (x_BD, rows_B, y_BE): every part gathered; the
+        # row indices go back to the host, where the trainer reads them.
+        x_BD, rows_B, *y = next(self.parts)
+        gather = lambda t: all_gather_cat(t.to(self.device), dist.group.WORLD)  # noqa: E731
+        return (gather(x_BD), gather(rows_B).cpu(), *(gather(t) for t in y))
 
 
 def train_spread(cfgs: list[TrainConfig], names: list[str], par: Parallel, source: ActivationSource,
@@ -101,7 +102,7 @@ def train_spread(cfgs: list[TrainConfig], names: list[str], par: Parallel, sourc
     return trainers
 
 
-def _from(batches: GatheredBatches, start: int, trainers: list[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _from(batches: GatheredBatches, start: int, trainers: list[Any]) -> Iterator[tuple[torch.Tensor, ...]]:
     """The gathered stream from global batch ``start`` up to where these trainers begin
     (``fit_together`` expects its stream to start at their earliest position)."""
     for _ in range(min(t.batches_seen for t in trainers) - start):
