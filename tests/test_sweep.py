@@ -16,6 +16,7 @@ from llm_sae.train.config import TrainConfig
 from llm_sae.train.run import train
 from llm_sae.train.sweep import sweep_configs, sweep_names, train_sweep
 from tests.test_train import B, make_store, run_cli
+from tests.test_transcoder import pair_dirs  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 D, N = 16, 64
@@ -139,3 +140,12 @@ def test_sweep_on_two_gloo_ranks_equals_one_process(store_dir, tmp_path):
         assert (tmp_path / "spread" / name / "sae.safetensors").read_bytes() == (one / name / "sae.safetensors").read_bytes()
         assert_same_weights(one / name, tmp_path / "dp" / name)  # data parallel: all-reduce rounding
     assert json.loads((tmp_path / "spread" / "sweep.json").read_text())["complete"]
+
+
+def test_transcoder_sweep_equals_separate_runs(pair_dirs, tmp_path):  # noqa: F811
+    d_in, d_out = pair_dirs
+    kw = dict(store=str(d_in), target_store=str(d_out), arch="topk", expansion=4, skip=True,
+              batch_size=64, tokens=64 * 10, log_every=5, device="cpu")
+    out = train_sweep(sweep_configs(TrainConfig(out=str(tmp_path / "s"), **kw), {"k": ["2", "4"]}))
+    alone = train(TrainConfig(out=str(tmp_path / "alone"), k=4, **kw))
+    assert (out / "topk-k4" / "sae.safetensors").read_bytes() == (alone / "sae.safetensors").read_bytes()
