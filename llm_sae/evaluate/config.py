@@ -16,12 +16,14 @@ class EvalConfig:
     """Evaluate one or more SAEs on a store (and the model it came from)."""
 
     sae: list[str]
-    """Saved SAE directory (cfg.json + sae.safetensors); repeat or comma-separate to compare several."""
+    """Saved SAE directory (cfg.json + sae.safetensors), or a sweep folder (all its SAEs,
+    as L0 frontiers per architecture); repeat or comma-separate to compare several."""
     store: str
     """Activation store at the SAEs' hook; its last --eval-rows rows are evaluated, and its
     manifest names the model, hook and dataset."""
     out: str | None = None
-    """Output directory for eval.json, eval.txt and frontier.png (default: FIRST_SAE/eval)."""
+    """Output directory for eval.json, eval.txt and frontier.png (default: FIRST_SAE/eval,
+    or SWEEP/eval)."""
     eval_rows: int = 65536
     """Evaluate the store's last N rows. train.py samples every row of its store, so these
     are truly held out only when the SAE was trained on another store (e.g. one harvested

@@ -121,6 +121,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     if not cfg.sae:
         raise ConfigError("give at least one --sae DIR")
+    default_out = Path(cfg.sae[0]) / "eval"
+    cfg.sae = expand_sweeps(cfg.sae)
     if cfg.eval_rows <= 0 or cfg.batch_size <= 0:
         raise ConfigError("--eval-rows and --batch-size must be positive")
     store = open_store(cfg.store)
@@ -147,9 +149,34 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         model = load_model(model_name, device=str(device))
         check_hooks(model, [store.hook], model_name)
     report = evaluate_saes(saes, store, cfg, model=model)
-    out = Path(cfg.out) if cfg.out else Path(cfg.sae[0]) / "eval"
+    out = Path(cfg.out) if cfg.out else default_out
     write_report(report, out)
     return report
+
+
+def expand_sweeps(paths: list[str]) -> list[str]:
+    """Each sweep folder (one with the sweep.json that ``llm-sae train`` writes) replaced by
+    its SAEs, grouped by architecture and in order of k, so the table and the plot show
+    each architecture's L0 frontier; other paths as given."""
+    out: list[str] = []
+    for p in paths:
+        manifest = Path(p) / "sweep.json"
+        if not manifest.exists():
+            out.append(p)
+            continue
+        try:
+            saes = json.loads(manifest.read_text())["saes"]
+        except (OSError, ValueError, KeyError) as e:
+            raise EvalError(f"{manifest} is unreadable ({e}); rerun the sweep's train command") from None
+        for s in sorted(saes, key=lambda s: (s.get("arch", ""), s.get("k", 0))):
+            d = Path(p) / s["dir"]
+            if not (d / "sae.safetensors").exists():
+                raise EvalError(
+                    f"the sweep {p} is not finished ({d} has no sae.safetensors); rerun its "
+                    "`llm-sae train` command to resume it, or pass the finished SAEs with --sae"
+                )
+            out.append(str(d))
+    return out
 
 
 def _check_hook(sae_dir: str, store: Any) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from llm_sae.common.threads import iter_in_background
 from llm_sae.errors import DataError, ModelError
-from llm_sae.lm.hooks import run_to_hooks
+from llm_sae.lm.hooks import keep_mask, run_to_hooks
 from llm_sae.lm.text import StreamPos, iter_documents, pack_contexts
 from llm_sae.store.writer import NonFiniteError, StoreWriter
 
@@ -183,7 +183,6 @@ def _harvest_loop(cfg, model, hooks, writers, tok, special, stop, device, rank, 
     docs = iter_documents(cfg.dataset, config=cfg.dataset_config, split=cfg.split,
                           text_column=cfg.text_column, streaming=cfg.streaming)
     contexts = pack_contexts(docs, tok, L, start=StreamPos(p0["doc"], p0["offset"]))
-    special_t = torch.tensor(special, dtype=torch.long)
     c, rows_total = int(p0["contexts"]), int(p0["rows"])
     own_rows = sum(w.n_rows for w in writers.values()) // len(writers)
     bar = None
@@ -208,7 +207,7 @@ def _harvest_loop(cfg, model, hooks, writers, tok, special, stop, device, rank, 
         produced_any = True
         tokens_BL = torch.from_numpy(np.stack([t for t, _ in batch]))
         after = batch[-1][1]
-        keep_BL = ~torch.isin(tokens_BL, special_t) if cfg.skip_special else torch.ones_like(tokens_BL, dtype=torch.bool)
+        keep_BL = keep_mask(tokens_BL, special) if cfg.skip_special else torch.ones_like(tokens_BL, dtype=torch.bool)
         # Cut the last batch exactly at the requested number of rows.
         cum = torch.cumsum(keep_BL.reshape(-1).long(), 0).reshape(keep_BL.shape)
         keep_BL &= cum <= N - rows_total

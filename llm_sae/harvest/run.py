@@ -17,7 +17,7 @@ from llm_sae.common.dtypes import dtype_name
 from llm_sae.errors import DataError, ModelError, StoreError
 from llm_sae.harvest.config import HarvestConfig
 from llm_sae.harvest.loop import run_loop
-from llm_sae.lm.hooks import check_hooks, load_model, run_to_hooks, stop_layer
+from llm_sae.lm.hooks import check_hooks, load_model, run_to_hooks, special_token_ids, stop_layer
 from llm_sae.lm.text import dataset_spec, iter_documents, pack_contexts
 from llm_sae.store.format import MANIFEST, settings_diff
 from llm_sae.store.writer import StoreWriter
@@ -150,7 +150,7 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
     if n_ctx and cfg.context_length > n_ctx:
         raise DataError(f"--context-length {cfg.context_length} exceeds the model's {n_ctx} positions; use at most {n_ctx}")
     stop = stop_layer(model, hooks)
-    special = sorted({t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None})
+    special = special_token_ids(tok)
 
     # One probe forward tells each hook's width, whatever kind of hook it is.
     probe = run_to_hooks(model, torch.tensor([[special[0] if special else 0] * 2], device=device), hooks, stop)

@@ -104,3 +104,15 @@ def logits_with_edits(model: Any, tokens_BL: torch.Tensor, edits: list[tuple[str
         if not edits:
             return model(tokens_BL, return_type="logits")
         return model.run_with_hooks(tokens_BL, fwd_hooks=edits, return_type="logits")
+
+
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """BOS/EOS/pad ids. Training data leaves their positions out: the activations there
+    are outliers (an attention sink's norm is often 10-100x the rest) that dominate an SAE."""
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return sorted({t for t in ids if t is not None})
+
+
+def keep_mask(tokens_BL: torch.Tensor, special: list[int]) -> torch.Tensor:
+    """Bool [B, L]: the positions whose token is not one of ``special``."""
+    return ~torch.isin(tokens_BL, torch.tensor(special, dtype=torch.long, device=tokens_BL.device))

@@ -20,13 +20,37 @@ class TrainingError(LlmSaeError):
 class TrainConfig(SAEConfig):
     """Everything ``llm-sae train`` needs: the SAE's fields plus the run's."""
 
-    store: str
-    """Activation store directory (written by `llm-sae harvest`)."""
+    out: str
+    """Output directory: cfg.json + sae.safetensors, log.jsonl and the checkpoint (a sweep:
+    one such folder per SAE, named from its spec, and sweep.json)."""
+    store: str = ""
+    """Activation store directory (written by `llm-sae harvest`); or train on the fly with
+    --model, --dataset and --hook."""
     target_store: str | None = None
     """Train a transcoder: the store of the output hook to predict from --store's input hook
     (both written by one `llm-sae harvest --pair IN:OUT`)."""
-    out: str
-    """Output directory: cfg.json + sae.safetensors, log.jsonl and the checkpoint."""
+    model: str = ""
+    """On the fly, instead of --store: the HF causal LM to run (as for harvest); its
+    activations go through a shuffle buffer on the device into training, never to disk."""
+    dataset: str = ""
+    """On the fly: the text (HF hub dataset name or a local .txt/.jsonl/.parquet file or folder)."""
+    hook: str = ""
+    """On the fly: the TransformerLens hook to train on, e.g. blocks.6.hook_resid_post."""
+    dataset_config: str | None = None
+    """On the fly: config (subset) name of a hub dataset."""
+    split: str = "train"
+    """On the fly: dataset split."""
+    text_column: str = "text"
+    """On the fly: column that holds the text."""
+    context_length: int = 128
+    """On the fly: tokens per context, BOS included (BOS/EOS/pad rows are left out, as in harvest)."""
+    model_batch_size: int = 32
+    """On the fly: contexts per model forward pass."""
+    model_dtype: str = "float32"
+    """On the fly: dtype the model runs in: float32, float16 or bfloat16."""
+    buffer_rows: int = 65536
+    """On the fly: rows in the device shuffle buffer; each buffer-full of the stream is
+    shuffled as a block, so a resume replays only the text, not the model."""
     expansion: int = 32
     """n_latents = expansion × d_in, unless --n-latents is given."""
     tokens: int = 100_000_000
@@ -83,6 +107,10 @@ class TrainConfig(SAEConfig):
     shard_latents: int = 1
     """Under torchrun: split the latents over this many ranks (TopK only; model parallel);
     the world size divided by it is the data-parallel degree. 1: data parallel only."""
+    distribute_saes: bool = False
+    """Under torchrun, a sweep: each SAE lives on one rank (SAE i on rank i mod world) and
+    trains on whole batches that the ranks read a part of each and all-gather; without
+    it every SAE is data parallel over all ranks."""
 
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")

@@ -88,7 +88,8 @@ class BarSink:
 
 
 class WandbSink:
-    """One wandb run per output folder; a resumed run continues the same wandb run."""
+    """One wandb run per output folder (a sweep: one per SAE, grouped); a resumed run
+    continues the same wandb run."""
 
     def __init__(self, out_dir: Path, project: str, cfg: Any) -> None:
         import wandb
@@ -96,9 +97,12 @@ class WandbSink:
         id_file = out_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(8)
         id_file.write_text(run_id)
+        # An SAE of a sweep (its folder sits beside sweep.json) joins the sweep's group;
+        # create_new lets a sweep's runs be open together in one process.
+        group = out_dir.parent.name if (out_dir.parent / "sweep.json").exists() else None
         self.run = wandb.init(
             project=project, id=run_id, resume="allow", dir=str(out_dir), name=out_dir.name,
-            config=to_dict(cfg),
+            config=to_dict(cfg), group=group, reinit="create_new",
         )
 
     def write(self, m: dict[str, float]) -> None:

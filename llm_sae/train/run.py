@@ -1,4 +1,4 @@
-"""``train``: a store in, a saved SAE out, resumable."""
+"""``train``: a store (or a model on the fly) in, a saved SAE out, resumable."""
 
 from __future__ import annotations
 
@@ -18,20 +18,29 @@ from llm_sae.config import ConfigError, to_dict
 from llm_sae.distributed.env import report_rank_failure
 from llm_sae.distributed.parallel import Parallel, make_parallel
 from llm_sae.sae.base import SAE
+from llm_sae.sae.config import SAEConfig
 from llm_sae.sae.registry import REGISTRY
 from llm_sae.sources.base import ActivationSource
 from llm_sae.sources.paired import PairedStoreSource, target_scale
 from llm_sae.sources.store import StoreSource
 from llm_sae.train.checkpoint import find_checkpoint
 from llm_sae.train.config import TrainConfig
+from llm_sae.train.loop import fit_together
 from llm_sae.train.trainer import Trainer
+
+
+def sae_config(cfg: TrainConfig, d_in: int, d_out: int | None = None) -> SAEConfig:
+    """The checked SAEConfig a TrainConfig asks for on an input of width ``d_in`` (a
+    transcoder to width ``d_out`` when given); ConfigError naming the flag to change,
+    before anything is built."""
+    n = cfg.n_latents or cfg.expansion * d_in
+    return dataclasses.replace(cfg, d_in=d_in, n_latents=n, d_out=d_out).resolved()
 
 
 def build_sae(cfg: TrainConfig, d_in: int, d_out: int | None = None) -> SAE:
     """The SAE a TrainConfig asks for, on an input of width ``d_in`` (a transcoder to
     width ``d_out`` when given)."""
-    n = cfg.n_latents or cfg.expansion * d_in
-    sae_cfg = dataclasses.replace(cfg, d_in=d_in, n_latents=n, d_out=d_out).resolved()
+    sae_cfg = sae_config(cfg, d_in, d_out)
     return REGISTRY[sae_cfg.arch](sae_cfg)
 
 
@@ -47,21 +56,43 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def train_with(cfg: TrainConfig, par: Parallel, source: ActivationSource | None = None) -> Path:
-    """``train`` on a given parallel strategy, from ``source`` (default: the store
-    ``cfg.store``)."""
-    if source is None and cfg.target_store:
-        source = PairedStoreSource(cfg.store, cfg.target_store, verify=cfg.verify_store)
-    elif source is None:
-        source = StoreSource(cfg.store, verify=cfg.verify_store)
-    d_out = getattr(source, "d_out", None)  # a paired source: train a transcoder
-    if d_out is not None and (cfg.dead_latents == "resample" or par.n_shards > 1):
+    """``train`` on a given parallel strategy, from ``source`` (default: the one ``cfg``
+    names: a store, a transcoder's pair of stores, or a model run on the fly)."""
+    if source is None:
+        source = make_source(cfg, par)
+    source.check()
+    check_run(cfg, par, source)
+    out = Path(cfg.out)
+    trainer = start_trainer(cfg, par, source, out)
+    run_trainers([trainer], source, cfg, par)
+    trainer.export(out)
+    return out
+
+
+def make_source(cfg: TrainConfig, par: Parallel) -> ActivationSource:
+    """The source ``cfg`` asks for: ``--store``, or ``--model``/``--dataset``/``--hook``."""
+    if bool(cfg.store) == bool(cfg.model):
+        raise ConfigError(
+            "give either --store (a harvested activation store) or --model with --dataset and "
+            "--hook (activations on the fly), not " + ("both" if cfg.store else "neither")
+        )
+    if cfg.store and cfg.target_store:
+        return PairedStoreSource(cfg.store, cfg.target_store, verify=cfg.verify_store)
+    if cfg.store:
+        return StoreSource(cfg.store, verify=cfg.verify_store)
+    from llm_sae.sources.model import ModelSource
+
+    return ModelSource.from_config(cfg, par.device(cfg.device))
+
+
+def check_run(cfg: TrainConfig, par: Parallel, source: ActivationSource) -> None:
+    """ConfigError for a run that cannot go, before anything is built."""
+    if getattr(source, "d_out", None) is not None and (cfg.dead_latents == "resample" or par.n_shards > 1):
         raise ConfigError(
             "transcoders train with --dead-latents auxk or none and without --shard-latents "
             "(resampling and the sharded TopK assume the output is the input)"
         )
-    source.check()
-    total_steps = cfg.tokens // cfg.batch_size
-    if total_steps <= 0:
+    if cfg.tokens // cfg.batch_size <= 0:
         raise ConfigError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size}")
     if cfg.batch_size % par.dp_size:
         raise ConfigError(
@@ -73,18 +104,23 @@ def train_with(cfg: TrainConfig, par: Parallel, source: ActivationSource | None 
             "--dead-latents resample does not work with --shard-latents > 1 (a rank sees only "
             "its own latents); use auxk, the topk default, or none"
         )
-    out = Path(cfg.out)
+
+
+def start_trainer(cfg: TrainConfig, par: Parallel, source: ActivationSource, out: Path) -> Trainer:
+    """A trainer for ``cfg`` writing to ``out``: resumed from its checkpoint there, or new
+    (seeded from ``cfg.seed`` alone, so an SAE of a sweep starts as it would alone)."""
     out.mkdir(parents=True, exist_ok=True)
     device = par.device(cfg.device)
-
+    d_out = getattr(source, "d_out", None)  # a paired source: train a transcoder
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     # Built whole (same seed on every rank), then cut to this rank's latents if sharded.
     sae = par.shard(build_sae(cfg, source.d_in, d_out)).to(device)
     trainer = Trainer(
-        sae, cfg, total_steps=total_steps, input_scale=math.sqrt(source.d_in) / source.mean_norm,
-        target_scale=target_scale(source), out_dir=out, parallel=par,
+        sae, cfg, total_steps=cfg.tokens // cfg.batch_size,
+        input_scale=math.sqrt(source.d_in) / source.mean_norm, target_scale=target_scale(source),
+        out_dir=out, parallel=par,
     )
     ckpt = find_checkpoint(out) if cfg.resume else None
     par.barrier()  # every rank has looked before rank 0 clears anything
@@ -101,17 +137,24 @@ def train_with(cfg: TrainConfig, par: Parallel, source: ActivationSource | None 
         trainer.init_from_sample(*(pairs(cfg.init_rows, seed) if pairs else (source.sample(cfg.init_rows, seed),)))
     if par.is_main:
         (out / "train_cfg.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    return trainer
 
-    if trainer.step_idx < total_steps:
-        # Step t sees the same global batch whatever the world size, so resuming with
-        # another number of ranks continues the same run.
-        trainer.fit(source.batches(
-            cfg.batch_size, seed=cfg.seed, start_batch=trainer.batches_seen, device=device,
-            dtype=_batch_dtype(source, trainer), batch_slice=par.batch_slice(),
-        ))
-        trainer.save_checkpoint(out / "checkpoint")
-    trainer.export(out)
-    return out
+
+def run_trainers(trainers: list[Trainer], source: ActivationSource, cfg: TrainConfig, par: Parallel) -> None:
+    """Train every unfinished trainer from one stream of ``source`` and checkpoint each.
+
+    Step t sees the same global batch whatever the world size, so resuming with another
+    number of ranks continues the same run.
+    """
+    todo = [t for t in trainers if t.step_idx < t.total_steps]
+    if not todo:
+        return
+    fit_together(todo, source.batches(
+        cfg.batch_size, seed=cfg.seed, start_batch=min(t.batches_seen for t in todo),
+        device=todo[0].device, dtype=max((_batch_dtype(source, t) for t in todo), key=lambda d: d.itemsize), batch_slice=par.batch_slice(),
+    ))
+    for t in todo:
+        t.save_checkpoint(t.out_dir / "checkpoint")
 
 
 def _batch_dtype(source: Any, trainer: Trainer) -> torch.dtype:

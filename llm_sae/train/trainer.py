@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from llm_sae.config import ConfigError
 from llm_sae.distributed.parallel import Parallel
@@ -29,6 +28,7 @@ from llm_sae.train.config import (
 )
 from llm_sae.train.dead import METHODS as DEAD_METHODS
 from llm_sae.train.dead import DeadLatents
+from llm_sae.train.loop import fit_together
 from llm_sae.train.metrics import BarSink, JsonlSink, MetricSink, MetricWindow, WandbSink
 from llm_sae.train.optim import SlicedAdam
 from llm_sae.train.update import GradientUpdate
@@ -262,44 +262,30 @@ class Trainer:
         return m
 
     def fit(self, batches: Iterable[Any], *, progress: bool = True) -> None:
-        """Step through ``batches`` (x_BD or (x_BD, rows_B)) until total_steps, logging
+        """Step through ``batches`` (x_BD, (x_BD, rows_B) or a transcoder's (x_BD, rows_B,
+        y_BE)) until total_steps, logging
         every ``log_every`` steps and checkpointing every ``checkpoint_every`` tokens."""
-        main = self.par.is_main  # rank 0 alone shows progress, logs and writes
-        bar = tqdm(total=self.total_steps, initial=self.step_idx, disable=not (progress and main), unit="step", dynamic_ncols=True)
-        sinks = self._sinks(bar) if main else []
-        next_ckpt = self._next_checkpoint_tokens()
-        it: Iterator[Any] = iter(batches)
-        try:
-            while self.step_idx < self.total_steps:
-                item = next(it, None)
-                if item is None:
-                    raise DataError(
-                        f"the batch iterator ran out after {self.batches_seen} batches, "
-                        f"before step {self.total_steps}; use a looping reader or fewer --tokens"
-                    )
-                # (x_BD, rows_B) or, from a paired source, (x_BD, rows_B, y_BE).
-                x_BD, rows_B, *y = item if isinstance(item, (tuple, list)) else (item, None)
-                if self.step(x_BD, rows_B, *y) is None:
-                    continue
-                bar.update(1)
-                if self.step_idx % self.cfg.log_every == 0 or self.step_idx == self.total_steps:
-                    m = self.window_metrics()
-                    for sink in sinks:
-                        sink.write(m)
-                if self.out_dir is not None and next_ckpt is not None and self.tokens >= next_ckpt:
-                    self.save_checkpoint(self.out_dir / "checkpoint")
-                    next_ckpt = self._next_checkpoint_tokens()
-            self.check_loss()
-        finally:
-            bar.close()
-            for sink in sinks:
-                sink.close()
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
+        fit_together([self], batches, progress=progress)
 
-    def _sinks(self, bar: Any) -> list[MetricSink]:
-        sinks: list[MetricSink] = [BarSink(bar)]
+    def open_sinks(self, bar: Any | None) -> list[MetricSink]:
+        """Where this trainer's metrics go (rank 0 only): ``bar`` (if given), log.jsonl, wandb."""
+        self._next_ckpt = self._next_checkpoint_tokens()
+        return self._sinks(bar) if self.par.is_main else []
+
+    def after_step(self, sinks: list[MetricSink]) -> None:
+        """The bookkeeping after a step that was taken: a metric log every ``log_every``
+        steps, a checkpoint every ``checkpoint_every`` tokens."""
+        if self.step_idx % self.cfg.log_every == 0 or self.step_idx == self.total_steps:
+            m = self.window_metrics()
+            for sink in sinks:
+                sink.write(m)
+        nxt = getattr(self, "_next_ckpt", None)
+        if self.out_dir is not None and nxt is not None and self.tokens >= nxt:
+            self.save_checkpoint(self.out_dir / "checkpoint")
+            self._next_ckpt = self._next_checkpoint_tokens()
+
+    def _sinks(self, bar: Any | None) -> list[MetricSink]:
+        sinks: list[MetricSink] = [BarSink(bar)] if bar is not None else []
         if self.out_dir is not None:
             sinks.append(JsonlSink(self.out_dir / "log.jsonl"))
             if self.cfg.wandb:
