@@ -52,6 +52,7 @@ EXPORTS = {
     "relu_l1": "standard",
     "jumprelu": "jumprelu",
     "batchtopk": "jumprelu",
+    "matryoshka": "jumprelu",
     "wta": "jumprelu",
 }
 TOL = 1e-5  # float32 rounding of a re-associated matmul on O(1) values
@@ -69,7 +70,7 @@ def random_sae(arch: str, seed: int = 0, d_in: int = D, n: int = N):
             sae.W_dec.mul_(0.5 + torch.rand(n, 1, generator=g))
         if arch == "jumprelu":
             sae.threshold.copy_(0.05 + 0.5 * torch.rand(n, generator=g))
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka"):
             sae.threshold.fill_(0.3)
         if arch == "wta":
             sae.threshold.copy_(0.4 * torch.rand(n, generator=g))
