@@ -33,11 +33,13 @@ class HarvestConfig:
     device: str = "auto"
     """Device for the model: auto (cuda if available), cpu, cuda, cuda:1, ..."""
     dtype: str = "float32"
-    """Store dtype: float32, float16 or bfloat16."""
+    """Store dtype: float32, float16, bfloat16, int8 (one scale per row; about half the bytes of bfloat16, dequantised as it is read) or int8_b<N> (one scale per row and block of N columns)."""
     model_dtype: str = "float32"
     """Dtype the model runs in: float32, float16 or bfloat16."""
     skip_special: bool = True
     """Leave positions whose token is BOS/EOS/pad out of the store (their activations are outliers that dominate SAE training)."""
+    max_norm_multiple: float | None = None
+    """Leave out rows whose norm exceeds this multiple of the running median norm (attention sinks, massive activations), e.g. 50; they are counted with their token ids in the manifest. Default: keep every row."""
     shard_rows: int | None = None
     """Rows per shard (default: about 256 MB of activations per shard)."""
     progress: bool = True

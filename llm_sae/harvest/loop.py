@@ -16,6 +16,7 @@ from llm_sae.common.threads import iter_in_background
 from llm_sae.errors import DataError, ModelError
 from llm_sae.lm.hooks import keep_mask, run_to_hooks
 from llm_sae.lm.text import StreamPos, iter_documents, pack_contexts
+from llm_sae.store.norms import joint_outliers
 from llm_sae.store.writer import NonFiniteError, StoreWriter
 
 
@@ -32,11 +33,14 @@ def _append_job(writers: dict[str, StoreWriter], job: Job) -> None:
     """The store appends of one batch (on the writer thread, or inline when synchronous)."""
     if job.ready is not None:
         job.ready.synchronize()  # the non_blocking copies into pinned memory have landed
+    # An outlier at any hook is left out of every store, so they stay row-aligned.
+    outliers_N = joint_outliers(writers, job.rows)
     for h, x_ND in job.rows.items():
         w = writers[h]
         try:
             # The writer checks finiteness after conversion to the store dtype.
-            w.append(x_ND, job.tok_N, job.pos_N2, progress=job.progress, sequences=job.sequences)
+            w.append(x_ND, job.tok_N, job.pos_N2, progress=job.progress, sequences=job.sequences,
+                     outliers_N=outliers_N)
         except NonFiniteError:
             c, c_end = job.span
             raise ModelError(

@@ -13,7 +13,7 @@ import torch
 
 from llm_sae.common.atomic import write_json_atomic
 from llm_sae.common.device import resolve_device
-from llm_sae.common.dtypes import dtype_name
+from llm_sae.common.dtypes import dtype_name, quant_block
 from llm_sae.errors import DataError, ModelError, StoreError
 from llm_sae.harvest.config import HarvestConfig
 from llm_sae.harvest.loop import run_loop
@@ -86,6 +86,7 @@ def _settings(cfg: HarvestConfig, world: int) -> dict[str, Any]:
         "skip_special": bool(cfg.skip_special),
         "model_dtype": dtype_name(cfg.model_dtype),
         "world_size": world,
+        "max_norm_multiple": cfg.max_norm_multiple,
     }
 
 
@@ -112,6 +113,8 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
     hooks = _hooks(cfg)
     if cfg.tokens <= 0:
         raise DataError(f"--tokens must be positive, got {cfg.tokens}")
+    if quant_block(cfg.model_dtype) is not None:
+        raise DataError(f"--model-dtype {cfg.model_dtype} is a store dtype; run the model in float32, float16 or bfloat16")
     from llm_sae.distributed.env import init_from_env
 
     rank, world = init_from_env()
@@ -187,7 +190,8 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
             )
     writers = {
         h: StoreWriter(dirs[h], metas[h], mode="resume" if h in existing else "new",
-                       shard_rows=cfg.shard_rows, prefix=prefix, manifest_name=manifest_name)
+                       shard_rows=cfg.shard_rows, prefix=prefix, manifest_name=manifest_name,
+                       max_norm_multiple=cfg.max_norm_multiple)
         for h in hooks
     }
     try:

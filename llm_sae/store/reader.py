@@ -13,6 +13,7 @@ import torch
 from llm_sae.common.threads import iter_in_background
 from llm_sae.errors import StoreError
 from llm_sae.store.format import DEFAULT_MEMORY_BUDGET
+from llm_sae.store.quant import n_blocks
 
 if TYPE_CHECKING:
     from llm_sae.store.store import Store
@@ -137,16 +138,25 @@ class StoreReader:
         return np.random.default_rng([self.seed, epoch, self.rank, gi, 1]).permutation(n)
 
     # -- threads ------------------------------------------------------------------------
-    def _load_group(self, chunks: list[tuple[int, int, int]]) -> tuple[torch.Tensor, np.ndarray]:
+    def _scales_buffer(self, n: int) -> np.ndarray | None:
+        """Room for ``n`` rows' scales (int8 stores), else None."""
+        block = self.store.quant_block
+        return None if block is None else np.empty((n, n_blocks(self.store.d_in, block)), np.float32)
+
+    def _load_group(self, chunks: list[tuple[int, int, int]]) -> tuple[tuple, np.ndarray]:
+        """((acts, scales or None), store rows) of a group of chunks, as on disk."""
         n = sum(c[2] - c[1] for c in chunks)
         buf = np.empty((n, self.store.d_in), self.store._np_dtype)
+        scales = self._scales_buffer(n)
         rows = np.empty(n, np.int64)
         o = 0
         for s, a, b in chunks:
             buf[o : o + b - a] = self.store._mmap(s, "acts")[a:b]
+            if scales is not None:
+                scales[o : o + b - a] = self.store._mmap(s, "scales")[a:b]
             rows[o : o + b - a] = np.arange(a, b) + self.store._offsets[s]
             o += b - a
-        return buf, rows
+        return (buf, scales), rows
 
     def _plan(self) -> Iterator[tuple[int, int]]:
         """Yield (epoch, batch number within the epoch) for every batch to produce."""
@@ -204,14 +214,16 @@ class StoreReader:
         try:
             for epoch, b in self._plan():
                 gs, sizes = groups_of(epoch)
-                xs, rs = [], []
+                xs, ss, rs = [], [], []
                 for gi, a, z in self._batch_pieces(sizes, b):
-                    x, rows, perm = get(epoch, gi)
+                    (x, sc), rows, perm = get(epoch, gi)
                     # Sorted, so the gather walks memory forwards (the batch's membership is
                     # what is random; order within it does not matter), and np.take rather
                     # than index_select: several times faster for row gathers on CPU.
                     pick = np.sort(perm[a:z])
                     xs.append(np.take(x, pick, axis=0))
+                    if sc is not None:
+                        ss.append(np.take(sc, pick, axis=0))
                     rs.append(rows[pick])
                 # Drop groups behind us and start loading the next one.
                 for key in [k for k in cache if k != (epoch, gi)]:
@@ -219,7 +231,8 @@ class StoreReader:
                 nxt = (epoch, gi + 1) if gi + 1 < len(gs) else (epoch + 1, 0)
                 if nxt[0] == epoch or self.loop:
                     request(*nxt)
-                x_BD = self.store._to_torch(xs[0] if len(xs) == 1 else np.concatenate(xs))
+                x_BD = self.store._to_torch(xs[0] if len(xs) == 1 else np.concatenate(xs),
+                                            np.concatenate(ss) if ss else None)
                 x_BD = x_BD.to(self.dtype)
                 if self.device is not None:
                     x_BD = x_BD.to(self.device, non_blocking=True)
@@ -252,21 +265,24 @@ class StoreReader:
                 rows, perm = groups[(epoch, gi)]
                 picked.append(rows[np.sort(perm[a:z])])  # as _batches orders them
             rows_B = np.concatenate(picked)[i * B // n : (i + 1) * B // n]
-            x_BD = self.store._to_torch(self._read_rows(rows_B)).to(self.dtype)
+            x_BD = self.store._to_torch(*self._read_rows(rows_B)).to(self.dtype)
             if self.device is not None:
                 x_BD = x_BD.to(self.device, non_blocking=True)
             yield (x_BD, torch.from_numpy(rows_B)) if self.with_rows else x_BD
 
-    def _read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Activations of store rows ``rows`` (any order), read shard by shard."""
+    def _read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Activations (and int8 scales) of store rows ``rows`` (any order), shard by shard."""
         out = np.empty((len(rows), self.store.d_in), self.store._np_dtype)
+        scales = self._scales_buffer(len(rows))
         shard = np.searchsorted(self.store._offsets, rows, side="right") - 1
         for s in np.unique(shard):
             at = np.nonzero(shard == s)[0]
             local = rows[at] - self.store._offsets[s]
             order = np.argsort(local, kind="stable")  # walk the file forwards
             out[at[order]] = np.take(self.store._mmap(int(s), "acts"), local[order], axis=0)
-        return out
+            if scales is not None:
+                scales[at[order]] = np.take(self.store._mmap(int(s), "scales"), local[order], axis=0)
+        return out, scales
 
     def __iter__(self) -> Iterator[Any]:
         gen = self._batches() if self.batch_slice is None else self._sliced_batches()

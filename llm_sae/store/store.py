@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm_sae.common.dtypes import DTYPES
+from llm_sae.common.dtypes import dtypes_of, quant_block
 from llm_sae.errors import StoreError
 from llm_sae.store.format import DEFAULT_MEMORY_BUDGET, FORMAT, MANIFEST
+from llm_sae.store.quant import dequantise, n_blocks, scale_bytes
 from llm_sae.store.reader import StoreReader
 
 
@@ -48,7 +49,9 @@ class Store:
         self.manifest = manifest
         self.shards = manifest["shards"]
         self._offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
-        self._np_dtype, self._torch_dtype = DTYPES[manifest["dtype"]]
+        self._np_dtype, self._torch_dtype = dtypes_of(manifest["dtype"])
+        # int8 stores: rows are dequantised with their scales as they are read.
+        self.quant_block = quant_block(manifest["dtype"])
         self._mmaps: dict[tuple[int, str], np.ndarray] = {}
         self._seq_index: dict[int, tuple[int, int]] | None = None
 
@@ -66,6 +69,7 @@ class Store:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype ``acts`` returns (float32 for an int8 store)."""
         return self._torch_dtype
 
     @property
@@ -91,7 +95,8 @@ class Store:
 
     @property
     def row_bytes(self) -> int:
-        return self.d_in * self._np_dtype.itemsize
+        """Bytes per row on disk (activations, and an int8 store's scales)."""
+        return self.d_in * self._np_dtype.itemsize + scale_bytes(self.d_in, self.quant_block)
 
     def __repr__(self) -> str:
         return (f"Store({str(self.path)!r}, rows={self.n_rows}, d_in={self.d_in}, "
@@ -117,8 +122,8 @@ class Store:
     def _gather(self, start: int, stop: int, kind: str) -> np.ndarray:
         start, stop = max(0, int(start)), min(self.n_rows, int(stop))
         if stop <= start:
-            width = self.d_in if kind == "acts" else 3
-            dt = self._np_dtype if kind == "acts" else np.int32
+            width = {"acts": self.d_in, "rows": 3}.get(kind) or n_blocks(self.d_in, self.quant_block or 0)
+            dt = {"acts": self._np_dtype, "rows": np.int32}.get(kind, np.float32)
             return np.empty((0, width), dt)
         first = int(np.searchsorted(self._offsets, start, side="right") - 1)
         parts = []
@@ -132,13 +137,18 @@ class Store:
             s += 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _to_torch(self, arr: np.ndarray) -> torch.Tensor:
+    def _to_torch(self, arr: np.ndarray, scales: np.ndarray | None = None) -> torch.Tensor:
+        """On-disk rows as a tensor of ``self.dtype``; an int8 store's need their scales."""
+        if self.quant_block is not None:
+            assert scales is not None, "an int8 store's rows are read with their scales"
+            return dequantise(arr, scales)
         t = torch.from_numpy(np.ascontiguousarray(arr))
         return t.view(torch.bfloat16) if self._torch_dtype == torch.bfloat16 else t
 
     def acts(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` as a [n, d_in] tensor in the store's dtype."""
-        return self._to_torch(self._gather(start, stop, "acts"))
+        scales = self._gather(start, stop, "scales") if self.quant_block is not None else None
+        return self._to_torch(self._gather(start, stop, "acts"), scales)
 
     def acts_at(self, rows: np.ndarray) -> torch.Tensor:
         """Rows at any indices (any order) as [len(rows), d_in]: how a paired source reads

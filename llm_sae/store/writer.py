@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from llm_sae.common.atomic import CHECKSUM_ALGO, fsync_dir, write_json_atomic
-from llm_sae.common.dtypes import DTYPES, dtype_name
+from llm_sae.common.dtypes import dtype_name, dtypes_of
 from llm_sae.common.faults import maybe_kill
 from llm_sae.errors import StoreError
 from llm_sae.store.format import (
@@ -23,6 +23,8 @@ from llm_sae.store.format import (
     atomic_save_npy,
     settings_diff,
 )
+from llm_sae.store.norms import OutlierLog, RowStats, check_multiple, norm_limit, row_norms
+from llm_sae.store.quant import check_block, n_blocks, quantise, scale_bytes
 
 
 class NonFiniteError(StoreError):
@@ -42,6 +44,10 @@ class StoreWriter:
     ``shard_rows`` rows are buffered, so appending in fixed units (whole batches of
     contexts) gives shard boundaries that a resumed run reproduces exactly.
 
+    ``max_norm_multiple`` M leaves out rows whose norm exceeds M × the running median
+    (see :mod:`llm_sae.store.norms`); ``append(outliers_N=...)`` decides for the caller
+    instead (a harvest of several hooks drops a row from all its stores at once).
+
     ``prefix``/``manifest_name`` let the ranks of a distributed harvest write side by
     side into one directory.
     """
@@ -57,6 +63,7 @@ class StoreWriter:
         prefix: str = "shard",
         manifest_name: str = MANIFEST,
         background: bool = True,
+        max_norm_multiple: float | None = None,
     ) -> None:
         if "d_in" not in meta or "dtype" not in meta:
             raise StoreError("StoreWriter meta must include 'd_in' and 'dtype'")
@@ -65,8 +72,10 @@ class StoreWriter:
         self.meta["dtype"] = dtype_name(meta["dtype"])
         self.meta["d_in"] = int(meta["d_in"])
         self.d_in = self.meta["d_in"]
-        self.np_dtype, self.torch_dtype = DTYPES[self.meta["dtype"]]
-        row_bytes = self.d_in * self.np_dtype.itemsize
+        self.np_dtype, self.torch_dtype = dtypes_of(self.meta["dtype"])
+        self.block = check_block(self.meta["dtype"], self.d_in)
+        self.max_norm_multiple = check_multiple(max_norm_multiple)
+        row_bytes = self.d_in * self.np_dtype.itemsize + scale_bytes(self.d_in, self.block)
         self.shard_rows = int(shard_rows or max(1, shard_bytes // row_bytes))
         self.prefix = prefix
         self.manifest_path = self.path / manifest_name
@@ -77,9 +86,8 @@ class StoreWriter:
         self.n_rows = 0
         self.n_sequences = 0
         self._next_seq_id = 0
-        self._sum_norm = 0.0
-        self._sum_x = np.zeros(self.d_in, np.float64)
-        self._count = 0
+        self.stats = RowStats(self.d_in)
+        self.outliers = OutlierLog(max_norm_multiple)
         self.completed = False
         if self.manifest_path.exists():
             if mode == "new":
@@ -95,7 +103,7 @@ class StoreWriter:
                 raise StoreError(f"unknown StoreWriter mode {mode!r}; use new, overwrite or resume")
         self._remove_unlisted()
 
-        self._buf: list[tuple[np.ndarray, np.ndarray]] = []
+        self._buf: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
         self._buf_rows = 0
         self._seq_buf: list[np.ndarray] = []
         self._closed = False
@@ -117,9 +125,8 @@ class StoreWriter:
         self.n_sequences = int(m.get("n_sequences", 0))
         self._next_seq_id = int(m.get("next_sequence_id", self.n_sequences))
         st = m["stats"]
-        self._count = int(st["count"])
-        self._sum_norm = float(st["sum_norm"])
-        self._sum_x = np.asarray(st["sum"], np.float64)
+        self.stats = RowStats.from_json(self.d_in, st)
+        self.outliers = OutlierLog.from_json(m.get("outliers"), self.max_norm_multiple)
         self.completed = bool(m.get("complete"))
 
     def _remove_unlisted(self) -> None:
@@ -141,8 +148,12 @@ class StoreWriter:
         *,
         progress: dict[str, Any] | None = None,
         sequences: tuple[Any, Any] | None = None,
+        outliers_N: np.ndarray | None = None,
     ) -> None:
         """Add rows. Missing token ids / positions are stored as -1.
+
+        ``outliers_N`` (bool [n]) marks rows to leave out, counted in the manifest with
+        their token ids; by default the writer's own ``max_norm_multiple`` decides.
 
         ``progress`` (JSON-able) says how far into the input these rows go; it is saved
         with the shard that completes them, so a resumed run knows where to restart.
@@ -176,13 +187,23 @@ class StoreWriter:
             rows[:, 0] = as_numpy(token_ids_N).reshape(n)
         if positions_N2 is not None:
             rows[:, 1:] = as_numpy(positions_N2).reshape(n, 2)
-        # Stats in float64 summed in a fixed order, so a resumed run reproduces them.
-        self._sum_norm += float(np.sqrt(np.einsum("nd,nd->n", xf, xf)).sum(dtype=np.float64))
-        self._sum_x += xf.sum(0, dtype=np.float64)
-        self._count += n
+        norms_N = row_norms(xf)
+        if outliers_N is None and self.max_norm_multiple:
+            outliers_N = norms_N > norm_limit(self.stats.hist, norms_N, self.max_norm_multiple)
+        self.stats.hist.add(norms_N)  # every row seen, the ones left out included
+        if outliers_N is not None and outliers_N.any():
+            keep = ~np.asarray(outliers_N, bool)
+            self.outliers.record(rows[~keep, 0])
+            x, xf, rows, norms_N = x[torch.from_numpy(keep)], xf[keep], rows[keep], norms_N[keep]
+            n = len(rows)
+        self.stats.add(xf, norms_N)
         # Buffer numpy views (bfloat16 as its raw uint16 bits): the writer thread streams
-        # them straight to disk without concatenating.
-        self._buf.append((x.view(torch.uint16).numpy() if x.dtype == torch.bfloat16 else x.numpy(), rows))
+        # them straight to disk without concatenating. int8 rows carry their scales.
+        if self.block is not None:
+            q, scales = quantise(xf, self.block)
+            self._buf.append((q, rows, scales))
+        else:
+            self._buf.append((x.view(torch.uint16).numpy() if x.dtype == torch.bfloat16 else x.numpy(), rows, None))
         self._buf_rows += n
         self.n_rows += n
         if progress is not None:
@@ -215,13 +236,17 @@ class StoreWriter:
         self._raise_pending_errors()
         acts = [b[0] for b in self._buf] or [np.empty((0, self.d_in), self.np_dtype)]
         rows = [b[1] for b in self._buf] or [np.empty((0, 3), np.int32)]
+        scales = None
+        if self.block is not None:
+            nb = n_blocks(self.d_in, self.block)
+            scales = [b[2] for b in self._buf] or [np.empty((0, nb), np.float32)]
         seqs = self._seq_buf or None
         self._buf, self._buf_rows, self._seq_buf = [], 0, []
         name = f"{self.prefix}-{len(self.shards):05d}"
         entry: dict[str, Any] = {"name": name, "rows": int(sum(len(r) for r in rows)), "files": {}}
         self.shards.append(entry)
         manifest = self._manifest(complete=False)
-        job = (name, entry, acts, rows, seqs, manifest)
+        job = (name, entry, acts, rows, seqs, scales, manifest)
         if self._pool is None:
             self._write_shard(*job)
         else:
@@ -231,8 +256,10 @@ class StoreWriter:
                 self._pending.pop(0).result()
             self._pending.append(self._pool.submit(self._write_shard, *job))
 
-    def _write_shard(self, name, entry, acts, rows, seqs, manifest) -> None:
+    def _write_shard(self, name, entry, acts, rows, seqs, scales, manifest) -> None:
         files = {"acts": acts, "rows": rows}
+        if scales is not None:
+            files["scales"] = scales
         if seqs is not None:
             files["seqs"] = seqs
         for kind, pieces in files.items():
@@ -250,8 +277,12 @@ class StoreWriter:
         # A snapshot taken on the appending thread: the shard list is copied (later shards
         # must not appear early), while the newest entry's dict is shared so that the
         # writer thread fills in its files and checksums before serialising.
-        count = max(self._count, 1)
         shards = list(self.shards)
+        extra: dict[str, Any] = {}
+        if self.block is not None:
+            extra["quantisation"] = {"scheme": "absmax", "bits": 8, "block": self.block}
+        if self.max_norm_multiple or self.outliers.count:
+            extra["outliers"] = self.outliers.to_json()
         return {
             **self.meta,
             "format": FORMAT,
@@ -263,13 +294,8 @@ class StoreWriter:
             "next_sequence_id": self._next_seq_id,
             "progress": dict(self.progress),
             "shards": shards,
-            "stats": {
-                "count": self._count,
-                "sum_norm": self._sum_norm,
-                "sum": self._sum_x.tolist(),
-                "mean_norm": self._sum_norm / count,
-                "mean": (self._sum_x / count).tolist(),
-            },
+            "stats": self.stats.to_json(),
+            **extra,
         }
 
     def close(self, complete: bool = True) -> None:
