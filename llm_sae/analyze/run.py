@@ -125,7 +125,9 @@ def _check_config(cfg: AnalyzeConfig) -> None:
         raise ConfigError(f"--n-bins and --hist-bins must be between 1 and {FINE_BINS // 2}")
     if cfg.batch_size <= 0 or cfg.shard_size <= 0:
         raise ConfigError("--batch-size and --shard-size must be positive")
-    if not Path(cfg.sae).exists():
+    from llm_sae.sae.formats.hub import is_hub_spec
+
+    if not is_hub_spec(cfg.sae) and not Path(cfg.sae).exists():
         from llm_sae.errors import CheckpointError
 
         raise CheckpointError(f"no SAE at {cfg.sae}; train one with `llm-sae train` or fix --sae")

@@ -22,9 +22,10 @@ class LiveEncoder:
         device: str = "cpu",
         max_tokens: int = 1024,
     ):
+        from llm_sae.sae.formats.hub import resolve_sae
         from llm_sae.sae.formats.native import load_sae
 
-        sae_dir = Path(sae_dir)
+        sae_dir = resolve_sae(sae_dir)  # hf:// and saelens:// too
         rec_model, rec_hook = recorded_model_and_hook(sae_dir)
         self.model_name = model or rec_model
         self.hook = hook or rec_hook

@@ -17,16 +17,19 @@ from llm_sae.sae.registry import REGISTRY
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Load a saved SAE for inference (eval mode, no training state).
 
-    Directories written by SAELens or sparsify load too, converted exactly (docs/interop.md).
+    Directories written by SAELens, sparsify or Gemma Scope load too, converted exactly
+    (docs/interop.md), and so do published ones: ``hf://ORG/REPO[/SUBFOLDER]`` and
+    ``saelens://RELEASE/SAE_ID`` (fetched into the hub cache; see ``formats/hub.py``).
     """
     from safetensors.torch import load_file
 
+    from llm_sae.sae.formats.hub import resolve_sae
     from llm_sae.sae.formats.peers import (  # lazy: interop imports this module
         load_peer,
         peer_format,
     )
 
-    path = Path(path)
+    path = resolve_sae(path)
     if peer_format(path) is not None:
         return load_peer(path).to(device).eval()
     cfg_file, weights = path / "cfg.json", path / "sae.safetensors"

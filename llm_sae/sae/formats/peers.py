@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llm_sae.sae.base import SAE
+from llm_sae.sae.formats.gemmascope import GEMMASCOPE_PARAMS, load_gemmascope
 from llm_sae.sae.formats.saelens import SAELENS_CFG, SAELENS_WEIGHTS, load_saelens
 from llm_sae.sae.formats.sparsify import (
     SPARSIFY_CFG,
@@ -21,7 +22,8 @@ def peer_format(path: str | Path) -> str | None:
 
     ``"saelens"`` (cfg.json + sae_weights.safetensors), ``"sparsify"`` (cfg.json +
     sae.safetensors with sparsify's config fields), ``"sparsify-run"`` (a folder of
-    per-hookpoint sparsify SAEs, as sparsify's trainer writes them), or None (ours, or
+    per-hookpoint sparsify SAEs, as sparsify's trainer writes them), ``"gemmascope"``
+    (params.npz, Gemma Scope's layout), or None (ours, or
     not an SAE at all: ``load_sae`` then says what is missing).
     """
     path = Path(path)
@@ -29,19 +31,23 @@ def peer_format(path: str | Path) -> str | None:
         return "saelens"
     if (path / SPARSIFY_CFG).is_file() and (path / SPARSIFY_WEIGHTS).is_file():
         return "sparsify" if is_sparsify_cfg(path / SPARSIFY_CFG) else None
+    if (path / GEMMASCOPE_PARAMS).is_file():
+        return "gemmascope"
     if path.is_dir() and sparsify_hookpoints(path):
         return "sparsify-run"
     return None
 
 
 def load_peer(path: str | Path) -> SAE:
-    """Load an SAE saved by SAELens or sparsify as an llm_sae SAE (eval mode, float32, CPU)."""
+    """Load an SAE saved by SAELens, sparsify or Gemma Scope as an llm_sae SAE (eval mode, float32, CPU)."""
     path = Path(path)
     fmt = peer_format(path)
     if fmt == "saelens":
         return load_saelens(path)
     if fmt == "sparsify":
         return load_sparsify(path)
+    if fmt == "gemmascope":
+        return load_gemmascope(path)
     if fmt == "sparsify-run":
         hookpoints = sparsify_hookpoints(path)
         raise InteropError(
