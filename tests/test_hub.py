@@ -135,3 +135,53 @@ def test_saelens_registry_of_the_installed_saelens(hub, tmp_path):
     hub("google/gemma-scope-2b-pt-res", {f"{sae_id}/params.npz": npz_bytes(tmp_path, gemmascope_params())})
     sae = load_sae(f"saelens://gemma-scope-2b-pt-res/{sae_id}")
     assert sae.cfg.arch == "jumprelu" and sae.n_latents == 40
+
+
+class FakeHfApi:
+    """HfApi at its boundary: records what would be sent, sends nothing."""
+
+    calls: list = []
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def create_commit(self, repo_id, operations, **kw):
+        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+        self.calls.append(("create_commit", repo_id, files))
+
+
+def test_export_push_to_hub_uploads_saelens_layout_with_a_card(hub, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from llm_sae.cli import main
+    from llm_sae.sae import REGISTRY, SAEConfig
+
+    FakeHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    sae = REGISTRY["topk"](SAEConfig(arch="topk", d_in=12, n_latents=40, k=4)).eval()
+    sae.save(tmp_path / "sae")
+    assert main(["export", "--format", "saelens", "--sae", str(tmp_path / "sae"), "--out",
+                 str(tmp_path / "out"), "--hook-name", "blocks.1.hook_mlp_out", "--model-name",
+                 "gpt2", "--push-to-hub", "me/my-saes"]) == 0
+    (_, repo, kw), (_, repo2, files) = FakeHfApi.calls
+    assert repo == repo2 == "me/my-saes" and kw["exist_ok"]
+    sub = "blocks.1.hook_mlp_out"
+    assert set(files) == {"README.md", f"{sub}/cfg.json", f"{sub}/sae_weights.safetensors"}
+    card = files["README.md"].decode()
+    assert card.startswith("---\nlibrary_name: saelens") and "base_model: gpt2" in card
+    assert f"hf://me/my-saes/{sub}" in card and "| k | 4 |" in card
+    # What was uploaded loads back through the hub cache as the same SAE.
+    hub("me/my-saes", {k: v for k, v in files.items()})
+    assert same_weights(load_sae(f"hf://me/my-saes/{sub}"), sae)
+
+
+def test_push_to_hub_needs_an_org_and_name_and_an_sae_format(tmp_path):
+    from llm_sae.config import ConfigError
+    from llm_sae.interop.export import ExportConfig, export
+
+    with pytest.raises(ConfigError, match="--format saelens"):
+        export(ExportConfig(format="neuronpedia", out=str(tmp_path), analysis="a", push_to_hub="me/x"))
+    from llm_sae.interop.hub import push_saelens_folder
+
+    with pytest.raises(InteropError, match="ORG/NAME"):
+        push_saelens_folder(tmp_path, "justname")

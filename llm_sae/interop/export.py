@@ -23,6 +23,12 @@ class ExportConfig:
     """Saved SAE directory to export (for --format saelens)."""
     analysis: str | None = None
     """Analysis directory (`llm-sae analyze --out`) to export (for --format neuronpedia)."""
+    push_to_hub: str | None = None
+    """saelens: also upload the export to this hub repository (ORG/NAME, created if missing) with a generated model card; needs `hf auth login`."""
+    hub_subfolder: str | None = None
+    """saelens --push-to-hub: folder of the SAE in the repository (default: its hook name)."""
+    private: bool = False
+    """saelens --push-to-hub: create the repository private."""
     hook_name: str | None = None
     """saelens: metadata.hook_name (default: the hook of the store the SAE was trained on)."""
     model_name: str | None = None
@@ -48,7 +54,15 @@ def export(cfg: ExportConfig) -> Path:
     if cfg.format == "saelens":
         if not cfg.sae:
             raise ConfigError("--format saelens needs --sae DIR (a saved SAE)")
-        return export_saelens(cfg.sae, cfg.out, hook_name=cfg.hook_name, model_name=cfg.model_name)
+        out = export_saelens(cfg.sae, cfg.out, hook_name=cfg.hook_name, model_name=cfg.model_name)
+        if cfg.push_to_hub:
+            from llm_sae.interop.hub import push_saelens_folder
+
+            url = push_saelens_folder(out, cfg.push_to_hub, subfolder=cfg.hub_subfolder, private=cfg.private)
+            print(f"uploaded to {url}")
+        return out
+    if cfg.push_to_hub:
+        raise ConfigError("--push-to-hub uploads SAEs: use it with --format saelens")
     if cfg.format == "neuronpedia":
         if not cfg.analysis:
             raise ConfigError(
