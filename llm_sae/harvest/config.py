@@ -23,7 +23,9 @@ class HarvestConfig:
     split: str = "train"
     """Dataset split to read."""
     text_column: str = "text"
-    """Column that holds the text."""
+    """Column that holds the text (with --chat-template: the messages; "text" then means "messages")."""
+    chat_template: bool = False
+    """Format a conversation dataset (a column of {role, content} message lists) with the model's own chat template; the template's special tokens are left out of the store."""
     streaming: bool = True
     """Stream the dataset rather than download and cache it whole first."""
     context_length: int = 128
@@ -52,3 +54,8 @@ class HarvestConfig:
     """Transcoder pairs IN:OUT, e.g. blocks.1.ln2.hook_normalized:blocks.1.hook_mlp_out (repeat or comma-separate): both hooks are stored row-aligned and each store's manifest names its partner."""
     extra: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
     """Free-form notes copied into the manifest (Python only)."""
+
+    @property
+    def column(self) -> str:
+        """The dataset column actually read."""
+        return "messages" if self.chat_template and self.text_column == "text" else self.text_column

@@ -15,7 +15,7 @@ import torch
 from llm_sae.common.threads import iter_in_background
 from llm_sae.errors import DataError, ModelError
 from llm_sae.lm.hooks import keep_mask, run_to_hooks
-from llm_sae.lm.text import StreamPos, iter_documents, pack_contexts
+from llm_sae.lm.text import StreamPos, chat_renderer, iter_documents, pack_contexts
 from llm_sae.store.norms import joint_outliers
 from llm_sae.store.writer import NonFiniteError, StoreWriter
 
@@ -185,7 +185,8 @@ def _harvest_loop(cfg, model, hooks, writers, tok, special, stop, device, rank, 
         say(f"harvest: resuming after {p0['contexts']:,} contexts ({min(p['rows'] for p in prog.values()):,} tokens)")
 
     docs = iter_documents(cfg.dataset, config=cfg.dataset_config, split=cfg.split,
-                          text_column=cfg.text_column, streaming=cfg.streaming)
+                          text_column=cfg.column, streaming=cfg.streaming,
+                          render=chat_renderer(tok) if cfg.chat_template else None)
     contexts = pack_contexts(docs, tok, L, start=StreamPos(p0["doc"], p0["offset"]))
     c, rows_total = int(p0["contexts"]), int(p0["rows"])
     own_rows = sum(w.n_rows for w in writers.values()) // len(writers)

@@ -18,7 +18,13 @@ from llm_sae.errors import DataError, ModelError, StoreError
 from llm_sae.harvest.config import HarvestConfig
 from llm_sae.harvest.loop import run_loop
 from llm_sae.lm.hooks import check_hooks, load_model, run_to_hooks, special_token_ids, stop_layer
-from llm_sae.lm.text import dataset_spec, iter_documents, pack_contexts
+from llm_sae.lm.text import (
+    chat_renderer,
+    dataset_spec,
+    iter_documents,
+    pack_contexts,
+    template_special_ids,
+)
 from llm_sae.store.format import MANIFEST, settings_diff
 from llm_sae.store.writer import StoreWriter
 
@@ -87,6 +93,7 @@ def _settings(cfg: HarvestConfig, world: int) -> dict[str, Any]:
         "model_dtype": dtype_name(cfg.model_dtype),
         "world_size": world,
         "max_norm_multiple": cfg.max_norm_multiple,
+        "chat_template": cfg.chat_template or None,  # None: stores from before it match
     }
 
 
@@ -129,7 +136,7 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
         done = {h: json.loads((d / MANIFEST).read_text()) for h, d in dirs.items()}
         if all(m.get("complete") for m in done.values()):
             spec = dataset_spec(cfg.dataset, config=cfg.dataset_config, split=cfg.split,
-                                text_column=cfg.text_column)
+                                text_column=cfg.column)
             for h, m in done.items():
                 want = {"hook": h, "context_length": cfg.context_length, "dataset": spec,
                         "harvest": _settings(cfg, world), "dtype": dtype_name(cfg.dtype), "model": cfg.model}
@@ -154,10 +161,13 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
         raise DataError(f"--context-length {cfg.context_length} exceeds the model's {n_ctx} positions; use at most {n_ctx}")
     stop = stop_layer(model, hooks)
     special = special_token_ids(tok)
+    render = chat_renderer(tok) if cfg.chat_template else None
+    if render is not None:  # the template's own tokens (<|im_start|>, …) are not text
+        special = sorted(set(special) | set(template_special_ids(tok)))
 
     # One probe forward tells each hook's width, whatever kind of hook it is.
     probe = run_to_hooks(model, torch.tensor([[special[0] if special else 0] * 2], device=device), hooks, stop)
-    spec = dataset_spec(cfg.dataset, config=cfg.dataset_config, split=cfg.split, text_column=cfg.text_column)
+    spec = dataset_spec(cfg.dataset, config=cfg.dataset_config, split=cfg.split, text_column=cfg.column)
     metas = {
         h: {
             "d_in": int(probe[h].shape[-1]),
@@ -182,7 +192,7 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
     if not existing:
         # Fail on unusable text before any store directory is created.
         docs = iter_documents(cfg.dataset, config=cfg.dataset_config, split=cfg.split,
-                              text_column=cfg.text_column, streaming=cfg.streaming)
+                              text_column=cfg.column, streaming=cfg.streaming, render=render)
         if next(pack_contexts(docs, tok, cfg.context_length), None) is None:
             raise DataError(
                 f"dataset {spec['name']!r} gives no complete context of {cfg.context_length} "

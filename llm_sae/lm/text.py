@@ -6,6 +6,11 @@ iterable of strings or a callable returning one. Documents are tokenized one at 
 (so the result does not depend on any batching), joined with EOS, and cut into contexts
 of ``context_length`` tokens that each start with BOS. Where the stream is, is a
 ``(document index, token offset)`` pair, which is all a resumed harvest needs to continue.
+
+Conversation datasets (a ``messages`` column of ``{"role", "content"}`` turns) become
+documents through the model's own chat template (``chat_renderer``); the template's
+special tokens are then told apart by ``template_special_ids`` so harvest can leave them
+out of the store, as it leaves out BOS and EOS.
 """
 
 from __future__ import annotations
@@ -66,13 +71,17 @@ def iter_documents(
     split: str = "train",
     text_column: str = "text",
     streaming: bool = True,
+    render: Callable[[Any], str] | None = None,
 ) -> Iterator[str]:
-    """Yield the documents of a dataset as strings, always in the same order."""
+    """Yield the documents of a dataset as strings, always in the same order.
+
+    ``render`` turns each row's ``text_column`` value (or each item of a Python iterable)
+    into text, e.g. a conversation through a chat template."""
     if callable(dataset) and not isinstance(dataset, str | Path):
-        yield from _check_strings(dataset(), "the callable's result")
+        yield from _check_strings(map(render or _same, dataset()), "the callable's result")
         return
     if not isinstance(dataset, str | Path):
-        yield from _check_strings(dataset, "the iterable")
+        yield from _check_strings(map(render or _same, dataset), "the iterable")
         return
     path = Path(dataset).expanduser()
     if str(dataset) == STDLIB and not path.exists():
@@ -117,10 +126,46 @@ def iter_documents(
                     f"{sorted(row)}; pass --text-column with one of them"
                 )
             first = False
-        text = row[text_column]
+        text = row[text_column] if render is None else render(row[text_column])
         if not isinstance(text, str):
             raise DataError(f"column {text_column!r} of {str(dataset)!r} holds {type(text).__name__}, not text")
         yield text
+
+
+def _same(x: Any) -> Any:
+    return x
+
+
+def chat_renderer(tokenizer: Any) -> Callable[[Any], str]:
+    """A conversation (list of ``{"role", "content"}``) → text, by the tokenizer's own chat
+    template. DataError before any work when the tokenizer has none."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"the tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')!r} has no chat "
+            "template; use an instruct/chat model, or drop --chat-template for plain text"
+        )
+
+    def render(messages: Any) -> str:
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages
+        ):
+            raise DataError(
+                "--chat-template expects each row to hold a list of {role, content} messages "
+                f"(got {type(messages).__name__}); pass --text-column with the messages column"
+            )
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+
+    return render
+
+
+def template_special_ids(tokenizer: Any) -> list[int]:
+    """Ids of every special token the tokenizer knows (BOS/EOS/pad and the added special
+    tokens chat templates are made of, e.g. <|im_start|>, <start_of_turn>)."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(t, "special", False):
+            ids.add(int(i))
+    return sorted(ids)
 
 
 def _check_strings(items: Iterable[Any], what: str) -> Iterator[str]:
