@@ -10,7 +10,7 @@ class AnalyzeConfig:
     """Analyse an SAE over an activation store: per-feature statistics and examples."""
 
     sae: str
-    """Directory of the saved SAE (cfg.json + sae.safetensors)."""
+    """The SAE: a saved folder (ours, SAELens, sparsify, Gemma Scope), hf://ORG/REPO[/SUBFOLDER] or saelens://RELEASE/SAE_ID."""
     store: str
     """Activation store directory to run the SAE over."""
     out: str

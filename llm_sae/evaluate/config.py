@@ -16,8 +16,9 @@ class EvalConfig:
     """Evaluate one or more SAEs on a store (and the model it came from)."""
 
     sae: list[str]
-    """Saved SAE directory (cfg.json + sae.safetensors), or a sweep folder (all its SAEs,
-    as L0 frontiers per architecture); repeat or comma-separate to compare several."""
+    """Saved SAE directory (cfg.json + sae.safetensors), hf://ORG/REPO[/SUBFOLDER],
+    saelens://RELEASE/SAE_ID, or a sweep folder (all its SAEs, as L0 frontiers per
+    architecture); repeat or comma-separate to compare several."""
     store: str
     """Activation store at the SAEs' hook; its last --eval-rows rows are evaluated, and its
     manifest names the model, hook and dataset."""

@@ -121,6 +121,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     if not cfg.sae:
         raise ConfigError("give at least one --sae DIR")
+    from llm_sae.sae.formats.hub import is_hub_spec
+
+    if not cfg.out and is_hub_spec(cfg.sae[0]):
+        raise ConfigError(f"--sae {cfg.sae[0]} is not a folder to write eval/ into; pass --out DIR")
     default_out = Path(cfg.sae[0]) / "eval"
     cfg.sae = expand_sweeps(cfg.sae)
     if cfg.eval_rows <= 0 or cfg.batch_size <= 0:

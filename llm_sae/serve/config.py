@@ -16,7 +16,7 @@ class ServeConfig:
     site: str
     """The site directory written by `llm-sae dashboard`."""
     sae: str | None = None
-    """A saved SAE directory (cfg.json + sae.safetensors): enables the live view."""
+    """A saved SAE folder, hf://ORG/REPO[/SUBFOLDER] or saelens://RELEASE/SAE_ID: enables the live view."""
     model: str | None = None
     """The model the SAE was trained on (hub name or local directory); default: the one the
     SAE's cfg.json records."""
