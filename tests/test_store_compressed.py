@@ -143,3 +143,19 @@ def test_harvest_int8_with_outliers_keeps_hook_stores_aligned(tiny_gpt2_dir, tex
         x_ref, x_q = r[h].acts(0, 300)[idx], q[h].acts(0, n)
         assert ((x_q - x_ref).abs().amax(1) <= x_ref.abs().amax(1) / 254 * 1.001).all()
         assert verify_store(got[h]) == []
+
+
+def test_harvest_refuses_bad_store_settings_before_loading_the_model(tmp_path):
+    from llm_sae.errors import DataError
+    from llm_sae.harvest.config import HarvestConfig
+    from llm_sae.harvest.run import harvest
+
+    base = dict(model="no/such-model", hook=["blocks.0.hook_resid_post"], dataset="stdlib", tokens=10,
+                out=str(tmp_path / "s"), device="cpu", progress=False)
+    with pytest.raises(StoreError, match="unsupported store dtype 'int4'"):
+        harvest(HarvestConfig(**base, dtype="int4"))
+    with pytest.raises(StoreError, match="above 1"):
+        harvest(HarvestConfig(**base, max_norm_multiple=1.0))
+    with pytest.raises(DataError, match="is a store dtype"):
+        harvest(HarvestConfig(**base, model_dtype="int8"))
+    assert not (tmp_path / "s").exists()

@@ -26,6 +26,7 @@ from llm_sae.lm.text import (
     template_special_ids,
 )
 from llm_sae.store.format import MANIFEST, settings_diff
+from llm_sae.store.norms import check_multiple
 from llm_sae.store.writer import StoreWriter
 
 
@@ -120,6 +121,8 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
     hooks = _hooks(cfg)
     if cfg.tokens <= 0:
         raise DataError(f"--tokens must be positive, got {cfg.tokens}")
+    dtype_name(cfg.dtype)  # a misspelt --dtype or --max-norm-multiple fails before the model loads
+    check_multiple(cfg.max_norm_multiple)
     if quant_block(cfg.model_dtype) is not None:
         raise DataError(f"--model-dtype {cfg.model_dtype} is a store dtype; run the model in float32, float16 or bfloat16")
     from llm_sae.distributed.env import init_from_env
