@@ -59,6 +59,12 @@ def test_chat_harvest_renders_the_template_and_leaves_its_tokens_out(chat_model_
     assert (ctx == start).any() and (ctx == end).any()
     assert not set(tokens.tolist()) & {start, end}
     assert "user" in tok.decode(ctx[0])  # the role names are the template's text
+    # eval's downstream contexts continue the same conversations, rendered the same way.
+    from llm_sae.evaluate.config import EvalConfig
+    from llm_sae.evaluate.downstream import eval_contexts
+
+    more, info = eval_contexts(st, tok, EvalConfig(sae=["unused"], store=str(st.path), n_contexts=2))
+    assert len(more) == 2 and (more == start).any() and info["source"].endswith("after the harvested text")
 
 
 def test_chat_template_errors_are_one_line_and_early(tiny_gpt2_dir, tmp_path):

@@ -127,7 +127,7 @@ def eval_contexts(
     harvested from (its progress), so the contexts are ones the SAE never saw; when that
     text has run out, from the start of the dataset (noted in the report).
     """
-    from llm_sae.lm.text import StreamPos, iter_documents, pack_contexts
+    from llm_sae.lm.text import StreamPos, chat_renderer, iter_documents, pack_contexts
 
     spec = store.manifest.get("dataset") or {}
     L = cfg.context_length or store.context_length or 128
@@ -149,8 +149,12 @@ def eval_contexts(
     split = cfg.split or spec.get("split") or "train"
     column = cfg.text_column or spec.get("text_column") or "text"
 
+    # A store harvested with --chat-template holds conversations: render them the same way.
+    chat = cfg.dataset is None and (store.manifest.get("harvest") or {}).get("chat_template")
+    render = chat_renderer(tokenizer) if chat else None
+
     def take(start: StreamPos) -> list[np.ndarray]:
-        docs = iter_documents(name, config=config, split=split, text_column=column)
+        docs = iter_documents(name, config=config, split=split, text_column=column, render=render)
         out = []
         for toks, _ in pack_contexts(docs, tokenizer, L, start=start):
             out.append(toks)
