@@ -33,14 +33,15 @@ def _append_job(writers: dict[str, StoreWriter], job: Job) -> None:
     """The store appends of one batch (on the writer thread, or inline when synchronous)."""
     if job.ready is not None:
         job.ready.synchronize()  # the non_blocking copies into pinned memory have landed
-    # An outlier at any hook is left out of every store, so they stay row-aligned.
+    # An outlier at any hook is left out of every store, so they stay row-aligned. Without
+    # --max-norm-multiple nothing is passed: any writer with append(x, tok, pos) will do.
     outliers_N = joint_outliers(writers, job.rows)
     for h, x_ND in job.rows.items():
         w = writers[h]
         try:
             # The writer checks finiteness after conversion to the store dtype.
             w.append(x_ND, job.tok_N, job.pos_N2, progress=job.progress, sequences=job.sequences,
-                     outliers_N=outliers_N)
+                     **({} if outliers_N is None else {"outliers_N": outliers_N}))
         except NonFiniteError:
             c, c_end = job.span
             raise ModelError(

@@ -148,7 +148,7 @@ def joint_outliers(writers: Mapping[str, Any], rows: Mapping[str, Any]) -> np.nd
     mask = None
     for h, x_ND in rows.items():
         w = writers[h]
-        if not w.max_norm_multiple:
+        if not getattr(w, "max_norm_multiple", None):
             continue
         xf = x_ND.detach().float().cpu().numpy() if hasattr(x_ND, "detach") else np.asarray(x_ND, np.float32)
         norms = row_norms(xf)
