@@ -38,7 +38,9 @@ class LiveEncoder:
                 f"the SAE in {sae_dir} does not record its hook point; pass --hook "
                 "(e.g. blocks.1.hook_resid_post)"
             )
-        self.device = device
+        from llm_sae.common.device import resolve_device
+
+        self.device = str(resolve_device(device))  # a missing GPU: an error before the model loads
         self.max_tokens = max_tokens
         self.sae = load_sae(sae_dir, device=device)
         self.bridge = _load_model(self.model_name, device)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import mimetypes
 import os
 import sys
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -17,11 +18,16 @@ from llm_sae.config import add_arguments, from_args
 from llm_sae.errors import LlmSaeError
 from llm_sae.serve.config import ServeConfig, ServeError
 from llm_sae.serve.live import LiveEncoder
+from llm_sae.serve.pool import BoundedHTTPServer
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 MAX_BODY = 256 * 1024
+
+# The policy the pages also carry as <meta>; sent as a header on every response.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+       "connect-src 'self'; frame-ancestors 'none'")
 
 
 # Set here, not in the process-wide mimetypes table: some systems map .js to text/plain.
@@ -35,6 +41,7 @@ class SiteHandler(BaseHTTPRequestHandler):
     site_root: Path  # set on the subclass made by make_server
     live: LiveEncoder | None = None
     quiet = False
+    timeout = 10  # seconds a connection may take to send its request (socket timeout)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
         if not self.quiet:
@@ -46,6 +53,10 @@ class SiteHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Content-Type-Options", "nosniff")
+        # As headers too, not only the pages' <meta> tags: they then cover every response
+        # (JSON, data files), and framing can only be refused by a header.
+        self.send_header("Content-Security-Policy", CSP)
+        self.send_header("X-Frame-Options", "DENY")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
         if not head_only:
@@ -125,7 +136,7 @@ class SiteHandler(BaseHTTPRequestHandler):
             req = json.loads(self.rfile.read(length) or b"{}")
             if not isinstance(req, dict):
                 raise ValueError
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
             self._json(400, {"error": "body must be a JSON object like {\"text\": \"...\"}"})
             return
         if url.path == "/api/steer":
@@ -141,7 +152,7 @@ class SiteHandler(BaseHTTPRequestHandler):
 
         try:
             self._json(200, steer_request(self.live, req))
-        except (TypeError, ValueError, LlmSaeError) as e:  # a request out of bounds
+        except (TypeError, ValueError, OverflowError, LlmSaeError) as e:  # out of bounds, or 1e999
             self._json(400, {"error": str(e)})
 
     def _encode(self, req: dict[str, Any]) -> None:
@@ -160,7 +171,7 @@ class SiteHandler(BaseHTTPRequestHandler):
             feature = None if feature in (None, "") else int(feature)
             k = int(req.get("k", 5))
             out = self.live.encode(text, feature=feature, k=k)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:  # OverflowError: {"k": 1e999}
             self._json(400, {"error": str(e)})
             return
         except LlmSaeError as e:
@@ -192,27 +203,42 @@ class SiteHandler(BaseHTTPRequestHandler):
 
 def make_server(
     cfg: ServeConfig, live: LiveEncoder | None = None, quiet: bool = False
-) -> ThreadingHTTPServer:
-    """A bound (not yet running) server for ``cfg``; call ``serve_forever`` on it."""
+) -> BoundedHTTPServer:
+    """A bound (not yet running) server for ``cfg``; call ``serve_forever`` on it.
+
+    The port is bound before the live view loads its model, so a port in use is an error
+    in a second, not after the model load.
+    """
     site = Path(cfg.site)
     if not (site / "index.html").is_file():
         raise ServeError(
             f"{site} is not a dashboard site (no index.html); build one with "
             "`llm-sae dashboard --analysis DIR --out SITE`"
         )
-    if live is None and cfg.sae:
-        live = LiveEncoder(cfg.sae, cfg.model, cfg.hook, cfg.device, cfg.max_tokens)
+    if not 0 <= int(cfg.port) <= 65535:
+        raise ServeError(f"--port {cfg.port} is out of range; use 1-65535, or 0 for a free one")
+    if cfg.sae and not Path(cfg.sae).is_dir():
+        raise ServeError(f"--sae {cfg.sae} is not a folder; give a saved SAE (cfg.json + sae.safetensors)")
     handler = type(
         "BoundSiteHandler",
         (SiteHandler,),
         {"site_root": site.resolve(), "live": live, "quiet": quiet},
     )
-    server = ThreadingHTTPServer((cfg.host, int(cfg.port)), handler)
-    server.daemon_threads = True
+    try:
+        server = BoundedHTTPServer((cfg.host, int(cfg.port)), handler)
+    except OSError as e:
+        what = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be used ({e.strerror or e})"
+        raise ServeError(f"{cfg.host} port {cfg.port} {what}; pick another --port, or 0 for a free one") from None
+    if live is None and cfg.sae:
+        try:
+            handler.live = LiveEncoder(cfg.sae, cfg.model, cfg.hook, cfg.device, cfg.max_tokens)
+        except BaseException:
+            server.server_close()
+            raise
     return server
 
 
-def url_of(server: ThreadingHTTPServer) -> str:
+def url_of(server: HTTPServer) -> str:
     host, port = server.server_address[:2]
     if ":" in str(host):
         host = f"[{host}]"

@@ -37,7 +37,8 @@ def sae_meta(sae_dir: str | Path) -> dict[str, Any]:
         data = _read_json(sae_dir / name)
         for k, v in data.items():
             meta.setdefault(k, v)
-        for nested in ("store", "manifest", "meta", "metadata"):
+        # "source": what `llm-sae train` records of the data it read (model, hook, ...).
+        for nested in ("source", "store", "manifest", "meta", "metadata"):
             if isinstance(data.get(nested), dict):
                 for k, v in data[nested].items():
                     meta.setdefault(k, v)
