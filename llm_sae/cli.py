@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         # Errors we raise on purpose say what is wrong and how to fix it; a traceback
         # would only bury that.
         print(f"llm-sae {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print(f"llm-sae {args.command}: interrupted", file=sys.stderr)
         return 130

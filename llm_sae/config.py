@@ -89,7 +89,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return inner(value)
         except (TypeError, ValueError):
             raise ConfigError(
-                f"config field {name!r}: {value!r} is not a valid {inner.__name__}"
+                f"config field {name!r}: {value!r} is not a valid {inner.__name__}; give "
+                f"--{name.replace('_', '-')} a value of that type"
             ) from None
     return value
 
@@ -128,16 +129,27 @@ def load_config(cls: type[T], path: str | Path) -> T:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"config file {path} cannot be read ({_one_line(e)}); fix its syntax") from None
+    except Exception as e:  # yaml.YAMLError, without importing yaml for a JSON file
+        if type(e).__module__.split(".")[0] != "yaml":
+            raise
+        raise ConfigError(f"config file {path} is not valid YAML ({_one_line(e)}); fix its syntax") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of field: value")
     return from_dict(cls, data)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
 
 
 def add_arguments(

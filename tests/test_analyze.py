@@ -362,7 +362,7 @@ def test_cli_runs_and_reports_errors_without_traceback(synth, tmp_path, capsys):
     assert len(rec["top_examples"]) == 4 and all(len(e["tokens"]) <= 4 for e in rec["top_examples"])
     assert load_summary(tmp_path / "c")["options"]["exclude_positions"] == [1, 6]
     bad = ["analyze", "--sae", str(tmp_path / "nope"), "--store", str(root / "store"), "--out", str(tmp_path / "d")]
-    assert main(bad) == 1
+    assert main(bad) == 2
     assert "no SAE" in capsys.readouterr().err
 
 

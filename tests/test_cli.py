@@ -33,6 +33,6 @@ def test_user_error_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "fake", ("fake_mod", "a fake stage"))
     monkeypatch.setattr(cli, "_available", lambda: {"fake": ("fake_mod", "a fake stage")})
     monkeypatch.setattr(cli.importlib, "import_module", lambda name: fake)
-    assert cli.main(["fake"]) == 1
+    assert cli.main(["fake"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "llm-sae fake: error: store /x has no manifest.json; run `llm-sae harvest` first"

@@ -12,6 +12,7 @@ import pytest
 from browser_util import VOCAB, XSS_TOKENS, make_record, write_analysis
 
 from llm_sae.cli import main as cli_main
+from llm_sae.common.outdir import OutputError
 from llm_sae.dashboard.build import build_dashboard
 from llm_sae.dashboard.config import DashboardConfig, DashboardError
 from llm_sae.dashboard.records import (
@@ -157,7 +158,7 @@ def test_rebuild_replaces_old_data_and_refuses_foreign_dirs(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    with pytest.raises(DashboardError, match="not empty"):
+    with pytest.raises(OutputError, match="not made by llm-sae"):
         build_dashboard(DashboardConfig(analysis=str(small), out=str(foreign)))
     assert (foreign / "thesis.tex").read_text() == "precious"
 
@@ -186,7 +187,7 @@ def test_cli_builds_a_site(tmp_path, capsys):
     assert rc == 0
     assert "wrote 4 features" in capsys.readouterr().out
     assert len(_payload(tmp_path / "s" / feature_relpath(0))["top"]) == 5
-    assert cli_main(["dashboard", "--analysis", str(tmp_path / "missing"), "--out", str(tmp_path / "t")]) == 1
+    assert cli_main(["dashboard", "--analysis", str(tmp_path / "missing"), "--out", str(tmp_path / "t")]) == 2
 
 
 @pytest.mark.slow

@@ -123,7 +123,7 @@ def test_python_iterable_dataset_and_cli(tiny_gpt2_dir, tmp_path, capsys):
                "--context-length", "16", "--batch-size", "3", "--device", "cpu", "--no-progress"])
     assert rc == 0 and open_store(tmp_path / "cli").n_rows == 90
     assert main(["harvest", "--model", str(tiny_gpt2_dir), "--hook", "blocks.9.hook_resid_pre",
-                 "--dataset", str(tmp_path / "t.txt"), "--tokens", "9", "--out", str(tmp_path / "c2")]) == 1
+                 "--dataset", str(tmp_path / "t.txt"), "--tokens", "9", "--out", str(tmp_path / "c2")]) == 2
     assert "has no hook 'blocks.9.hook_resid_pre'" in capsys.readouterr().err
 
 

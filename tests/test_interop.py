@@ -290,7 +290,7 @@ def test_cli_export_saelens(tmp_path):
         and cfg["metadata"]["hook_name"] == "blocks.1.hook_mlp_out"
     )
     assert (
-        main(["export", "--format", "saelens", "--out", str(tmp_path / "x")]) == 1
+        main(["export", "--format", "saelens", "--out", str(tmp_path / "x")]) == 2
     )  # no --sae: an error
 
 

@@ -144,8 +144,12 @@ def test_nonfinite_batches_skip_or_stop():
     trainer.init_from_sample(x_BD)
     bad_BD = x_BD.clone()
     bad_BD[7, 3] = float("nan")
-    assert trainer.step(bad_BD) is None and trainer.skipped_batches == 1 and trainer.step_idx == 0
-    assert trainer.step(x_BD) is not None and trainer.step_idx == 1
+    # 'skip' leaves out the bad row, not the batch: one NaN among B rows costs one row.
+    assert trainer.step(bad_BD) is not None and trainer.step_idx == 1
+    assert trainer.skipped_rows == 1 and trainer.skipped_batches == 0 and trainer.tokens == B - 1
+    all_bad_BD = torch.full_like(x_BD, float("nan"))
+    assert trainer.step(all_bad_BD) is None and trainer.skipped_batches == 1 and trainer.step_idx == 1
+    assert trainer.step(x_BD) is not None and trainer.step_idx == 2
     stop_cfg = TrainConfig(store="", out="", arch="topk", n_latents=N, k=K, batch_size=B, on_nonfinite="stop")
     stopper = Trainer(build_sae(stop_cfg, D), stop_cfg, total_steps=10)
     stopper.init_from_sample(x_BD)
@@ -282,7 +286,7 @@ def test_cli_help_and_error_exit(store_dir, tmp_path):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert main(["train", "--store", str(store_dir), "--out", str(tmp_path / "o"),
-                 "--n-latents", "8", "--k", "8"]) == 1
+                 "--n-latents", "8", "--k", "8"]) == 2
 
 
 def test_checkpoint_holds_no_pickle_and_a_pickled_one_cannot_run_code(store_dir, tmp_path):

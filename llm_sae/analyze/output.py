@@ -13,6 +13,7 @@ import torch
 
 from llm_sae.analyze.accumulate import FINE_BINS, SEQ_MUL, FeatureAccumulator, pair_hash
 from llm_sae.common.analysis_files import FORMAT_VERSION
+from llm_sae.common.faults import maybe_kill
 from llm_sae.config import to_dict
 from llm_sae.errors import StoreError
 
@@ -306,6 +307,7 @@ def write_output(cfg, store, sae, acc, counts, strings, tok, logits, logit_info,
         tmp.write_bytes(b"".join(lines))
         os.replace(tmp, shard)
         (out / "features" / f"shard_{s:05d}.idx.json").write_text(json.dumps(offsets))
+        maybe_kill("mid_output")
     (out / "features.jsonl.tmp").write_text("\n".join(index_lines) + "\n", encoding="utf-8")
     os.replace(out / "features.jsonl.tmp", out / "features.jsonl")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -21,9 +22,14 @@ from llm_sae.analyze.effects import (
 from llm_sae.analyze.encode_pass import run_pass
 from llm_sae.analyze.output import write_json, write_output
 from llm_sae.common.device import resolve_device
+from llm_sae.common.identity import check_same_source
+from llm_sae.common.outdir import check_output, staged
 from llm_sae.common.threads import num_threads
 from llm_sae.config import ConfigError
 from llm_sae.errors import AnalyzeError, StoreError
+
+# What an analysis folder holds (marks one written before output folders carried a marker).
+ANALYSIS_FILES = ("summary.json", "features.jsonl", "features")
 
 
 def analyze(cfg: AnalyzeConfig) -> dict[str, Any]:
@@ -50,7 +56,11 @@ def _analyze(cfg: AnalyzeConfig, rank: int, world: int) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if rank == 0:
+        check_output(cfg.out, "analysis", legacy=ANALYSIS_FILES)  # before the pass, not after it
     store = open_store(cfg.store)
+    store.check_files()  # a shard cut short would otherwise be counted as rows it lacks
+    check_same_source(cfg.sae, cfg.store, store.hook, store.model)
     sae = load_sae(cfg.sae, device=device)
     if sae.d_in != store.d_in:
         raise AnalyzeError(
@@ -102,16 +112,19 @@ def _analyze(cfg: AnalyzeConfig, rank: int, world: int) -> dict[str, Any]:
         logit_info["reason"] = "the store names no model; pass --model"
     nb_vals, nb_idx = (t.cpu() for t in decoder_neighbours(W_dec_ND, cfg.n_neighbours))
 
-    with num_threads(torch.get_num_threads()):
+    # Written whole into a temp folder and swapped in: a killed re-analysis never leaves
+    # the old summary.json beside shards of the new SAE.
+    with staged(cfg.out, "analysis", legacy=ANALYSIS_FILES) as tmp, num_threads(torch.get_num_threads()):
         if device.type == "cpu":
             torch.set_num_threads(1)  # small ops and Python: threads only add waiting
         summary = write_output(
-            cfg, store, sae, acc, counts, strings, tok, logits, logit_info, (nb_vals, nb_idx), model_name,
+            dataclasses.replace(cfg, out=str(tmp)), store, sae, acc, counts, strings, tok, logits,
+            logit_info, (nb_vals, nb_idx), model_name,
         )
-    summary["elapsed_s"] = round(time.perf_counter() - t0, 3)
-    summary["pass_s"] = round(t_pass, 3)
-    summary["pass_cpu_s"] = round(c_pass, 3)
-    write_json(Path(cfg.out) / "summary.json", summary)
+        summary["elapsed_s"] = round(time.perf_counter() - t0, 3)
+        summary["pass_s"] = round(t_pass, 3)
+        summary["pass_cpu_s"] = round(c_pass, 3)
+        write_json(tmp / "summary.json", summary)
     return summary
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_sae.common.explanation_files import explanation_brief, find_explanations, load_explanation
+from llm_sae.common.faults import maybe_kill
 from llm_sae.dashboard.config import DashboardConfig, DashboardError
 from llm_sae.dashboard.records import SHARD_SIZE, feature_js, feature_relpath, js_literal, round_sig
 
@@ -82,6 +83,7 @@ def write_site(
         path = out / feature_relpath(int(rec["id"]))
         _write_text(path, feature_js(rec, cfg, prev_id, next_id, briefs.pop(int(rec["id"]), None)))
         feature_bytes.append(path.stat().st_size)
+        maybe_kill("mid_output")
 
     for rec in tqdm(features, total=n_features, desc="dashboard", unit="feat", disable=None):
         fid = int(rec["id"])

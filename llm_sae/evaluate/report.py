@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from llm_sae.common.faults import maybe_kill
 from llm_sae.evaluate.plot import write_frontier_png
 
 
@@ -74,6 +75,7 @@ def write_report(report: dict[str, Any], out: str | Path) -> Path:
     (out / "eval.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
     (out / "features.json").write_text(json.dumps(_json_safe(per_feature)) + "\n")
     (out / "eval.txt").write_text(format_table(report))
+    maybe_kill("mid_output")
     if len(report["saes"]) >= 2:
         write_frontier_png(report, out / "frontier.png")
     return out

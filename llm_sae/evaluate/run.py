@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,8 @@ import numpy as np
 import torch
 
 from llm_sae.common.device import resolve_device
+from llm_sae.common.identity import check_same_source
+from llm_sae.common.outdir import check_output, staged
 from llm_sae.config import ConfigError, to_dict
 from llm_sae.errors import StoreError
 from llm_sae.evaluate.amortization import amortization_gap
@@ -127,9 +128,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise ConfigError(f"--sae {cfg.sae[0]} is not a folder to write eval/ into; pass --out DIR")
     default_out = Path(cfg.sae[0]) / "eval"
     cfg.sae = expand_sweeps(cfg.sae)
-    if cfg.eval_rows <= 0 or cfg.batch_size <= 0:
-        raise ConfigError("--eval-rows and --batch-size must be positive")
+    for flag, v in (("eval-rows", cfg.eval_rows), ("batch-size", cfg.batch_size), ("n-contexts", cfg.n_contexts),
+                    ("model-batch-size", cfg.model_batch_size), ("amortization-rows", cfg.amortization_rows),
+                    ("fista-iters", cfg.fista_iters)):
+        if v <= 0:
+            raise ConfigError(f"--{flag} {v} must be positive; give a count of 1 or more")
+    out = Path(cfg.out) if cfg.out else default_out
+    check_output(out, "eval", legacy=("eval.json",))
     store = open_store(cfg.store)
+    store.check_files()
     device = resolve_device(cfg.device)
     saes = {}
     for name, path in zip(_names(cfg.sae), cfg.sae, strict=True):
@@ -139,7 +146,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 f"SAE {path} takes d_in={sae.d_in} but the store {cfg.store} holds d_in={store.d_in} "
                 f"(hook {store.hook}); evaluate it on a store of the hook it was trained on"
             )
-        _check_hook(path, store)
+        check_same_source(path, cfg.store, store.hook, store.model)
         saes[name] = sae
     model = None
     if cfg.downstream:
@@ -153,8 +160,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         model = load_model(model_name, device=str(device))
         check_hooks(model, [store.hook], model_name)
     report = evaluate_saes(saes, store, cfg, model=model)
-    out = Path(cfg.out) if cfg.out else default_out
-    write_report(report, out)
+    with staged(out, "eval", legacy=("eval.json",)) as tmp:  # never eval.json of one run beside another's
+        write_report(report, tmp)
     return report
 
 
@@ -182,16 +189,3 @@ def expand_sweeps(paths: list[str]) -> list[str]:
             out.append(str(d))
     return out
 
-
-def _check_hook(sae_dir: str, store: Any) -> None:
-    """Warn when the SAE's training store was harvested at another hook than --store."""
-    tc = Path(sae_dir) / "train_cfg.json"
-    try:
-        train_store = json.loads(tc.read_text()).get("store")
-        m = json.loads((Path(train_store) / "manifest.json").read_text())
-    except (OSError, ValueError, TypeError, AttributeError):
-        return
-    if m.get("hook") and store.hook and m["hook"] != store.hook:
-        warnings.warn(
-            f"SAE {sae_dir} was trained at hook {m['hook']} but --store is at {store.hook}", stacklevel=2
-        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -14,11 +15,13 @@ import torch
 from llm_sae.common.atomic import write_json_atomic
 from llm_sae.common.device import resolve_device
 from llm_sae.common.dtypes import dtype_name, quant_block
+from llm_sae.common.outdir import check_output, claim_output
 from llm_sae.errors import DataError, ModelError, StoreError
 from llm_sae.harvest.config import HarvestConfig
 from llm_sae.harvest.loop import run_loop
 from llm_sae.lm.hooks import check_hooks, load_model, run_to_hooks, special_token_ids, stop_layer
 from llm_sae.lm.text import (
+    LOCAL_BUILDERS,
     chat_renderer,
     dataset_spec,
     iter_documents,
@@ -86,6 +89,25 @@ def _hooks(cfg: HarvestConfig) -> list[str]:
     return hooks
 
 
+def check_harvest_config(cfg: HarvestConfig) -> None:
+    """Settings that cannot work, refused before the model loads, naming the flag."""
+    if cfg.tokens <= 0:
+        raise DataError(f"--tokens must be positive, got {cfg.tokens}; give the number of rows to store")
+    for flag, v, least in (("batch-size", cfg.batch_size, 1), ("context-length", cfg.context_length, 2),
+                           ("shard-rows", 1 if cfg.shard_rows is None else cfg.shard_rows, 1)):
+        if v < least:
+            raise DataError(f"--{flag} {v} is too small; use at least {least}")
+    dtype_name(cfg.dtype)  # StoreError naming the store dtypes there are
+    try:
+        dtype_name(cfg.model_dtype)
+    except StoreError:
+        raise DataError(f"--model-dtype {cfg.model_dtype!r} is not a dtype; use float32, float16 or "
+                        "bfloat16") from None
+    ds = cfg.dataset
+    if isinstance(ds, str | Path) and Path(ds).suffix in LOCAL_BUILDERS and not Path(ds).exists():
+        raise DataError(f"--dataset {ds} does not exist; check the path, or give a hub dataset name")
+
+
 def _settings(cfg: HarvestConfig, world: int) -> dict[str, Any]:
     """Settings that decide what a store holds; a resumed run must match them."""
     return {
@@ -119,10 +141,8 @@ def _existing(dirs: dict[str, Path], metas: dict[str, dict], manifest_name: str)
 def harvest(cfg: HarvestConfig) -> dict[str, Path]:
     """Run the harvest; returns {hook: store directory}. Resumes a killed run."""
     hooks = _hooks(cfg)
-    if cfg.tokens <= 0:
-        raise DataError(f"--tokens must be positive, got {cfg.tokens}")
-    dtype_name(cfg.dtype)  # a misspelt --dtype or --max-norm-multiple fails before the model loads
-    check_multiple(cfg.max_norm_multiple)
+    check_harvest_config(cfg)
+    check_multiple(cfg.max_norm_multiple)  # a misspelt --max-norm-multiple fails before the model loads
     if quant_block(cfg.model_dtype) is not None:
         raise DataError(f"--model-dtype {cfg.model_dtype} is a store dtype; run the model in float32, float16 or bfloat16")
     from llm_sae.distributed.env import init_from_env
@@ -130,6 +150,11 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
     rank, world = init_from_env()
     dirs = store_dirs(cfg)
     pairs = _pairs(cfg)
+    # Before the model loads: a file, an unwritable path or somebody else's folder is refused.
+    if len(dirs) > 1:
+        check_output(cfg.out, "harvest", legacy=tuple(hooks))
+    for d in dirs.values():
+        check_output(d, "store", legacy=(MANIFEST, "manifest.rank0.json"))
     manifest_name = MANIFEST if world == 1 else f"manifest.rank{rank}.json"
     prefix = "shard" if world == 1 else f"shard-r{rank}"
     say = (lambda *a: print(*a, file=sys.stderr)) if rank == 0 else (lambda *a: None)
@@ -178,7 +203,9 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
             "model": cfg.model,
             "hook": h,
             "context_length": int(cfg.context_length),
-            "tokenizer": getattr(tok, "name_or_path", None),
+            # The model's name as given, never the tokenizer's resolved path (for a shipped
+            # model that is a path into the installed package): one loader loads both.
+            "tokenizer": cfg.model,
             "dataset": spec,
             "harvest": _settings(cfg, world),
             "special_token_ids": special,
@@ -201,6 +228,15 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
                 f"dataset {spec['name']!r} gives no complete context of {cfg.context_length} "
                 "tokens: it is empty or too short; give more text or a smaller --context-length"
             )
+    if world > 1:
+        torch.distributed.barrier()  # every rank has checked before rank 0 marks the folders
+    if rank == 0:
+        if len(dirs) > 1:
+            claim_output(cfg.out, "harvest", legacy=tuple(hooks))
+        for d in dirs.values():
+            claim_output(d, "store", legacy=(MANIFEST, "manifest.rank0.json"))
+    if world > 1:
+        torch.distributed.barrier()
     writers = {
         h: StoreWriter(dirs[h], metas[h], mode="resume" if h in existing else "new",
                        shard_rows=cfg.shard_rows, prefix=prefix, manifest_name=manifest_name,
@@ -209,7 +245,7 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
     }
     try:
         run_loop(cfg, model, hooks, writers, tok, special, stop, device, rank, world, say)
-    except BaseException:
+    except BaseException as e:
         # Keep every row already appended: committed shards stay, buffered rows are written
         # with their progress so a rerun continues after them.
         for w in writers.values():
@@ -217,6 +253,11 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
                 w.close(complete=False)
             except Exception:
                 w.abort()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreError(
+                f"the disk holding {cfg.out} is full ({e.strerror}); every shard written so far is "
+                "kept: free some space and rerun the same command, which continues where it stopped"
+            ) from None
         raise
     if world > 1:
         torch.distributed.barrier()

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_sae.common.outdir import staged
 from llm_sae.config import ConfigError, add_arguments, from_args
 from llm_sae.interop.neuronpedia import export_neuronpedia
 from llm_sae.interop.saelens import export_saelens
@@ -51,26 +52,37 @@ class ExportConfig:
 
 def export(cfg: ExportConfig) -> Path:
     """Run one export; returns the directory written."""
-    if cfg.format == "saelens":
-        if not cfg.sae:
-            raise ConfigError("--format saelens needs --sae DIR (a saved SAE)")
-        out = export_saelens(cfg.sae, cfg.out, hook_name=cfg.hook_name, model_name=cfg.model_name)
-        if cfg.push_to_hub:
-            from llm_sae.interop.hub import push_saelens_folder
-
-            url = push_saelens_folder(out, cfg.push_to_hub, subfolder=cfg.hub_subfolder, private=cfg.private)
-            print(f"uploaded to {url}")
-        return out
-    if cfg.push_to_hub:
+    if cfg.format not in ("saelens", "neuronpedia"):
+        raise ConfigError(f"unknown --format {cfg.format!r}; choose saelens or neuronpedia")
+    if cfg.format == "saelens" and not cfg.sae:
+        raise ConfigError("--format saelens needs --sae DIR (a saved SAE)")
+    if cfg.format == "neuronpedia" and not cfg.analysis:
+        raise ConfigError("--format neuronpedia needs --analysis DIR (the output of `llm-sae analyze`)")
+    if cfg.push_to_hub and cfg.format != "saelens":
         raise ConfigError("--push-to-hub uploads SAEs: use it with --format saelens")
-    if cfg.format == "neuronpedia":
-        if not cfg.analysis:
-            raise ConfigError(
-                "--format neuronpedia needs --analysis DIR (the output of `llm-sae analyze`)"
-            )
-        return export_neuronpedia(
+    # Written whole into a temp folder and swapped in: never new weights beside an old cfg.json.
+    with staged(cfg.out, "export", legacy=EXPORT_FILES) as tmp:
+        written = Path(cfg.out) / _export_into(cfg, tmp).relative_to(tmp)
+    if cfg.push_to_hub:
+        from llm_sae.interop.hub import push_saelens_folder
+
+        url = push_saelens_folder(written, cfg.push_to_hub, subfolder=cfg.hub_subfolder, private=cfg.private)
+        print(f"uploaded to {url}")
+    return written
+
+
+# What an export folder holds (marks one written before output folders carried a marker).
+EXPORT_FILES = ("cfg.json", "sae_weights.safetensors", "batch-0.jsonl.gz")
+
+
+def _export_into(cfg: ExportConfig, out: Path) -> Path:
+    if cfg.format == "saelens":
+        assert cfg.sae is not None
+        return export_saelens(cfg.sae, out, hook_name=cfg.hook_name, model_name=cfg.model_name)
+    assert cfg.analysis is not None
+    return export_neuronpedia(
             cfg.analysis,
-            cfg.out,
+            out,
             model_id=cfg.model_name,
             layer=cfg.layer,
             source_set=cfg.source_set,
@@ -80,7 +92,6 @@ def export(cfg: ExportConfig) -> Path:
             features_per_batch=cfg.features_per_batch,
             explanations=cfg.explanations,
         )
-    raise ConfigError(f"unknown --format {cfg.format!r}; choose saelens or neuronpedia")
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:

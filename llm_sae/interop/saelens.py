@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import Tensor
 
+from llm_sae.common.faults import maybe_kill
+from llm_sae.common.identity import sae_source
 from llm_sae.config import to_dict
 from llm_sae.errors import LlmSaeError
 from llm_sae.sae.base import SAE
@@ -125,16 +127,22 @@ def export_saelens(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / SAELENS_WEIGHTS))
+    maybe_kill("mid_output")
     (out / SAELENS_CFG).write_text(json.dumps(cfg, indent=2) + "\n")
     return out
 
 
 def _provenance(sae_dir: Path) -> dict[str, Any]:
-    """Model, hook and context length of the store an SAE was trained on, if still there."""
+    """Model, hook and context length of the data an SAE was trained on: as train_cfg.json
+    records them (from any working directory), else from its store if still there."""
     from llm_sae.store.store import open_store
 
+    known = sae_source(sae_dir)
+    if all(known.get(k) for k in ("model", "hook", "context_length")):
+        return known
     try:
         store = open_store(json.loads((sae_dir / "train_cfg.json").read_text())["store"])
-        return {"model": store.model, "hook": store.hook, "context_length": store.context_length}
+        found = {"model": store.model, "hook": store.hook, "context_length": store.context_length}
     except (OSError, ValueError, KeyError, TypeError, LlmSaeError):
-        return {}
+        found = {}
+    return {**found, **known}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,8 +39,9 @@ class StoreSource:
     def check(self) -> None:
         if self.store.n_rows == 0:
             raise StoreError(f"the store at {self.path} has no rows; harvest some activations first")
+        self.store.check_files()
         if self.verify:
-            problems = verify_store(self.path)
+            problems = verify_store(self.path, scan_values=False)  # NaN rows are skipped, and counted
             if problems:
                 raise StoreError(f"store {self.path} failed verification: {'; '.join(problems[:5])}")
         if not math.isfinite(self.mean_norm) or self.mean_norm <= 0:
@@ -47,6 +49,13 @@ class StoreSource:
                 f"the store at {self.path} has mean norm {self.mean_norm}; its statistics are "
                 "broken (NaN/Inf rows?): run `llm-sae store verify` and harvest again"
             )
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the data, wherever the store folder is later moved."""
+        st = self.store
+        return {"model": st.model, "hook": st.hook, "d_in": st.d_in, "n_rows": st.n_rows,
+                "context_length": st.context_length, "fingerprint": st.fingerprint,
+                "path": str(self.path.resolve())}
 
     def sample(self, n: int, seed: int) -> Tensor:
         n = min(n, self.store.n_rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm_sae.common.dtypes import dtypes_of, quant_block
+from llm_sae.common.dtypes import dtype_name, dtypes_of, quant_block
 from llm_sae.errors import StoreError
 from llm_sae.store.format import DEFAULT_MEMORY_BUDGET, FORMAT, MANIFEST
 from llm_sae.store.quant import dequantise, n_blocks, scale_bytes
@@ -31,8 +32,17 @@ def open_store(path: str | Path, *, allow_incomplete: bool = False) -> Store:
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
         raise StoreError(f"{mpath} is not valid JSON ({e}); the store is damaged, harvest it again") from None
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"{mpath} is not an llm_sae activation store manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise StoreError(f"{mpath} is not an llm_sae activation store manifest; point at a store "
+                         "written by `llm-sae harvest`")
+    missing = [k for k in ("shards", "d_in", "dtype", "n_rows", "stats") if k not in manifest]
+    try:
+        bad_dtype = "dtype" in manifest and not dtype_name(manifest["dtype"])
+    except (StoreError, TypeError):
+        bad_dtype = True
+    if missing or bad_dtype or not isinstance(manifest["shards"], list):
+        raise StoreError(f"{mpath} is damaged (missing or bad {', '.join(missing) or 'dtype/shards'}); "
+                         "harvest the store again")
     if not manifest.get("complete") and not allow_incomplete:
         raise StoreError(
             f"the store at {path} is incomplete (its harvest stopped early): rerun the same "
@@ -86,6 +96,13 @@ class Store:
         return None if c is None else int(c)
 
     @property
+    def fingerprint(self) -> str:
+        """A short hash of the shard list (names, shapes, checksums): the same data gives
+        the same fingerprint wherever its folder is."""
+        blob = json.dumps(self.shards, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
     def mean_norm(self) -> float:
         return float(self.manifest["stats"]["mean_norm"])
 
@@ -118,6 +135,38 @@ class Store:
                     f"cannot read shard file {f} of {self.path} ({e}); run `llm-sae store verify {self.path}`"
                 ) from None
         return self._mmaps[key]
+
+    def check_files(self) -> None:
+        """Every shard file is there with the shape and byte size its manifest entry says.
+
+        Reads only the .npy headers, so it costs milliseconds whatever the store's size,
+        and a shard cut short or rewritten at another width is refused before any work
+        starts instead of surfacing as a wrong count (or a broadcast error) mid-pass.
+        """
+        widths = {"acts": self.d_in, "rows": 3}
+        for sh in self.shards:
+            for kind, f in sh["files"].items():
+                fp = self.path / f["file"]
+                want = [sh["rows"], widths[kind]] if kind in widths else list(f.get("shape", []))
+                try:
+                    with open(fp, "rb") as fh:
+                        version = np.lib.format.read_magic(fh)
+                        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                else np.lib.format.read_array_header_2_0)
+                        shape, _, dt = read(fh)
+                        offset = fh.tell()
+                    size = fp.stat().st_size
+                except (OSError, ValueError) as e:
+                    raise StoreError(f"cannot read shard file {f['file']} of {self.path} ({e}); "
+                                     f"run `llm-sae store verify {self.path}`, then harvest again") from None
+                need = offset + int(np.prod(shape)) * dt.itemsize
+                if list(shape) != want or size < need:
+                    got = f"shape {list(shape)}" if list(shape) != want else f"{size} bytes, not {need}"
+                    raise StoreError(
+                        f"shard file {f['file']} of {self.path} does not match its manifest ({got}; "
+                        f"the manifest says shape {want}); run `llm-sae store verify {self.path}`, "
+                        "then harvest again"
+                    )
 
     def _gather(self, start: int, stop: int, kind: str) -> np.ndarray:
         start, stop = max(0, int(start)), min(self.n_rows, int(stop))

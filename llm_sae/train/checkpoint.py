@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 FORMAT = 2
 STATE = "state.safetensors"
 LEGACY_STATE = "state.pt"  # release 0.1: a pickle, read with weights_only=True
-COUNTERS = ("step_idx", "batches_seen", "tokens", "skipped_batches", "last_resample_tokens",
-            "n_resampled", "input_scale", "target_scale")
+COUNTERS = ("step_idx", "batches_seen", "tokens", "skipped_batches", "skipped_rows",
+            "last_resample_tokens", "n_resampled", "input_scale", "target_scale")
 DEAD_COUNTERS = ("last_resample_tokens", "n_resampled")  # kept by the trainer's DeadLatents
 
 
@@ -201,12 +201,14 @@ def load_checkpoint(tr: Trainer, path: str | Path) -> None:
             "to start over, or rerun with --no-resume"
         )
     saved, mine = meta.get("sae", {}), to_dict(tr.sae.cfg)
-    for key in ("arch", "d_in", "n_latents"):
+    # Every SAE setting, not only the widths: resuming (or rerunning a finished run) with
+    # another --k would otherwise write cfg.json with the new k over weights trained with
+    # the old one.
+    for key in ("arch", "d_in", "n_latents", *sorted(k for k in mine if k in saved)):
         if saved.get(key) != mine[key]:
             raise CheckpointError(
-                f"checkpoint {path} has {key}={saved.get(key)} but this run has {key}={mine[key]} "
-                "(different store or SAE width); use the original settings, another --out, "
-                "or --no-resume to start over"
+                f"checkpoint {path} has {key}={saved.get(key)} but this run has {key}={mine[key]}; "
+                "use the original settings, another --out, or --no-resume to start over"
             )
     try:
         # On the CPU first: loading copies each tensor to its parameter's device, and a

@@ -93,8 +93,10 @@ class TrainConfig(SAEConfig):
     """Resume from OUT/checkpoint when there is one; --no-resume starts over."""
     on_nonfinite: str = "skip"
     """A batch with NaN/Inf: 'skip' it (counted and logged) or 'stop' naming its rows."""
-    verify_store: bool = False
-    """Check the store's checksums and values before training (reads it all once)."""
+    verify_store: bool = True
+    """Check every shard's checksum before training (xxh3: one read of the store at disk
+    speed), so flipped bytes never train silently; --no-verify-store skips it. Shapes and
+    sizes are checked against the manifest either way."""
     device: str = "auto"
     """Torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
     precision: str = "auto"
@@ -114,6 +116,46 @@ class TrainConfig(SAEConfig):
 
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Refuse values that would crash or silently misbehave mid-run, naming the flag;
+    called before the store is read or anything is written."""
+
+    def bad(flag: str, value: object, want: str) -> ConfigError:
+        return ConfigError(f"--{flag} {value} is not usable; give {want}")
+
+    def finite(x: float) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    if cfg.lr is not None and not (finite(cfg.lr) and cfg.lr > 0):
+        raise bad("lr", cfg.lr, "a positive finite learning rate such as 5e-4, or leave it out for the default")
+    for flag, v in (("batch-size", cfg.batch_size), ("tokens", cfg.tokens), ("expansion", cfg.expansion),
+                    ("log-every", cfg.log_every), ("init-rows", cfg.init_rows),
+                    ("shard-latents", cfg.shard_latents)):
+        if v <= 0:
+            raise bad(flag, v, "a positive integer")
+    if cfg.n_latents is not None and cfg.n_latents <= 0:
+        raise bad("n-latents", cfg.n_latents, "a positive integer (or leave it out: --expansion decides)")
+    if cfg.checkpoint_every < 0:
+        raise bad("checkpoint-every", cfg.checkpoint_every, "a token count >= 0 (0: only at the end)")
+    betas = tuple(cfg.adam_betas)
+    if len(betas) != 2 or not all(finite(b) and 0 <= b < 1 for b in betas):
+        raise bad("adam-betas", ",".join(map(str, betas)), "two numbers in [0, 1), e.g. --adam-betas 0.9,0.999")
+    if not (finite(cfg.adam_eps) and cfg.adam_eps > 0):
+        raise bad("adam-eps", cfg.adam_eps, "a small positive number such as 1e-8")
+    if not (finite(cfg.grad_clip) and cfg.grad_clip >= 0):
+        raise bad("grad-clip", cfg.grad_clip, "a finite norm >= 0 (0 turns clipping off)")
+    for flag, v in (("lr-warmup", cfg.lr_warmup), ("lr-decay", cfg.lr_decay)):
+        if not (finite(v) and 0 <= v <= 1):
+            raise bad(flag, v, "a fraction of training between 0 and 1")
+    for flag, v, choices in (("lr-schedule", cfg.lr_schedule, ("linear", "cosine")),
+                             ("on-nonfinite", cfg.on_nonfinite, ("skip", "stop")),
+                             ("precision", cfg.precision, PRECISIONS)):
+        if v not in choices:
+            raise bad(flag, repr(v), "one of " + ", ".join(choices))
+    if cfg.dead_latents not in (None, "auxk", "resample", "none"):
+        raise bad("dead-latents", repr(cfg.dead_latents), "one of auxk, resample, none")
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from llm_sae.common.atomic import write_json_atomic
+from llm_sae.common.outdir import check_output, claim_output
 from llm_sae.config import ConfigError, to_dict
 from llm_sae.distributed.env import report_rank_failure
 from llm_sae.distributed.parallel import Parallel, make_parallel
+from llm_sae.errors import CheckpointError
 from llm_sae.sae.base import SAE
 from llm_sae.sae.config import SAEConfig
 from llm_sae.sae.registry import REGISTRY
@@ -24,9 +27,12 @@ from llm_sae.sources.base import ActivationSource
 from llm_sae.sources.paired import PairedStoreSource, target_scale
 from llm_sae.sources.store import StoreSource
 from llm_sae.train.checkpoint import find_checkpoint
-from llm_sae.train.config import TrainConfig
+from llm_sae.train.config import TrainConfig, check_train_config
 from llm_sae.train.loop import fit_together
 from llm_sae.train.trainer import Trainer
+
+# What a run folder holds (marks one written before output folders carried a marker).
+RUN_FILES = ("train_cfg.json", "checkpoint/meta.json", "checkpoint.old/meta.json")
 
 
 def sae_config(cfg: TrainConfig, d_in: int, d_out: int | None = None) -> SAEConfig:
@@ -58,13 +64,17 @@ def train(cfg: TrainConfig) -> Path:
 def train_with(cfg: TrainConfig, par: Parallel, source: ActivationSource | None = None) -> Path:
     """``train`` on a given parallel strategy, from ``source`` (default: the one ``cfg``
     names: a store, a transcoder's pair of stores, or a model run on the fly)."""
+    check_train_config(cfg)
+    out = check_output(cfg.out, "train", legacy=RUN_FILES)  # before the source is read
     if source is None:
         source = make_source(cfg, par)
     source.check()
     check_run(cfg, par, source)
-    out = Path(cfg.out)
     trainer = start_trainer(cfg, par, source, out)
     run_trainers([trainer], source, cfg, par)
+    if par.is_main and trainer.skipped_rows:
+        print(f"train: left out {trainer.skipped_rows:,} rows with NaN/Inf ({trainer.skipped_batches} "
+              f"whole batches); `llm-sae store verify {cfg.store}` names them", file=sys.stderr)
     trainer.export(out)
     return out
 
@@ -109,7 +119,15 @@ def check_run(cfg: TrainConfig, par: Parallel, source: ActivationSource) -> None
 def start_trainer(cfg: TrainConfig, par: Parallel, source: ActivationSource, out: Path) -> Trainer:
     """A trainer for ``cfg`` writing to ``out``: resumed from its checkpoint there, or new
     (seeded from ``cfg.seed`` alone, so an SAE of a sweep starts as it would alone)."""
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, "train", legacy=RUN_FILES)
+    ckpt = find_checkpoint(out) if cfg.resume else None
+    if cfg.resume and ckpt is None and any((out / n).exists() for n in ("checkpoint", "checkpoint.old",
+                                                                        "sae.safetensors")):
+        raise CheckpointError(
+            f"{out} holds a run but no usable checkpoint (no checkpoint/meta.json), so it cannot "
+            "resume; pass --no-resume to start that run over (its checkpoint and log are replaced), "
+            "or choose another --out"
+        )
     device = par.device(cfg.device)
     d_out = getattr(source, "d_out", None)  # a paired source: train a transcoder
     torch.manual_seed(cfg.seed)
@@ -122,22 +140,36 @@ def start_trainer(cfg: TrainConfig, par: Parallel, source: ActivationSource, out
         input_scale=math.sqrt(source.d_in) / source.mean_norm, target_scale=target_scale(source),
         out_dir=out, parallel=par,
     )
-    ckpt = find_checkpoint(out) if cfg.resume else None
-    par.barrier()  # every rank has looked before rank 0 clears anything
+    par.barrier()  # every rank has looked before rank 0 writes anything
     if ckpt is not None:
-        trainer.load_checkpoint(ckpt)
-    else:
-        if par.is_main:
+        trainer.load_checkpoint(ckpt)  # refuses other SAE settings (--k, ...), naming both
+    if par.is_main:
+        claim_output(out, "train", legacy=RUN_FILES)
+        if ckpt is None:
+            # --no-resume (asked for): our own checkpoint and log of the earlier run go.
             for stale in ("checkpoint", "checkpoint.old", "log.jsonl"):
                 p = out / stale
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        write_json_atomic(out / "train_cfg.json", run_record(cfg, source))
+    if ckpt is None:
         # A sample drawn with its own seed, not from the training order.
         seed = cfg.seed + 1_000_003
         pairs = getattr(source, "sample_pairs", None)  # a transcoder's b_dec starts at the targets
         trainer.init_from_sample(*(pairs(cfg.init_rows, seed) if pairs else (source.sample(cfg.init_rows, seed),)))
-    if par.is_main:
-        (out / "train_cfg.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     return trainer
+
+
+def run_record(cfg: TrainConfig, source: ActivationSource) -> dict[str, Any]:
+    """train_cfg.json: the config with store paths made absolute, and what identifies the
+    data (model, hook, width, store fingerprint), so `serve`, `eval` and `export` know the
+    model and hook from any working directory, and refuse a store of another hook."""
+    rec = to_dict(cfg)
+    for key in ("store", "target_store"):
+        if rec.get(key):
+            rec[key] = str(Path(rec[key]).resolve())
+    identity = getattr(source, "identity", None)
+    rec["source"] = identity() if callable(identity) else {"d_in": source.d_in}
+    return rec
 
 
 def run_trainers(trainers: list[Trainer], source: ActivationSource, cfg: TrainConfig, par: Parallel) -> None:

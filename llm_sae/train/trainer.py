@@ -87,6 +87,7 @@ class Trainer:
         self.batches_seen = 0  # batches consumed from the iterator (skipped ones too)
         self.tokens = 0
         self.skipped_batches = 0
+        self.skipped_rows = 0  # rows with NaN/Inf left out ('skip'), whole skipped batches included
         # Test hook: slow each step down so a crash test can kill a run mid-way.
         self._test_sleep = float(os.environ.get("LLM_SAE_TEST_STEP_SLEEP", "0") or 0)
         # Weight gradients the sparse kernels hand over a slab at a time (one process;
@@ -143,8 +144,10 @@ class Trainer:
         else:
             finite = bool(finite_t)
         if self.par.any(not finite):
-            self._skip_nonfinite(x_BD if y_BE is None or bool(finite_flag(x_BD)) else y_BE, rows_B)
-            return None
+            kept = self._drop_nonfinite(x_BD, rows_B, y_BE)
+            if kept is None:
+                return None
+            x_BD, y_BE = kept
         if self.input_scale is None:
             # The same b_dec on every rank.
             self.init_from_sample(*self.par.global_batch(x_BD, *([] if y_BE is None else [y_BE])))
@@ -199,15 +202,29 @@ class Trainer:
         """Anthropic-style resampling of the dead latents (``DeadLatents.resample``)."""
         return self.dead.resample(self.sae, self.opt, x_BD, x_hat_BD)
 
-    def _skip_nonfinite(self, x_BD: Tensor, rows_B: Tensor | None) -> None:
-        bad = (~torch.isfinite(x_BD).all(-1)).nonzero().squeeze(1)
+    def _drop_nonfinite(
+        self, x_BD: Tensor, rows_B: Tensor | None, y_BE: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """'skip': the batch without its NaN/Inf rows (inputs or a transcoder's targets;
+        counted in ``skipped_rows``), so a store with a few bad rows loses those rows, not
+        most of its batches. Under several ranks, or when no row is left, the whole batch
+        is skipped instead (the ranks' batches must keep one size)."""
+        ok_B = torch.isfinite(x_BD).all(-1)
+        if y_BE is not None:
+            ok_B &= torch.isfinite(y_BE).all(-1)
+        bad = (~ok_B).nonzero().squeeze(1)
         where = rows_B[bad.cpu()].tolist() if rows_B is not None else bad.tolist()
         if self.cfg.on_nonfinite == "stop":
             raise DataError(
                 f"batch {self.batches_seen - 1} has NaN/Inf in {len(where)} row(s), store rows "
                 f"{where[:10]}; fix the store (`llm-sae store verify`) or pass --on-nonfinite skip"
             )
+        if self.par.world_size == 1 and len(where) < x_BD.shape[0]:
+            self.skipped_rows += len(where)
+            return x_BD[ok_B], None if y_BE is None else y_BE[ok_B]
         self.skipped_batches += 1
+        self.skipped_rows += x_BD.shape[0]
+        return None
 
     def _read_back(self, finite_t: Tensor, auxk: bool) -> tuple[bool, Tensor | None]:
         """On a GPU, the step's one wait for the device: (the batch is finite, the dead
@@ -255,7 +272,8 @@ class Trainer:
         m = {k: float(v) for k, v in self.par.mean_metrics(m_t).items()}
         m["tokens_per_s"] = self.window.tokens_per_s()
         m["lr"] = self.base_lr * lr_factor(max(0, self.step_idx - 1), self.total_steps, self.cfg)
-        m.update(step=self.step_idx, tokens=self.tokens, skipped_batches=self.skipped_batches)
+        m.update(step=self.step_idx, tokens=self.tokens, skipped_batches=self.skipped_batches,
+                 skipped_rows=self.skipped_rows)
         if self.dead_method == "resample":
             m["resampled"] = self.dead.n_resampled
         self.window.reset()

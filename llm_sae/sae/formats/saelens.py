@@ -82,7 +82,15 @@ def load_saelens(path: str | Path) -> SAE:
             extra["threshold"] = state["log_threshold"].exp()
         else:  # SAELens gates relu(pre) at θ: below 0 that is ours at θ = 0
             extra["threshold"] = get_tensor(state, "threshold", path).clamp_min(0)
-    k = int(cfg["k"]) if arch == "topk" else None
+    k = None
+    if arch == "topk":
+        try:
+            k = int(cfg["k"])
+        except (KeyError, TypeError, ValueError):
+            raise InteropError(
+                f"{path / SAELENS_CFG} is a SAELens topk SAE with no usable k ({cfg.get('k')!r}); "
+                "add \"k\": N (its active latents per token) to that file"
+            ) from None
     return build_sae_from(SAELENS_TO_OURS[arch], W_enc_ND, b_enc_N, W_dec_ND, b_dec_D, k=k, **extra)
 
 
