@@ -217,3 +217,88 @@ def test_reads_model_and_hook_from_a_saelens_folder():
     meta = sae_meta(Path(__file__).parent / "data" / "peers" / "saelens" / "topk")
     assert meta["model_name"] == "tiny-peer-model"
     assert meta["hook_name"] == "blocks.0.hook_resid_post"
+
+
+class _StubLive:
+    """A live view without a model: the request checks run before it is reached."""
+
+    def info(self):
+        return {"live": True}
+
+    def encode(self, text, feature=None, k=5):
+        return {"tokens": [text], "k": k}
+
+
+def _post(server, body: bytes):
+    return _get(server, "/api/encode", "POST", body, {"Content-Type": "application/json"})
+
+
+def test_hostile_json_is_a_400_not_a_traceback(site):
+    server = _start(ServeConfig(site=str(site)), live=_StubLive())
+    try:
+        status, _, body = _post(server, b'{"text": "a", "k": 1e999}')
+        assert status == 400 and "error" in json.loads(body)
+        status, _, body = _post(server, b'{"text": "a", "k": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+        assert status == 400
+        status, _, body = _post(server, b'{"text": "a", "k": 3}')  # and it still answers
+        assert status == 200 and json.loads(body)["k"] == 3
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_security_headers_on_every_response(server):
+    host, port = server.server_address[:2]
+    for path in ("/", "/api/info", "/nope"):
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.request("GET", path)
+        r = conn.getresponse()
+        r.read()
+        conn.close()
+        assert "default-src 'self'" in r.getheader("Content-Security-Policy")
+        assert "frame-ancestors 'none'" in r.getheader("Content-Security-Policy")
+        assert r.getheader("X-Frame-Options") == "DENY"
+        assert r.getheader("X-Content-Type-Options") == "nosniff"
+
+
+def test_many_idle_connections_do_not_starve_a_real_request(site):
+    """400 loopback connections that never send a byte (ThreadingHTTPServer gave each a
+    thread and answered the next real request only after they timed out), then one
+    normal request: answered within a second. Bounded: 400 sockets, a 10 s cap."""
+    import socket
+    import time
+
+    from llm_sae.serve.pool import BoundedHTTPServer
+
+    server = _start(ServeConfig(site=str(site)))
+    host, port = server.server_address[:2]
+    idle = []
+    try:
+        for _ in range(400):
+            idle.append(socket.create_connection((host, port), timeout=5))
+        idle[0].sendall(b"GET / HTTP/1.1\r\n")  # a slow client that stalls mid-request too
+        t0 = time.perf_counter()
+        status, _, body = _get(server, "/")
+        elapsed = time.perf_counter() - t0
+        assert status == 200 and b"<html" in body.lower()
+        assert elapsed < 1.0, f"a request behind 400 idle connections took {elapsed:.2f}s"
+        assert threading.active_count() < 100  # workers are bounded, not one per connection
+        assert BoundedHTTPServer.workers <= 32
+    finally:
+        for s in idle:
+            s.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_port_out_of_range_or_in_use_is_an_error_before_any_model_loads(site):
+    import socket
+
+    with pytest.raises(ServeError, match="out of range"):
+        make_server(ServeConfig(site=str(site), port=70000))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        # --sae names a folder that is no SAE: the port is refused first, without loading.
+        with pytest.raises(ServeError, match="in use"):
+            make_server(ServeConfig(site=str(site), port=s.getsockname()[1], sae=str(site)))

@@ -28,6 +28,9 @@ class BoundedHTTPServer(HTTPServer):
     """Connections accepted but not yet sending; beyond it the oldest is closed."""
     idle_timeout = 10.0
     """Seconds a connection may stay silent before it is closed."""
+    request_queue_size = 256
+    """The listen backlog (socketserver's default, 5, makes the kernel drop the SYNs of a
+    burst of connections, which then retry only after one second and more)."""
 
     def __init__(self, address: tuple[str, int], handler: type, bind_and_activate: bool = True) -> None:
         super().__init__(address, handler, bind_and_activate)
@@ -63,14 +66,21 @@ class BoundedHTTPServer(HTTPServer):
             self._stopped.set()
 
     def _accept(self, sel: selectors.BaseSelector, waiting: dict[socket.socket, tuple[Any, float]]) -> None:
+        """Accept every connection the backlog holds (up to 64 a round)."""
+        self.socket.setblocking(False)
         try:
-            conn, addr = self.socket.accept()
-        except OSError:  # the client left already, or descriptors ran out: try next round
-            return
-        if len(waiting) >= self.max_waiting:
-            self._drop(sel, waiting, next(iter(waiting)))
-        waiting[conn] = (addr, time.monotonic())
-        sel.register(conn, selectors.EVENT_READ)
+            for _ in range(64):
+                try:
+                    conn, addr = self.socket.accept()
+                except OSError:  # none left, the client left, or descriptors ran out
+                    return
+                conn.setblocking(True)
+                if len(waiting) >= self.max_waiting:
+                    self._drop(sel, waiting, next(iter(waiting)))
+                waiting[conn] = (addr, time.monotonic())
+                sel.register(conn, selectors.EVENT_READ)
+        finally:
+            self.socket.setblocking(True)
 
     def _drop(self, sel: selectors.BaseSelector, waiting: dict[socket.socket, tuple[Any, float]],
               conn: socket.socket) -> None:
