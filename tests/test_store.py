@@ -242,3 +242,68 @@ def test_reader_batch_slice_is_the_slice_of_the_full_batch_and_reads_only_it(tmp
     assert loads == []
     with pytest.raises(StoreError, match="batch_slice"):
         st.reader(100, batch_slice=(0, 3))
+
+
+def test_closing_a_background_iterator_ends_its_thread():
+    """A looping reader's producer is always mid-way through the next batch; closing the
+    iterator must wait for it, or the process can exit while it runs torch code without
+    the GIL and abort (issue 23's CI flake: a rank's SIGABRT at exit)."""
+    import threading
+    import time
+
+    from llm_sae.common.threads import iter_in_background
+
+    def endless():
+        i = 0
+        while True:
+            time.sleep(0.02)  # stands for a batch being gathered, outside the GIL
+            yield i
+            i += 1
+
+    it = iter_in_background(endless(), 2, name="test-prefetch")
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name == "test-prefetch"]
+
+
+EXIT_WHILE_PREFETCHING = """
+import numpy as np
+import torch
+
+from llm_sae.common.threads import iter_in_background
+
+torch.set_num_threads(1)
+
+
+def batches():
+    x = np.random.rand(4096, 256).astype(np.float32)
+    while True:
+        y = torch.from_numpy(x)
+        for _ in range(20):
+            y = (y * 1.0001).to(torch.float64).to(torch.float32)  # torch work without the GIL
+        yield y[:2]
+
+
+it = iter_in_background(batches(), 2, name="prefetch")
+for _ in range(3):
+    next(it)
+it.close()  # then the interpreter exits at once, as a finished rank does
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_stops_prefetching_exits_cleanly(tmp_path):
+    """The CI flake itself, made certain: exiting right after closing a prefetching
+    iterator aborted with "terminate called without an active exception" (20 of 20 runs
+    before the producer was joined)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_WHILE_PREFETCHING)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])))
+    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "terminate called" not in p.stderr, p.stderr
