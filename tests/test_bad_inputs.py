@@ -285,6 +285,12 @@ CASES: list[tuple[str, list[str], str]] = [
      "--batch-size"),
     ("eval out is a file", ["eval", "--sae", "{sae}", "--store", "{store}", "--out", "{afile}", "--device",
                             "cpu", "--no-downstream", "--no-amortization"], "is a file"),
+    # demo, bench
+    ("demo out is a file", ["demo", "--out", "{afile}", "--small"], "Not a directory|is a file"),
+    ("bench unknown", ["bench", "nosuch"], "invalid choice"),
+    ("bench recovery arch", ["bench", "recovery", "--archs", "nosuch", "--out", "{root}/b"], "nosuch"),
+    ("bench recovery d 0", ["bench", "recovery", "--d", "0", "--out", "{root}/b"], "--d\\b|\\bd\\b"),
+    ("bench recovery config", ["bench", "recovery", "--config", "{root}/bad.yaml"], "bad.yaml"),
     # export
     ("export format", ["export", "--format", "onnx", "--out", "{root}/x"], "onnx"),
     ("export saelens no sae", ["export", "--format", "saelens", "--out", "{root}/x"], "--sae"),
@@ -305,7 +311,8 @@ FIX_WORDS = re.compile(r"\b(use|pass|choose|give|run|rerun|remove|delete|rebuild
 def test_the_table_is_large_and_covers_every_command():
     commands = {argv[0] for _, argv, _ in CASES}
     assert len(CASES) >= 60
-    assert {"harvest", "store", "train", "analyze", "dashboard", "serve", "eval", "export"} <= commands
+    assert {"harvest", "store", "train", "analyze", "dashboard", "serve", "eval", "export", "demo",
+            "bench"} <= commands
 
 
 @pytest.mark.parametrize("name,argv,expect", CASES, ids=[c[0] for c in CASES])

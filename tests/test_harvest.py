@@ -234,3 +234,34 @@ def test_torchrun_two_ranks_equals_one_process_up_to_row_order(tiny_gpt2_dir, te
         assert b.mean_norm == pytest.approx(a.mean_norm, rel=1e-9)
         assert verify_store(tmp_path / "dist" / h) == []
         json.loads((tmp_path / "dist" / h / "manifest.rank1.json").read_text())
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_finishes(tiny_gpt2_dir, text_dir, tmp_path, capsys,
+                                                         monkeypatch):
+    """ENOSPC while a shard is written: exit 2 with one line naming the fix (it was a
+    traceback), every shard before it kept, and the same command then finishes the store."""
+    import errno
+
+    from llm_sae.cli import main
+    from llm_sae.store import writer
+
+    real, calls = writer.atomic_save_npy, []
+
+    def fill_up(path, pieces):
+        calls.append(path)
+        if len(calls) > 4:  # the third shard's files
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, pieces)
+
+    monkeypatch.setattr(writer, "atomic_save_npy", fill_up)
+    args = ["harvest", "--model", str(tiny_gpt2_dir), "--hook", "blocks.0.hook_resid_post",
+            "--dataset", str(text_dir / "docs.jsonl"), "--tokens", "400", "--out", str(tmp_path / "s"),
+            "--context-length", "16", "--batch-size", "4", "--shard-rows", "60", "--device", "cpu",
+            "--no-progress"]
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "full" in err[0] and "rerun the same command" in err[0]
+    assert "Traceback" not in err[0]
+    monkeypatch.setattr(writer, "atomic_save_npy", real)
+    assert main(args) == 0
+    assert open_store(tmp_path / "s").n_rows == 400 and verify_store(tmp_path / "s") == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -252,7 +253,8 @@ def harvest(cfg: HarvestConfig) -> dict[str, Path]:
             try:
                 w.close(complete=False)
             except Exception:
-                w.abort()
+                with contextlib.suppress(Exception):  # the same error again: e says it
+                    w.abort()
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StoreError(
                 f"the disk holding {cfg.out} is full ({e.strerror}); every shard written so far is "

@@ -75,7 +75,10 @@ class SyntheticActivations:
         self.cfg = cfg
         F, D = cfg.n_features, cfg.d_in
         if F < 1 or D < 1:
-            raise SyntheticError(f"need n_features ≥ 1 and d_in ≥ 1, got {F} and {D}")
+            raise SyntheticError(
+                f"need n_features ≥ 1 and d_in ≥ 1, got {F} and {D}; use a width (--d) and a "
+                "feature count (--n-true) of 1 or more"
+            )
         if not 0 < cfg.mean_active <= F:
             raise SyntheticError(
                 f"mean_active={cfg.mean_active} must be in (0, n_features={F}]; lower it"
