@@ -159,7 +159,7 @@ def test_harvest_and_train_leave_foreign_files_alone(fx, tmp_path):
     assert sorted(p.name for p in mine.iterdir()) == ["log.jsonl", "shard-00000.acts.npy"]
 
 
-def test_nan_rows_cost_rows_not_batches_and_are_counted(tmp_path):
+def test_nan_rows_cost_rows_not_batches_and_are_counted(tmp_path, capsys):
     """0.5% NaN rows: with batch-level skipping about 3 in 4 batches of 256 would go."""
     store = write_store(tmp_path / "s", nan_rows=3)
     out = tmp_path / "o"
@@ -169,6 +169,7 @@ def test_nan_rows_cost_rows_not_batches_and_are_counted(tmp_path):
     last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert last["skipped_batches"] == 0 and 1 <= last["skipped_rows"] <= 9
     assert last["step"] == 20
+    assert f"left out {last['skipped_rows']} rows with NaN/Inf" in capsys.readouterr().err
 
 
 def test_train_checks_checksums_by_default(fx, tmp_path):
