@@ -22,11 +22,11 @@ from llm_sae.analyze.effects import (
 from llm_sae.analyze.encode_pass import run_pass
 from llm_sae.analyze.output import write_json, write_output
 from llm_sae.common.device import resolve_device
-from llm_sae.common.identity import check_same_source
 from llm_sae.common.outdir import check_output, staged
 from llm_sae.common.threads import num_threads
 from llm_sae.config import ConfigError
 from llm_sae.errors import AnalyzeError, StoreError
+from llm_sae.sae.formats.meta import check_same_source
 
 # What an analysis folder holds (marks one written before output folders carried a marker).
 ANALYSIS_FILES = ("summary.json", "features.jsonl", "features")

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from llm_sae.common.device import resolve_device
-from llm_sae.common.identity import check_same_source
 from llm_sae.common.outdir import check_output, staged
 from llm_sae.config import ConfigError, to_dict
 from llm_sae.errors import StoreError
@@ -20,6 +19,7 @@ from llm_sae.evaluate.config import EvalConfig, EvalError
 from llm_sae.evaluate.downstream import downstream_metrics, eval_contexts
 from llm_sae.evaluate.report import write_report
 from llm_sae.evaluate.stats import ReconstructionStats, quantiles
+from llm_sae.sae.formats.meta import check_same_source
 
 
 def _names(paths: list[str]) -> list[str]:

@@ -9,10 +9,10 @@ from typing import Any
 from torch import Tensor
 
 from llm_sae.common.faults import maybe_kill
-from llm_sae.common.identity import sae_source
 from llm_sae.config import to_dict
 from llm_sae.errors import LlmSaeError
 from llm_sae.sae.base import SAE
+from llm_sae.sae.formats.meta import recorded_model_and_hook, recorded_source
 from llm_sae.sae.formats.native import load_sae
 from llm_sae.sae.formats.saelens import SAELENS_CFG, SAELENS_WEIGHTS
 from llm_sae.sae.formats.weights import InteropError
@@ -137,8 +137,10 @@ def _provenance(sae_dir: Path) -> dict[str, Any]:
     records them (from any working directory), else from its store if still there."""
     from llm_sae.store.store import open_store
 
-    known = sae_source(sae_dir)
-    if all(known.get(k) for k in ("model", "hook", "context_length")):
+    model, hook = recorded_model_and_hook(sae_dir)
+    known = {k: v for k, v in (("model", model), ("hook", hook),
+                               ("context_length", recorded_source(sae_dir).get("context_length"))) if v}
+    if len(known) == 3:
         return known
     try:
         store = open_store(json.loads((sae_dir / "train_cfg.json").read_text())["store"])

@@ -30,6 +30,7 @@ from llm_sae.train.dead import METHODS as DEAD_METHODS
 from llm_sae.train.dead import DeadLatents
 from llm_sae.train.loop import fit_together
 from llm_sae.train.metrics import BarSink, JsonlSink, MetricSink, MetricWindow, WandbSink
+from llm_sae.train.nonfinite import finite_flag, finite_rows
 from llm_sae.train.optim import SlicedAdam
 from llm_sae.train.update import GradientUpdate
 
@@ -209,9 +210,7 @@ class Trainer:
         counted in ``skipped_rows``), so a store with a few bad rows loses those rows, not
         most of its batches. Under several ranks, or when no row is left, the whole batch
         is skipped instead (the ranks' batches must keep one size)."""
-        ok_B = torch.isfinite(x_BD).all(-1)
-        if y_BE is not None:
-            ok_B &= torch.isfinite(y_BE).all(-1)
+        ok_B = finite_rows(x_BD, y_BE)
         bad = (~ok_B).nonzero().squeeze(1)
         where = rows_B[bad.cpu()].tolist() if rows_B is not None else bad.tolist()
         if self.cfg.on_nonfinite == "stop":
@@ -333,13 +332,3 @@ class Trainer:
             return Path(out_dir)
         sae.fold_input_scale(self.input_scale or 1.0, self.output_scale or 1.0)
         return sae.save(out_dir)
-
-
-def finite_flag(x_BD: Tensor) -> Tensor:
-    """Whether every value is finite, as a bool tensor on x's device (nothing is read
-    back): one pass and no [B, D] temporary, as min and max propagate NaN
-    (``isfinite(x).all()`` allocates two [B, D] tensors per step)."""
-    if x_BD.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=x_BD.device)
-    lo, hi = torch.aminmax(x_BD)
-    return torch.isfinite(lo) & torch.isfinite(hi)

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llm_sae.errors import LlmSaeError
+
 META_FILES = ("cfg.json", "train_cfg.json", "train_config.json", "meta.json", "store.json")
 MODEL_KEYS = ("model", "model_name", "model_path")
 HOOK_KEYS = ("hook_name", "hook", "hook_point", "hooks")
@@ -66,3 +68,39 @@ def recorded_model_and_hook(sae_dir: str | Path) -> tuple[str | None, str | None
     """(model, hook) the SAE in ``sae_dir`` was trained on; None for what it does not record."""
     meta = sae_meta(sae_dir)
     return first_str(meta, *MODEL_KEYS), first_str(meta, *HOOK_KEYS)
+
+
+class MismatchError(LlmSaeError):
+    """An SAE and a store (or model) that come from different places."""
+
+
+def recorded_source(sae_dir: str | Path) -> dict[str, Any]:
+    """What `llm-sae train` recorded of its data in train_cfg.json (model, hook, d_in,
+    context_length, fingerprint: resolved, not where the command ran); {} otherwise."""
+    src = _read_json(Path(sae_dir) / "train_cfg.json").get("source")
+    return {k: v for k, v in src.items() if v not in (None, "")} if isinstance(src, dict) else {}
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a), Path(b)
+    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
+
+
+def check_same_source(sae_dir: str | Path, store_dir: str | Path, hook: str | None, model: str | None) -> None:
+    """MismatchError naming both values when the SAE was trained at another hook (or, for
+    our own runs, on another model) than the store's: an SAE of one hook would otherwise
+    "evaluate" on a store of another hook of the same width. Silent where either side
+    records nothing. The model only from our own record: a SAELens model_name is a hub
+    name that a store harvested from a local copy of the same model does not repeat."""
+    _, rec_hook = recorded_model_and_hook(sae_dir)
+    if rec_hook and hook and rec_hook != hook:
+        raise MismatchError(
+            f"the SAE at {sae_dir} was trained at hook {rec_hook} but the store at {store_dir} "
+            f"holds hook {hook}; give a store harvested at {rec_hook}"
+        )
+    own = recorded_source(sae_dir).get("model")
+    if isinstance(own, str) and model and not _same_model(own, str(model)):
+        raise MismatchError(
+            f"the SAE at {sae_dir} was trained on model {own} but the store at {store_dir} comes "
+            f"from model {model}; give a store harvested from {own}"
+        )
