@@ -142,9 +142,9 @@ def test_steer_cli(steerer, capsys):
     out = json.loads(capsys.readouterr().out)
     assert len(out["steered"]["ids"]) <= 6 and out["unsteered"] is not None
     assert out["interventions"][0] == {"feature": 5, "mode": "add", "value": 8.0}
-    assert main(["steer", "--sae", str(sae_dir), "--prompt", "x", "--add", "999=1", *flags]) == 1
+    assert main(["steer", "--sae", str(sae_dir), "--prompt", "x", "--add", "999=1", *flags]) == 2
     assert "out of range" in capsys.readouterr().err
-    assert main(["steer", "--sae", str(sae_dir), "--prompt", "x", "--add", "1=1"]) == 1
+    assert main(["steer", "--sae", str(sae_dir), "--prompt", "x", "--add", "1=1"]) == 2
     assert "--model and --hook" in capsys.readouterr().err
 
 

@@ -117,7 +117,7 @@ def test_eval_over_a_sweep_folder_gives_frontiers_per_arch(tiny_store, tmp_path,
     assert (sweep / "eval" / "frontier.png").stat().st_size > 1000
     assert "topk-k6" in capsys.readouterr().out
     (sweep / "topk-k6" / "sae.safetensors").unlink()
-    assert main(["eval", "--sae", str(sweep), "--store", str(tiny_store), "--no-downstream"]) == 1
+    assert main(["eval", "--sae", str(sweep), "--store", str(tiny_store), "--no-downstream"]) == 2
     assert "not finished" in capsys.readouterr().err
 
 

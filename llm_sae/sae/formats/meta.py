@@ -37,13 +37,13 @@ def sae_meta(sae_dir: str | Path) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for name in META_FILES:
         data = _read_json(sae_dir / name)
-        for k, v in data.items():
-            meta.setdefault(k, v)
         # "source": what `llm-sae train` records of the data it read (model, hook, ...).
-        for nested in ("source", "store", "manifest", "meta", "metadata"):
-            if isinstance(data.get(nested), dict):
-                for k, v in data[nested].items():
-                    meta.setdefault(k, v)
+        nested = [data[n] for n in ("source", "store", "manifest", "meta", "metadata")
+                  if isinstance(data.get(n), dict)]
+        for part in (data, *nested):
+            for k, v in part.items():
+                if meta.get(k) in (None, ""):  # a null (train_cfg's unused --model) names nothing
+                    meta[k] = v
     store_path = meta.get("store")
     if isinstance(store_path, str):
         manifest = _read_json(Path(store_path) / "manifest.json")  # a moved store: {}
