@@ -142,7 +142,6 @@ def _copy_with_cfg(src: Path, dst: Path, **changes) -> Path:
             "fold_activation_norm_scaling_factor",
         ),
         ("saelens/standard", {"architecture": "gated"}, "can import"),
-        ("sparsify/layers.0", {"transcode": True}, "transcoder"),
         ("sparsify/layers.0", {"activation": "groupmax"}, "'groupmax'"),
     ],
 )

@@ -11,6 +11,7 @@ from torch import Tensor
 from llm_sae.common.faults import maybe_kill
 from llm_sae.config import to_dict
 from llm_sae.errors import LlmSaeError
+from llm_sae.interop.saelens_transcoder import saelens_transcoder_arch
 from llm_sae.sae.base import SAE
 from llm_sae.sae.formats.meta import recorded_model_and_hook, recorded_source
 from llm_sae.sae.formats.native import load_sae
@@ -43,7 +44,8 @@ _NO_COUNTERPART = {
 def saelens_weights(sae: SAE) -> tuple[str, dict[str, Tensor]]:
     """SAELens's architecture name and state dict for ``sae`` (inference behaviour equal)."""
     arch = sae.cfg.arch
-    if arch not in OURS_TO_SAELENS:
+    name = saelens_transcoder_arch(sae) if sae.is_transcoder else OURS_TO_SAELENS.get(arch)
+    if name is None:
         raise InteropError(
             f"SAELens has no counterpart of llm_sae's {arch!r} SAE "
             f"({_NO_COUNTERPART.get(arch, 'no SAELens architecture computes it')}); "
@@ -62,11 +64,14 @@ def saelens_weights(sae: SAE) -> tuple[str, dict[str, Tensor]]:
         state["threshold"] = sae.threshold.detach().clamp_min(0).expand(sae.n_latents)
     elif arch == "wta":
         state["threshold"] = sae.threshold.detach().clamp_min(0)
-    return OURS_TO_SAELENS[arch], {k: v.float().contiguous().cpu() for k, v in state.items()}
+    if sae.cfg.skip:
+        state["W_skip"] = sae.W_skip.detach()  # [d_out, d_in] in both
+    return name, {k: v.float().contiguous().cpu() for k, v in state.items()}
 
 
 def saelens_cfg(
-    sae: SAE, arch: str, *, hook_name: str | None, model_name: str | None, context_size: int | None
+    sae: SAE, arch: str, *, hook_name: str | None, model_name: str | None, context_size: int | None,
+    hook_name_out: str | None = None,
 ) -> dict[str, Any]:
     """SAELens v6 cfg.json for ``sae``, with the field names SAELens writes itself."""
     cfg: dict[str, Any] = {
@@ -94,6 +99,9 @@ def saelens_cfg(
     if arch == "topk":
         cfg["k"] = sae.cfg.k
         cfg["rescale_acts_by_decoder_norm"] = False  # ReLU-then-top-k on the raw pre-activations
+    if sae.is_transcoder:  # SAELens refuses b_dec on a transcoder's input; ours never does it
+        cfg.update(d_out=sae.d_out, apply_b_dec_to_input=False)
+        cfg["metadata"]["hook_name_out"] = hook_name_out
     return cfg
 
 
@@ -104,12 +112,15 @@ def export_saelens(
     hook_name: str | None = None,
     model_name: str | None = None,
     context_size: int | None = None,
+    hook_name_out: str | None = None,
 ) -> Path:
     """Write ``sae`` (an SAE or a saved SAE's directory) as a SAELens directory.
 
     ``out_dir`` gets ``cfg.json`` and ``sae_weights.safetensors``, loadable with
     ``sae_lens.SAE.load_from_disk(out_dir)``. Hook, model and context size default to
-    those of the store the SAE was trained on, when its train_cfg.json names one.
+    those of the store the SAE was trained on, when its train_cfg.json names one. A
+    transcoder loads as SAELens's ``Transcoder``, ``SkipTranscoder`` or their JumpReLU
+    forms; ``hook_name_out`` (default: its target store's hook) goes into the metadata.
     """
     from safetensors.torch import save_file
 
@@ -123,6 +134,7 @@ def export_saelens(
         hook_name=hook_name or known.get("hook"),
         model_name=model_name or known.get("model"),
         context_size=context_size or known.get("context_length"),
+        hook_name_out=hook_name_out or known.get("hook_out"),
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,7 +152,13 @@ def _provenance(sae_dir: Path) -> dict[str, Any]:
     model, hook = recorded_model_and_hook(sae_dir)
     known = {k: v for k, v in (("model", model), ("hook", hook),
                                ("context_length", recorded_source(sae_dir).get("context_length"))) if v}
-    if len(known) == 3:
+    try:  # a transcoder: the hook it predicts, from its target store
+        target = json.loads((sae_dir / "train_cfg.json").read_text()).get("target_store")
+        if target:
+            known["hook_out"] = open_store(target).hook
+    except (OSError, ValueError, TypeError, AttributeError, LlmSaeError):
+        pass
+    if {"model", "hook", "context_length"} <= set(known):
         return known
     try:
         store = open_store(json.loads((sae_dir / "train_cfg.json").read_text())["store"])

@@ -27,6 +27,16 @@ SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_TO_OURS = {"standard": "relu_l1", "topk": "topk", "jumprelu": "jumprelu"}
 
 
+# SAELens transcoder architectures → (ours, with a skip path). Their encoders never subtract
+# b_dec (it lives in the output space), as ours for a transcoder.
+SAELENS_TRANSCODERS = {
+    "transcoder": ("relu_l1", False),
+    "skip_transcoder": ("relu_l1", True),
+    "jumprelu_transcoder": ("jumprelu", False),
+    "jumprelu_skip_transcoder": ("jumprelu", True),
+}
+
+
 # Input normalisations SAELens applies per token at run time: not foldable into weights.
 _SAELENS_RUNTIME_NORMS = ("layer_norm", "constant_norm_rescale")
 
@@ -42,9 +52,12 @@ def load_saelens(path: str | Path) -> SAE:
     cfg, state = read_cfg_weights(path / SAELENS_CFG, path / SAELENS_WEIGHTS)
     cfg = _saelens_v6(cfg)
     arch = cfg["architecture"]
-    if arch not in SAELENS_TO_OURS:
+    transcoder = arch in SAELENS_TRANSCODERS
+    ours, skip = SAELENS_TRANSCODERS.get(arch, (SAELENS_TO_OURS.get(arch), False))
+    if ours is None:
         raise InteropError(
-            f"{path} holds a SAELens {arch!r} SAE; llm_sae can import {sorted(SAELENS_TO_OURS)} "
+            f"{path} holds a SAELens {arch!r} SAE; llm_sae can import "
+            f"{sorted(SAELENS_TO_OURS) + sorted(SAELENS_TRANSCODERS)} "
             "(a SAELens BatchTopK is saved as 'jumprelu' and imports as such)"
         )
     norm = cfg.get("normalize_activations", "none")
@@ -67,7 +80,7 @@ def load_saelens(path: str | Path) -> SAE:
         )
     W_enc_ND = get_tensor(state, "W_enc", path).T
     W_dec_ND, b_enc_N, b_dec_D = (get_tensor(state, k, path) for k in ("W_dec", "b_enc", "b_dec"))
-    if not cfg.get("apply_b_dec_to_input", True):
+    if not transcoder and not cfg.get("apply_b_dec_to_input", True):
         # SAELens: pre = x·W_enc + b_enc. Ours subtracts b_dec first, so add it back via b_enc.
         b_enc_N = b_enc_N + W_enc_ND.double() @ b_dec_D.double()
     if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
@@ -76,8 +89,8 @@ def load_saelens(path: str | Path) -> SAE:
         n_N = W_dec_ND.double().norm(dim=1)
         W_enc_ND, b_enc_N = W_enc_ND * n_N[:, None], b_enc_N * n_N
         W_dec_ND = W_dec_ND / n_N[:, None]
-    extra: dict[str, Tensor] = {}
-    if arch == "jumprelu":
+    extra: dict[str, Tensor] = {"W_skip": get_tensor(state, "W_skip", path)} if skip else {}
+    if ours == "jumprelu":
         if "threshold" not in state and "log_threshold" in state:  # older SAELens saves
             extra["threshold"] = state["log_threshold"].exp()
         else:  # SAELens gates relu(pre) at θ: below 0 that is ours at θ = 0
@@ -91,7 +104,7 @@ def load_saelens(path: str | Path) -> SAE:
                 f"{path / SAELENS_CFG} is a SAELens topk SAE with no usable k ({cfg.get('k')!r}); "
                 "add \"k\": N (its active latents per token) to that file"
             ) from None
-    return build_sae_from(SAELENS_TO_OURS[arch], W_enc_ND, b_enc_N, W_dec_ND, b_dec_D, k=k, **extra)
+    return build_sae_from(ours, W_enc_ND, b_enc_N, W_dec_ND, b_dec_D, k=k, transcoder=transcoder, **extra)
 
 
 def _saelens_v6(cfg: dict[str, Any]) -> dict[str, Any]:

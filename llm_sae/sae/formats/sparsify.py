@@ -36,29 +36,28 @@ def sparsify_hookpoints(path: Path) -> list[str]:
 
 
 def load_sparsify(path: str | Path) -> SAE:
-    """An SAE saved by sparsify (``SparseCoder.save_to_disk``) as our TopK.
+    """An SAE or transcoder saved by sparsify (``SparseCoder.save_to_disk``) as our TopK.
 
     sparsify's layout is ours already: encoder.weight [N, D], W_dec [N, D], b_dec
-    subtracted before encoding, ReLU then top-k.
+    subtracted before encoding, ReLU then top-k. A transcoder (``transcode: true``) reads
+    its input as is, as ours do; ``W_skip`` [D, D] is our skip path. An SAE with a skip
+    connection but ``transcode: false`` subtracts b_dec first: that becomes a transcoder
+    with ``d_out = d_in`` whose b_enc absorbs −W_enc·b_dec (in float64).
     """
     path = Path(path)
     cfg, state = read_cfg_weights(path / SPARSIFY_CFG, path / SPARSIFY_WEIGHTS)
-    if cfg.get("transcode") or cfg.get("skip_connection") or "W_skip" in state:
-        raise InteropError(
-            f"{path} is a sparsify transcoder (transcode/skip_connection): it predicts another "
-            "hook's activations, while an llm_sae SAE reconstructs its input"
-        )
+    skip = bool(cfg.get("skip_connection")) or "W_skip" in state
     if cfg.get("activation", "topk") != "topk":
         raise InteropError(
             f"{path} uses sparsify's {cfg.get('activation')!r} activation; only 'topk' has an "
             "llm_sae counterpart"
         )
-    W_enc_ND = get_tensor(state, "encoder.weight", path)
+    W_enc_ND, b_enc_N, b_dec_D = (get_tensor(state, k, path) for k in ("encoder.weight", "encoder.bias", "b_dec"))
+    transcoder = bool(cfg.get("transcode")) or skip
+    if skip and not cfg.get("transcode"):
+        b_enc_N = (b_enc_N.double() - W_enc_ND.double() @ b_dec_D.double()).float()
+    extra = {"W_skip": get_tensor(state, "W_skip", path)} if skip else {}
     return build_sae_from(
-        "topk",
-        W_enc_ND,
-        get_tensor(state, "encoder.bias", path),
-        get_tensor(state, "W_dec", path),
-        get_tensor(state, "b_dec", path),
-        k=int(cfg["k"]),
+        "topk", W_enc_ND, b_enc_N, get_tensor(state, "W_dec", path), b_dec_D,
+        k=int(cfg["k"]), transcoder=transcoder, **extra,
     )

@@ -62,21 +62,31 @@ def build_sae_from(
     b_dec_D: Tensor,
     *,
     k: int | None,
+    transcoder: bool = False,
     **extra: Tensor,
 ) -> SAE:
-    """Our SAE of ``arch`` holding exactly these weights (float32, eval mode)."""
-    N, D = W_dec_ND.shape
-    if W_enc_ND.shape != (N, D) or b_enc_N.shape != (N,) or b_dec_D.shape != (D,):
+    """Our SAE of ``arch`` holding exactly these weights (float32, eval mode).
+
+    With ``transcoder`` the decoder may write another width E (W_dec [N, E], b_dec [E]) and
+    a ``W_skip`` [E, D] among ``extra`` makes it a skip transcoder.
+    """
+    N, E = W_dec_ND.shape
+    D = W_enc_ND.shape[-1] if transcoder else E
+    skip_ED = extra.get("W_skip")
+    if (W_enc_ND.shape != (N, D) or b_enc_N.shape != (N,) or b_dec_D.shape != (E,)
+            or (skip_ED is not None and skip_ED.shape != (E, D))):
         raise InteropError(
             f"inconsistent shapes: W_enc {tuple(W_enc_ND.shape)}, W_dec {tuple(W_dec_ND.shape)}, "
             f"b_enc {tuple(b_enc_N.shape)}, b_dec {tuple(b_dec_D.shape)}"
+            + ("" if skip_ED is None else f", W_skip {tuple(skip_ED.shape)}")
         )
     if k is not None and not 0 < k < N:
         raise InteropError(f"k={k} does not fit {N} latents")
     # k only matters at inference for TopK; for the others it is a training knob, but it
     # must still be a valid one.
     cfg = SAEConfig(
-        arch=arch, d_in=D, n_latents=N, k=k if k is not None else min(SAEConfig.k, N - 1)
+        arch=arch, d_in=D, n_latents=N, k=k if k is not None else min(SAEConfig.k, N - 1),
+        d_out=E if transcoder else None, skip=skip_ED is not None,
     )
     sae = REGISTRY[arch](cfg)
     state = {"W_enc": W_enc_ND, "b_enc": b_enc_N, "W_dec": W_dec_ND, "b_dec": b_dec_D, **extra}
