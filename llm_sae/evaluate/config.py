@@ -19,9 +19,10 @@ class EvalConfig:
     """Saved SAE directory (cfg.json + sae.safetensors), hf://ORG/REPO[/SUBFOLDER],
     saelens://RELEASE/SAE_ID, or a sweep folder (all its SAEs, as L0 frontiers per
     architecture); repeat or comma-separate to compare several."""
-    store: str
+    store: str | None = None
     """Activation store at the SAEs' hook; its last --eval-rows rows are evaluated, and its
-    manifest names the model, hook and dataset."""
+    manifest names the model, hook and dataset. Not for transcoders: each run's own pair of
+    stores is used, and the model with their MLPs replaced is evaluated."""
     out: str | None = None
     """Output directory for eval.json, eval.txt and frontier.png (default: FIRST_SAE/eval,
     or SWEEP/eval)."""

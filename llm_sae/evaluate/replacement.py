@@ -111,6 +111,25 @@ def replacement_metrics(
     return out
 
 
+def format_replacement(rep: dict[str, Any]) -> list[str]:
+    """Table lines for ``replacement_metrics``'s result: one row per layer and one for all."""
+    head = ["replaced", "CE", "KL", "LR", "CE+err", "KL+err", "LR+err", "CE zero-abl."]
+    rows = [head]
+    for name, r in rep["replaced"].items():
+        rows.append([name] + [f"{r[k]:.4f}" for k in (
+            "ce", "kl", "loss_recovered", "ce_with_error", "kl_with_error", "loss_recovered_with_error",
+            "ce_zero_ablation")])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [f"replacement model over {rep['tokens']} tokens: clean CE {rep['ce_clean']:.4f}"]
+    for j, r in enumerate(rows):
+        lines.append("  ".join(format(v, ("<" if i == 0 else ">") + str(w)) for i, (v, w) in enumerate(zip(r, widths, strict=True))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append("LR = loss recovered against zero-ablating the same MLP outputs; +err = with the "
+                 "clean run's error term (1.0 when exact)")
+    return lines
+
+
 def _recorder(into: dict[str, Tensor], name: str) -> Any:
     def fn(x: Tensor, hook: Any) -> Tensor:
         into[name] = x.detach()

@@ -11,6 +11,7 @@ import numpy as np
 
 from llm_sae.common.faults import maybe_kill
 from llm_sae.evaluate.plot import write_frontier_png
+from llm_sae.evaluate.replacement import format_replacement
 
 
 def _fmt(x: Any, spec: str = ".4f") -> str:
@@ -63,6 +64,8 @@ def format_table(report: dict[str, Any]) -> str:
         )
     foot = ("FVU = Σ‖x−x̂‖²/Σ‖x−x̄‖²; shrink = Σ⟨x̂,x⟩/Σ‖x̂‖²; gini = median selectivity over token ids; "
             "LR = loss recovered; FVU@L0 fista = FISTA (refit) at the encoder's L0")
+    if "replacement" in report:  # transcoders: FVU is of the predicted output hook
+        lines += [""] + format_replacement(report["replacement"])
     return "\n".join(head + [""] + lines + ["", foot]) + "\n"
 
 

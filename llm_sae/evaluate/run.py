@@ -19,6 +19,7 @@ from llm_sae.evaluate.config import EvalConfig, EvalError
 from llm_sae.evaluate.downstream import downstream_metrics, eval_contexts
 from llm_sae.evaluate.report import write_report
 from llm_sae.evaluate.stats import ReconstructionStats, quantiles
+from llm_sae.evaluate.transcoders import evaluate_transcoders
 from llm_sae.sae.formats.meta import check_same_source
 
 
@@ -135,12 +136,19 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             raise ConfigError(f"--{flag} {v} must be positive; give a count of 1 or more")
     out = Path(cfg.out) if cfg.out else default_out
     check_output(out, "eval", legacy=("eval.json",))
+    device = resolve_device(cfg.device)
+    loaded = {name: (path, load_sae(path, device=device)) for name, path in zip(_names(cfg.sae), cfg.sae, strict=True)}
+    if any(getattr(s, "is_transcoder", False) for _, s in loaded.values()):
+        report = evaluate_transcoders(_only_transcoders(loaded), cfg, device=device)
+        with staged(out, "eval", legacy=("eval.json",)) as tmp:
+            write_report(report, tmp)
+        return report
+    if not cfg.store:
+        raise ConfigError("give --store DIR, a store at the SAEs' hook (transcoder runs need none)")
     store = open_store(cfg.store)
     store.check_files()
-    device = resolve_device(cfg.device)
     saes = {}
-    for name, path in zip(_names(cfg.sae), cfg.sae, strict=True):
-        sae = load_sae(path, device=device)
+    for name, (path, sae) in loaded.items():
         if sae.d_in != store.d_in:
             raise EvalError(
                 f"SAE {path} takes d_in={sae.d_in} but the store {cfg.store} holds d_in={store.d_in} "
@@ -189,3 +197,10 @@ def expand_sweeps(paths: list[str]) -> list[str]:
             out.append(str(d))
     return out
 
+
+def _only_transcoders(loaded: dict[str, tuple[str, Any]]) -> dict[str, tuple[str, Any]]:
+    plain = [path for path, s in loaded.values() if not getattr(s, "is_transcoder", False)]
+    if plain:
+        raise EvalError(f"{', '.join(plain)} reconstruct their input but the others are transcoders; "
+                        "evaluate SAEs and transcoders in separate runs of llm-sae eval")
+    return loaded

@@ -46,9 +46,14 @@ class ReconstructionStats:
         self._tok_counts: list[Tensor] = []
 
     @torch.no_grad()
-    def add(self, sae: Any, x_BD: Tensor, tokens_B: Tensor | None = None) -> None:
+    def add(self, sae: Any, x_BD: Tensor, tokens_B: Tensor | None = None, *,
+            target_BE: Tensor | None = None) -> None:
+        """One batch. A transcoder's prediction (skip path included) is scored against
+        ``target_BE``, its output hook's activations, instead of its input."""
         x_BD = x_BD.float()
         z_BN, x_hat_BD = reconstruct(sae, x_BD)
+        if target_BE is not None:
+            x_hat_BD, x_BD = sae.add_skip(x_hat_BD, x_BD), target_BE.float()
         B, D = x_BD.shape
         self.d_in = D
         xd, xhd = x_BD.double(), x_hat_BD.double()
