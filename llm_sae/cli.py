@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "harvest": ("llm_sae.harvest.cli", "Record a model's activations at hook points into a store."),
     "store": ("llm_sae.store.cli", "Inspect (info) or check (verify) an activation store."),
     "train": ("llm_sae.train.cli", "Train a sparse autoencoder from an activation store."),
+    "train-clt": ("llm_sae.train.clt", "Train a cross-layer transcoder from every layer's paired stores."),
     "analyze": ("llm_sae.analyze.cli", "Per-feature statistics and top-activating contexts."),
     "dashboard": ("llm_sae.dashboard.build", "Render analysis output into a static, offline site."),
     "serve": ("llm_sae.serve.server", "Serve a dashboard site locally, with an optional live view."),

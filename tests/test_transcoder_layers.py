@@ -60,3 +60,130 @@ def test_cli_eval_reports_the_replacement_model(layer_pairs, tmp_path, one_threa
 
     with pytest.raises(LlmSaeError, match="separate runs"):
         evaluate(EvalConfig(sae=[runs[0], str(sae_run)]))
+
+
+# ------------------------------------------------------------------ cross-layer transcoders
+
+
+def _planted_clt_run(out, steps, *, B=256, checkpoint_every=0):
+    import torch
+
+    from llm_sae.sae.clt import CLTConfig, CrossLayerTranscoder
+    from llm_sae.sources.layers import PlantedLayers
+    from llm_sae.sources.synthetic import SyntheticConfig
+    from llm_sae.train.clt import CLTTrainConfig, fit_clt
+
+    planted = PlantedLayers(2, SyntheticConfig(d_in=32, n_features=48, mean_active=3, seed=0), d_out=24)
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=2, d_in=32, d_out=24, n_latents=128, k=3))
+    cfg = CLTTrainConfig(pair=[], out=str(out), k=3, batch_size=B, tokens=B * steps, lr=1e-2,
+                         checkpoint_every=B * checkpoint_every, device="cpu", progress=False)
+    summary = fit_clt(clt, planted, cfg, s_in_L=[1.0, 1.0], s_out_L=[1.0, 1.0])
+    return planted, clt, summary
+
+
+@pytest.mark.slow
+def test_clt_recovers_planted_cross_layer_features(tmp_path, one_thread):
+    """Ground truth: a 2-layer linear system whose layer-0 features write to both outputs;
+    each CLT layer's decoders (over all the layers a latent writes to) find ≥ 90% of that
+    layer's planted features at cos > 0.9, and eval mode (the JumpReLU thresholds, not the
+    batch top-k) predicts both outputs at FVU < 0.2."""
+    import torch
+
+    from llm_sae.sae.clt import load_clt
+    from llm_sae.sources.synthetic import recovery_metrics
+
+    planted, clt, summary = _planted_clt_run(tmp_path, 500)
+    for h in range(2):
+        m = recovery_metrics(planted.out_features[h].flatten(1), clt.W_dec[h].detach().flatten(1))
+        assert m.frac_recovered >= 0.9, (h, m)
+    x_BLD, y_BLE = planted.batch(10**6, 2048)
+    with torch.no_grad():
+        err_L = (y_BLE - clt.predict(x_BLD)).pow(2).sum((0, 2))
+        fvu_L = err_L / (y_BLE - y_BLE.mean(0)).pow(2).sum((0, 2))
+        assert (fvu_L < 0.2).all(), fvu_L
+        assert torch.equal(load_clt(tmp_path).predict(x_BLD), clt.predict(x_BLD))
+    assert summary["memory_bytes_per_layer"] == [16 * 128 * (33 + 2 * 24), 16 * 128 * (33 + 24)]
+
+
+def test_clt_resumes_exactly(tmp_path, one_thread, monkeypatch):
+    """Killed after its step-20 checkpoint and resumed, a run ends bit-identical to the
+    uninterrupted one."""
+    import torch
+
+    from llm_sae.sae import clt as clt_mod
+    from llm_sae.sae.clt import load_clt
+
+    _planted_clt_run(tmp_path / "full", 40, checkpoint_every=20)
+    real, calls = clt_mod.CrossLayerTranscoder.constrain_weights, {"n": 0}
+
+    def dies_at_30(self):
+        calls["n"] += 1
+        if calls["n"] == 31:  # one from __init__, then one per step
+            raise KeyboardInterrupt
+        real(self)
+
+    monkeypatch.setattr(clt_mod.CrossLayerTranscoder, "constrain_weights", dies_at_30)
+    with pytest.raises(KeyboardInterrupt):
+        _planted_clt_run(tmp_path / "half", 40, checkpoint_every=20)
+    monkeypatch.setattr(clt_mod.CrossLayerTranscoder, "constrain_weights", real)
+    assert _planted_clt_run(tmp_path / "half", 40, checkpoint_every=20)[2]["resumed_at"] == 20
+    full, half = load_clt(tmp_path / "full").state_dict(), load_clt(tmp_path / "half").state_dict()
+    for k, v in full.items():
+        assert torch.equal(v, half[k]), k
+
+
+def test_clt_exports_in_circuit_tracers_layout(tmp_path):
+    """circuit-tracer's load_clt reads W_enc_i/W_dec_i files; computing its forward from them
+    (z = f·[f > θ], decoders summed into later layers) gives our predictions."""
+    import torch
+    from safetensors.torch import load_file
+
+    from llm_sae.errors import LlmSaeError
+    from llm_sae.interop.circuit_tracer import export_circuit_tracer
+    from llm_sae.sae.clt import CLTConfig, CrossLayerTranscoder
+
+    torch.manual_seed(0)
+    L, N, D = 3, 16, 8
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_in=D, d_out=D, n_latents=N, k=2)).eval()
+    with torch.no_grad():
+        clt.b_enc.normal_(0, 0.1)
+        clt.b_dec.normal_(0, 0.2)
+        clt.threshold.copy_(torch.tensor([0.1, -1.0, 0.3]))  # one never estimated: a ReLU
+    out = export_circuit_tracer(clt, tmp_path / "ct")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"W_enc_{i}.safetensors" for i in range(L)] + [f"W_dec_{i}.safetensors" for i in range(L)])
+    enc = [load_file(str(out / f"W_enc_{i}.safetensors")) for i in range(L)]
+    dec = [load_file(str(out / f"W_dec_{i}.safetensors"))[f"W_dec_{i}"] for i in range(L)]
+    assert [d.shape for d in dec] == [(N, L - i, D) for i in range(L)]
+    x_LBD = torch.randn(L, 64, D)
+    f_LBN = torch.einsum("lbd,lfd->lbf", x_LBD, torch.stack([e[f"W_enc_{i}"] for i, e in enumerate(enc)]))
+    f_LBN = f_LBN + torch.stack([e[f"b_enc_{i}"] for i, e in enumerate(enc)])[:, None]
+    theta_L1N = torch.stack([e[f"threshold_{i}"] for i, e in enumerate(enc)])[:, None]
+    z_LBN = f_LBN * (f_LBN > theta_L1N)
+    y_LBD = torch.stack([e[f"b_dec_{i}"] for i, e in enumerate(enc)])[:, None].repeat(1, 64, 1)
+    for i in range(L):
+        y_LBD[i:] += torch.einsum("bn,njd->jbd", z_LBN[i], dec[i])
+    with torch.no_grad():
+        torch.testing.assert_close(y_LBD.transpose(0, 1), clt.predict(x_LBD.transpose(0, 1)), rtol=1e-5, atol=1e-5)
+    wide = CrossLayerTranscoder(CLTConfig(n_layers=2, d_in=8, d_out=6, n_latents=16, k=2))
+    with pytest.raises(LlmSaeError, match="one width"):
+        export_circuit_tracer(wide, tmp_path / "wide")
+
+
+def test_cli_train_clt_from_one_harvest(layer_pairs, tmp_path, one_thread, capsys):
+    from llm_sae.cli import main
+    from llm_sae.sae.clt import load_clt
+
+    spec = ",".join(f"{i}:{o}" for i, o in layer_pairs)
+    assert main(["train-clt", "--pair", spec, "--out", str(tmp_path / "clt"), "--expansion", "2", "--k", "4",
+                 "--batch-size", "128", "--tokens", "1280", "--no-progress"]) == 0
+    clt = load_clt(tmp_path / "clt")
+    assert (clt.cfg.n_layers, clt.cfg.d_in, clt.cfg.d_out, clt.cfg.n_latents) == (2, 32, 32, 64)
+    assert [p["out_hook"] for p in json.loads((tmp_path / "clt" / "train_cfg.json").read_text())["pairs"]] == [
+        o for _, o in PAIRS]
+    (i0, o0), (i1, o1) = layer_pairs
+    # Layer 1's pair swapped: one line naming the fix, before any training.
+    assert main(["train-clt", "--pair", f"{i0}:{o0},{o1}:{i1}", "--out", str(tmp_path / "bad")]) != 0
+    assert "--pair IN_HOOK:OUT_HOOK" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "clt.safetensors").exists()

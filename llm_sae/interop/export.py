@@ -8,6 +8,7 @@ from pathlib import Path
 
 from llm_sae.common.outdir import staged
 from llm_sae.config import ConfigError, add_arguments, from_args
+from llm_sae.interop.circuit_tracer import export_circuit_tracer
 from llm_sae.interop.neuronpedia import export_neuronpedia
 from llm_sae.interop.saelens import export_saelens
 
@@ -17,7 +18,8 @@ class ExportConfig:
     """Write an SAE in SAELens's format, or an analysis in Neuronpedia's batch JSONL format."""
 
     format: str
-    """Target format: saelens (needs --sae) or neuronpedia (needs --analysis)."""
+    """Target format: saelens (needs --sae), circuit-tracer (--sae, a train-clt output) or
+    neuronpedia (needs --analysis)."""
     out: str
     """Output directory."""
     sae: str | None = None
@@ -52,10 +54,12 @@ class ExportConfig:
 
 def export(cfg: ExportConfig) -> Path:
     """Run one export; returns the directory written."""
-    if cfg.format not in ("saelens", "neuronpedia"):
-        raise ConfigError(f"unknown --format {cfg.format!r}; choose saelens or neuronpedia")
+    if cfg.format not in ("saelens", "circuit-tracer", "neuronpedia"):
+        raise ConfigError(f"unknown --format {cfg.format!r}; choose saelens, circuit-tracer or neuronpedia")
     if cfg.format == "saelens" and not cfg.sae:
         raise ConfigError("--format saelens needs --sae DIR (a saved SAE)")
+    if cfg.format == "circuit-tracer" and not cfg.sae:
+        raise ConfigError("--format circuit-tracer needs --sae DIR (a cross-layer transcoder from train-clt)")
     if cfg.format == "neuronpedia" and not cfg.analysis:
         raise ConfigError("--format neuronpedia needs --analysis DIR (the output of `llm-sae analyze`)")
     if cfg.push_to_hub and cfg.format != "saelens":
@@ -79,19 +83,22 @@ def _export_into(cfg: ExportConfig, out: Path) -> Path:
     if cfg.format == "saelens":
         assert cfg.sae is not None
         return export_saelens(cfg.sae, out, hook_name=cfg.hook_name, model_name=cfg.model_name)
+    if cfg.format == "circuit-tracer":
+        assert cfg.sae is not None
+        return export_circuit_tracer(cfg.sae, out)
     assert cfg.analysis is not None
     return export_neuronpedia(
-            cfg.analysis,
-            out,
-            model_id=cfg.model_name,
-            layer=cfg.layer,
-            source_set=cfg.source_set,
-            release=cfg.release,
-            creator_name=cfg.creator_name,
-            creator_id=cfg.creator_id,
-            features_per_batch=cfg.features_per_batch,
-            explanations=cfg.explanations,
-        )
+        cfg.analysis,
+        out,
+        model_id=cfg.model_name,
+        layer=cfg.layer,
+        source_set=cfg.source_set,
+        release=cfg.release,
+        creator_name=cfg.creator_name,
+        creator_id=cfg.creator_id,
+        features_per_batch=cfg.features_per_batch,
+        explanations=cfg.explanations,
+    )
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:

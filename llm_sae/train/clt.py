@@ -1,0 +1,173 @@
+"""``llm-sae train-clt``: a cross-layer transcoder trained on every layer's pair at once.
+
+The loop is the plain one (batch → loss → Adam step → renormalise decoders), kept apart from
+the SAE trainer because a CLT's batch is [B, L, D] and its state is per layer; it resumes
+exactly from a checkpoint written atomically as one safetensors file (weights, Adam's
+moments, the step, the thresholds). Inputs and targets are scaled per layer so that
+E‖x_l‖ = √D and E‖y_l‖ = √E (from the stores' norm statistics), folded away on save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from llm_sae.common.atomic import atomic_write_bytes, write_json_atomic
+from llm_sae.common.device import resolve_device
+from llm_sae.config import ConfigError, add_arguments, from_args, to_dict
+from llm_sae.sae.clt import CLTConfig, CrossLayerTranscoder, clt_memory_bytes
+from llm_sae.sources.layers import LayerPairsSource
+
+CKPT = "clt_checkpoint.safetensors"
+
+
+@dataclass
+class CLTTrainConfig:
+    """Train a cross-layer transcoder from one harvest's per-layer (MLP input, MLP output) stores."""
+
+    pair: list[str]
+    """IN_STORE:OUT_STORE for each layer, in layer order (repeat or comma-separate)."""
+    out: str
+    """Output directory (cfg.json + clt.safetensors, the checkpoint, metrics.jsonl)."""
+    n_latents: int | None = None
+    """Latents per layer (default: expansion × d_in)."""
+    expansion: int = 8
+    """Latents per layer as a multiple of d_in, when --n-latents is not given."""
+    k: int = 16
+    """Active latents per token per layer (batch average: BatchTopK)."""
+    batch_size: int = 1024
+    """Rows (tokens) per step; each row carries every layer."""
+    tokens: int = 1_000_000
+    """Tokens to train on."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    seed: int = 0
+    """Seed of the initialisation and of the row order."""
+    checkpoint_every: int = 500_000
+    """Tokens between checkpoints (the run resumes from the last one); 0: only at the end."""
+    log_every: int = 50
+    """Steps between lines of metrics.jsonl."""
+    resume: bool = True
+    """Continue from OUT's checkpoint when there is one."""
+    device: str = "auto"
+    """Torch device: auto, cpu, cuda, ..."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+class LayerBatches(Protocol):
+    def batches(self, batch_size: int, *, seed: int, start_batch: int,
+                device: torch.device) -> Any: ...
+
+
+def _save_checkpoint(path: Path, clt: CrossLayerTranscoder, opt: torch.optim.Optimizer, step: int) -> None:
+    from safetensors.torch import save
+
+    t: dict[str, Tensor] = {f"clt.{k}": v for k, v in clt.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        t.update({f"opt.{i}.{k}": v for k, v in st.items()})
+    t["step"] = torch.tensor(step)
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in t.items()}))
+
+
+def _load_checkpoint(path: Path, clt: CrossLayerTranscoder, opt: torch.optim.Optimizer) -> int:
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    clt.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("clt.")})
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, v in t.items():
+        if key.startswith("opt."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    return int(t["step"])
+
+
+def fit_clt(
+    clt: CrossLayerTranscoder, source: LayerBatches, cfg: CLTTrainConfig, *,
+    s_in_L: list[float], s_out_L: list[float],
+) -> dict[str, Any]:
+    """Train ``clt`` in place on scaled batches (resuming from OUT's checkpoint), then
+    save it with the scales folded. Returns the run's summary (also train_summary.json)."""
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    clt.to(device).train()
+    opt = torch.optim.Adam(clt.parameters(), lr=cfg.lr)
+    steps = max(1, cfg.tokens // cfg.batch_size)
+    every = max(1, cfg.checkpoint_every // cfg.batch_size) if cfg.checkpoint_every else steps
+    start = _load_checkpoint(out / CKPT, clt, opt) if cfg.resume and (out / CKPT).exists() else 0
+    sx = torch.tensor(s_in_L, device=device)[None, :, None]
+    sy = torch.tensor(s_out_L, device=device)[None, :, None]
+    batches = source.batches(cfg.batch_size, seed=cfg.seed, start_batch=start, device=device)
+    log = (out / "metrics.jsonl").open("a")
+    t0, metrics = time.perf_counter(), {}
+    for step in tqdm(range(start, steps), disable=not cfg.progress, desc="train-clt", file=sys.stderr):
+        x_BLD, _, y_BLE = next(batches)
+        loss, metrics = clt(x_BLD * sx, y_BLE * sy)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        clt.constrain_weights()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            log.write(json.dumps({"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}) + "\n")
+        if (step + 1) % every == 0 or step + 1 == steps:
+            _save_checkpoint(out / CKPT, clt, opt, step + 1)
+    log.close()
+    elapsed = time.perf_counter() - t0
+    clt.eval()
+    clt.fold_scales(s_in_L, s_out_L)
+    clt.cpu().save(out)
+    summary = {"steps": steps, "resumed_at": start, "tokens": steps * cfg.batch_size,
+               "tokens_per_s": (steps - start) * cfg.batch_size / max(elapsed, 1e-9),
+               "final": {k: float(v) for k, v in metrics.items()},
+               "memory_bytes_per_layer": [clt_memory_bytes(clt.cfg, l) for l in range(clt.cfg.n_layers)]}
+    write_json_atomic(out / "train_summary.json", summary)
+    return summary
+
+
+def train_clt(cfg: CLTTrainConfig) -> Path:
+    """Check the pairs, build the CLT and train it; returns the output directory."""
+    pairs = [p.split(":") for item in cfg.pair for p in item.split(",") if p]
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ConfigError(f"--pair takes IN_STORE:OUT_STORE per layer, in layer order; got {cfg.pair}")
+    if cfg.batch_size <= 0 or cfg.tokens < cfg.batch_size:
+        raise ConfigError("--batch-size must be positive and --tokens at least one batch")
+    src = LayerPairsSource([(a, b) for a, b in pairs])
+    src.check()
+    torch.manual_seed(cfg.seed)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=src.n_layers, d_in=src.d_in, d_out=src.d_out,
+                                         n_latents=cfg.n_latents or cfg.expansion * src.d_in, k=cfg.k))
+    s_in = [math.sqrt(s.d_in) / max(s.mean_norm, 1e-12) for s in src.inputs]
+    s_out = [math.sqrt(s.d_in) / max(s.mean_norm, 1e-12) for s in src.targets]
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(cfg.out) / "train_cfg.json", {**to_dict(cfg), "pairs": [
+        {"store": str(a.path), "target_store": str(b.path), "in_hook": a.hook, "out_hook": b.hook}
+        for a, b in zip(src.inputs, src.targets, strict=True)]})
+    fit_clt(clt, src, cfg, s_in_L=s_in, s_out_L=s_out)
+    return Path(cfg.out)
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser, CLTTrainConfig)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = from_args(CLTTrainConfig, args)
+    out = train_clt(cfg)
+    s = json.loads((out / "train_summary.json").read_text())
+    print(f"trained a {len(s['memory_bytes_per_layer'])}-layer CLT into {out} "
+          f"({s['tokens_per_s']:,.0f} tokens/s): " + ", ".join(f"{k} {v:.3f}" for k, v in s["final"].items()))
+    return 0
