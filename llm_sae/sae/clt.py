@@ -6,8 +6,8 @@ contributes to MLP outputs l, l+1, … collapses a chain of per-layer features i
 Layout, as circuit-tracer's ``CrossLayerTranscoder`` holds it: ``W_enc`` [L, N, D],
 ``b_enc`` [L, N], ``W_dec[l]`` [N, L − l, E] (latent n of layer l writing to layer l + j),
 ``b_dec`` [L, E]. The activation is a per-layer BatchTopK: in training each layer keeps
-its batch's top k·B pre-activations, and a running estimate of the smallest kept value is
-the threshold θ_l that inference uses, z = pre·[pre > θ_l]: a JumpReLU, which
+its batch's top k·B pre-activations; the smallest kept value, estimated on held batches
+when training ends (``calibrate_thresholds``), is the threshold θ_l that inference uses, z = pre·[pre > θ_l]: a JumpReLU, which
 circuit-tracer computes exactly.
 
 Memory, per source layer l (float32 training with Adam: weights, gradients and two moments,
@@ -91,6 +91,17 @@ class CrossLayerTranscoder(nn.Module):
             decay = self.cfg.threshold_decay
             self.threshold.copy_(torch.where(fresh_L, kept_L, decay * self.threshold + (1 - decay) * kept_L))
         return z_LM.reshape(L, B, N).transpose(0, 1)
+
+    @torch.no_grad()
+    def calibrate_thresholds(self, x_BLD: Tensor) -> None:
+        """Set each layer's inference threshold to the smallest of the top k·B
+        pre-activations of ``x_BLD``: eval mode then fires k per token per layer on average.
+        The running estimate lags on short runs (it starts from the first batches, whose
+        pre-activations are larger), so training ends with this."""
+        B, N = x_BLD.shape[0], self.cfg.n_latents
+        for l in range(self.cfg.n_layers):  # one layer's [B, N] at a time
+            pre_M = (x_BLD[:, l] @ self.W_enc[l].T + self.b_enc[l]).relu().flatten()
+            self.threshold[l] = pre_M.topk(min(self.cfg.k * B, B * N)).values[-1]
 
     def encode(self, x_BLD: Tensor) -> Tensor:
         return self.activate(self.pre_acts(x_BLD))

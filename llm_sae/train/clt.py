@@ -127,6 +127,9 @@ def fit_clt(
             _save_checkpoint(out / CKPT, clt, opt, step + 1)
     log.close()
     elapsed = time.perf_counter() - t0
+    # Inference thresholds from the next batches (eval mode: k per token per layer on average).
+    x_BLD = torch.cat([next(batches)[0] for _ in range(max(1, 8192 // cfg.batch_size))]) * sx
+    clt.calibrate_thresholds(x_BLD)
     clt.eval()
     clt.fold_scales(s_in_L, s_out_L)
     clt.cpu().save(out)
