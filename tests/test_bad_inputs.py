@@ -291,6 +291,12 @@ CASES: list[tuple[str, list[str], str]] = [
     ("explain config json syntax", ["explain", "--config", "{root}/bad.json"], "bad.json"),
     ("steer nothing to steer", ["steer", "--sae", "{sae}", "--prompt", "x"], "nothing to steer"),
     ("steer add garbage", ["steer", "--sae", "{sae}", "--prompt", "x", "--add", "abc"], "FEATURE=STRENGTH"),
+    # train-clt
+    ("train-clt pair malformed", ["train-clt", "--pair", "a", "--out", "{root}/c"], "IN_STORE:OUT_STORE"),
+    ("train-clt store missing", ["train-clt", "--pair", "{root}/nostore:{root}/nostore", "--out", "{root}/c"],
+     "no activation store"),
+    ("train-clt lr 0", ["train-clt", "--pair", "{root}/nostore:{root}/nostore", "--lr", "0", "--out", "{root}/c"],
+     "--lr"),
     # demo, bench
     ("demo out is a file", ["demo", "--out", "{afile}", "--small"], "Not a directory|is a file"),
     ("bench unknown", ["bench", "nosuch"], "invalid choice"),

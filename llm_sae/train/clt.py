@@ -148,6 +148,8 @@ def train_clt(cfg: CLTTrainConfig) -> Path:
         raise ConfigError(f"--pair takes IN_STORE:OUT_STORE per layer, in layer order; got {cfg.pair}")
     if cfg.batch_size <= 0 or cfg.tokens < cfg.batch_size:
         raise ConfigError("--batch-size must be positive and --tokens at least one batch")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0) or cfg.k <= 0 or cfg.expansion <= 0:
+        raise ConfigError(f"--lr ({cfg.lr}), --k ({cfg.k}) and --expansion ({cfg.expansion}) must be positive")
     src = LayerPairsSource([(a, b) for a, b in pairs])
     src.check()
     torch.manual_seed(cfg.seed)
