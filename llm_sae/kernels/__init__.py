@@ -9,9 +9,10 @@ from llm_sae.kernels.topk import (
            clear_workspace,
            dense_topk_decode,
            dense_topk_encode,
+           pair_pre_acts,
            topk_decode,
            topk_encode,
 )
 
 __all__ = ["topk_encode", "topk_decode", "dense_topk_encode", "dense_topk_decode",
-           "DeferredWeightGrads", "clear_workspace", "latent_segments"]
+           "pair_pre_acts", "DeferredWeightGrads", "clear_workspace", "latent_segments"]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm_sae.config import to_dict
+from llm_sae.kernels.topk import pair_pre_acts
 from llm_sae.sae.ops import dead_rows, decode_sparse
 
 if TYPE_CHECKING:
@@ -245,9 +246,27 @@ class SAE(nn.Module):
             return x_BD.new_zeros(()), 0, 0
         k_aux = self.cfg.aux_k or min(512, max(1, self.d_in // 2))
         k_aux = min(k_aux, n_dead)
-        pre_BM = F.linear(self.centered(x_BD).detach(), self.W_enc[dead_M], self.b_enc[dead_M])
-        vals_BK, pos_BK = F.relu(pre_BM).topk(k_aux, dim=-1, sorted=False)
-        return decode_sparse(vals_BK, dead_M[pos_BK], self.W_dec), n_dead, k_aux
+        vals_BK, idx_BK = self.dead_topk(x_BD, dead_M, k_aux)
+        return decode_sparse(vals_BK, idx_BK, self.W_dec), n_dead, k_aux
+
+    def dead_topk(self, x_BD: Tensor, dead_M: Tensor, m: int) -> tuple[Tensor, Tensor]:
+        """(vals_Bm, idx_Bm): per row, the top m of ReLU(pre-activations) over the latents
+        ``dead_M``, with the input detached (AuxK trains only the dead latents).
+
+        The selection needs the dead latents' pre-activations alone, a [B, n_dead] product
+        without a gradient; the values are then recomputed at the m chosen pairs with a
+        sparse backward (``pair_pre_acts``). So AuxK adds O(B·n_dead·D) forward work and
+        O(B·m·D) backward work, and W_enc's gradient stays sparse (and deferred) instead of
+        the dense [N, D] one that indexing W_enc[dead_M] under autograd would give it.
+        """
+        xin_BD = self.centered(x_BD).detach()
+        with torch.no_grad():
+            pre_BM = F.linear(xin_BD, self.W_enc[dead_M], self.b_enc[dead_M])
+            # top-m then ReLU equals ReLU then top-m: ties among ReLU's zeros decode to nothing.
+            pos_Bm = pre_BM.topk(m, dim=-1, sorted=False).indices
+            idx_Bm = dead_M[pos_Bm]
+        del pre_BM
+        return F.relu(pair_pre_acts(xin_BD, self.W_enc, self.b_enc, idx_Bm)), idx_Bm
 
     # -------------------------------------------------------------- training constraints
     @torch.no_grad()
