@@ -1,0 +1,54 @@
+"""The pairs a batch-level TopK keeps, found without a dense [B, N] tensor.
+
+BatchTopK keeps the k·B largest ReLU pre-activations of a whole batch, so a token gets a
+variable number of latents. Its dense form holds all B·N pre-activations (400 MB at
+B=4096, N=24576) and backpropagates through all of them. Here the selection runs on each
+row's top c candidates from the TopK encoder (screened in bf16 on CPUs that can), and the
+caller recomputes the kept pairs' values with a sparse backward (``pair_pre_acts``), so
+decode and backward cost what TopK's do at the same mean L0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from llm_sae.kernels.topk import topk_encode
+
+# Candidates per row, as a multiple of the mean count k: a row keeps more than k when its
+# pre-activations are larger than the batch's, rarely more than a few times k.
+CANDIDATES_PER_K = 4
+
+
+@torch.no_grad()
+def batch_topk_pairs(xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(idx_BK, on_BK): the latents of the k·B largest ReLU(xin W_encᵀ + b_enc) entries of
+    the batch, K = the most any row keeps; row b's kept latents first, ``on_BK`` (float 1/0)
+    marks them (the rest are padding, any valid index).
+
+    Exact: the selection from the top c per row equals the selection over all N unless
+    some row's c-th candidate reaches the batch threshold (that row may have more above
+    it); then the pass is redone with 2c candidates, up to c = N.
+    """
+    B, N = xin_BD.shape[0], W_enc_ND.shape[0]
+    n_keep = min(B * N, k * B)
+    c = min(N, CANDIDATES_PER_K * k)
+    while True:
+        vals_BC, idx_BC = topk_encode(xin_BD, W_enc_ND, b_enc_N, c)  # ReLU'd: ≥ 0
+        flat_vals, flat_pos = vals_BC.flatten().topk(n_keep, sorted=False)
+        threshold = flat_vals.min() if n_keep else vals_BC.new_tensor(float("inf"))
+        # A row whose smallest candidate is positive and not below the threshold may hold
+        # non-candidates that belong in the selection.
+        last_B = vals_BC.min(dim=1).values
+        if c == N or not bool(((last_B >= threshold) & (last_B > 0)).any()):
+            break
+        c = min(N, 2 * c)
+    on_BC = torch.zeros(B * c, dtype=torch.bool, device=vals_BC.device)
+    on_BC[flat_pos] = True
+    on_BC = on_BC.view(B, c)
+    # Kept pairs first in each row (a stable sort: in candidate order), then trim to the
+    # longest row.
+    order_BC = torch.sort(on_BC.to(torch.int8), dim=1, descending=True, stable=True).indices
+    K = max(1, int(on_BC.sum(dim=1).max())) if B else 1
+    order_BK = order_BC[:, :K]
+    return idx_BC.gather(1, order_BK), on_BC.gather(1, order_BK).to(xin_BD.dtype)
