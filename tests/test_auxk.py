@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm_sae.kernels import DeferredWeightGrads, pair_pre_acts
+from llm_sae.kernels import DeferredWeightGrads, auxk, pair_pre_acts
 from llm_sae.sae.config import SAEConfig
 from llm_sae.sae.registry import REGISTRY
 
@@ -44,13 +44,19 @@ def loss_and_grads(sae, x_BD, dead_N, deferred: bool):
         out.loss.backward()
     if deferred:  # the sparse kernels deferred both weight gradients, AuxK's included
         assert sae.W_enc.grad is None and grads.pending(sae.W_enc)
-        grads.flush()
+        for W in (sae.W_enc, sae.W_dec):  # as the trainer does: slabs of rows (here 7)
+            W.grad = torch.cat([grads.materialize(W, torch.full((min(7, N - s), D), torch.nan, dtype=W.dtype), s)
+                                for s in range(0, N, 7)])  # fmt: skip
+        grads.clear()
     return out.loss.detach(), out.metrics["aux"], [p.grad.clone() for p in params]
 
 
 @pytest.mark.parametrize("n_dead", [1, 7, 60])
 @pytest.mark.parametrize("deferred", [False, True])
-def test_sparse_auxk_equals_dense_auxk_in_float64(n_dead, deferred, monkeypatch):
+@pytest.mark.parametrize("slab_rows", [None, 3])
+def test_subspace_auxk_equals_dense_auxk_in_float64(n_dead, deferred, slab_rows, monkeypatch):
+    if slab_rows:  # several slabs of batch rows in the forward and the backward
+        monkeypatch.setattr(auxk, "SLAB_BYTES", 4 * n_dead * slab_rows)
     sae = make_sae(aux_k=12)
     x_BD = torch.randn(B, D, dtype=torch.float64)
     dead_N = torch.zeros(N, dtype=torch.bool)

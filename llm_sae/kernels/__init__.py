@@ -1,7 +1,8 @@
 """Kernels: sparse TopK encode/decode whose backward touches only the active latents.
 
 ``sparse_ops`` is the leaf the others import; ``topk`` holds the autograd functions,
-``screen`` the exact bfloat16-screened CPU encoder, ``triton`` the GPU kernels.
+``screen`` the exact bfloat16-screened CPU encoder, ``triton`` the GPU kernels, ``auxk``
+AuxK's decode in the dead latents' subspace, ``batch_topk`` BatchTopK's kept pairs.
 """
 
 from llm_sae.kernels.sparse_ops import DeferredWeightGrads, latent_segments

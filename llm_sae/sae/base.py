@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm_sae.config import to_dict
-from llm_sae.kernels.topk import pair_pre_acts
-from llm_sae.sae.ops import dead_rows, decode_sparse
+from llm_sae.kernels.auxk import dead_decode
+from llm_sae.sae.ops import dead_rows
 
 if TYPE_CHECKING:
     from llm_sae.sae.config import SAEConfig
@@ -246,27 +246,8 @@ class SAE(nn.Module):
             return x_BD.new_zeros(()), 0, 0
         k_aux = self.cfg.aux_k or min(512, max(1, self.d_in // 2))
         k_aux = min(k_aux, n_dead)
-        vals_BK, idx_BK = self.dead_topk(x_BD, dead_M, k_aux)
-        return decode_sparse(vals_BK, idx_BK, self.W_dec), n_dead, k_aux
-
-    def dead_topk(self, x_BD: Tensor, dead_M: Tensor, m: int) -> tuple[Tensor, Tensor]:
-        """(vals_Bm, idx_Bm): per row, the top m of ReLU(pre-activations) over the latents
-        ``dead_M``, with the input detached (AuxK trains only the dead latents).
-
-        The selection needs the dead latents' pre-activations alone, a [B, n_dead] product
-        without a gradient; the values are then recomputed at the m chosen pairs with a
-        sparse backward (``pair_pre_acts``). So AuxK adds O(B·n_dead·D) forward work and
-        O(B·m·D) backward work, and W_enc's gradient stays sparse (and deferred) instead of
-        the dense [N, D] one that indexing W_enc[dead_M] under autograd would give it.
-        """
-        xin_BD = self.centered(x_BD).detach()
-        with torch.no_grad():
-            pre_BM = F.linear(xin_BD, self.W_enc[dead_M], self.b_enc[dead_M])
-            # top-m then ReLU equals ReLU then top-m: ties among ReLU's zeros decode to nothing.
-            pos_Bm = pre_BM.topk(m, dim=-1, sorted=False).indices
-            idx_Bm = dead_M[pos_Bm]
-        del pre_BM
-        return F.relu(pair_pre_acts(xin_BD, self.W_enc, self.b_enc, idx_Bm)), idx_Bm
+        xin_BD = self.centered(x_BD).detach()  # AuxK trains only the dead latents
+        return dead_decode(xin_BD, self.W_enc, self.b_enc, self.W_dec, dead_M, k_aux), n_dead, k_aux
 
     # -------------------------------------------------------------- training constraints
     @torch.no_grad()
