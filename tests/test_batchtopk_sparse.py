@@ -39,12 +39,13 @@ def test_batch_topk_pairs_equal_the_dense_selection(huge_rows, monkeypatch):
     b_N = torch.randn(N, generator=g, dtype=torch.float64) * 0.1
     calls = []
     real = bt.topk_encode
-    monkeypatch.setattr(bt, "topk_encode", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(bt, "topk_encode", lambda *a: calls.append(a[0]) or real(*a))
     idx_BK, on_BK = bt.batch_topk_pairs(x_BD, W_ND, b_N, K)
     assert on_BK.sum() == K * B
     pre_BK = (x_BD @ W_ND.t() + b_N).gather(1, idx_BK)
     assert pairs_set(idx_BK, on_BK, pre_BK) == dense_selection(x_BD, W_ND, b_N, K)
     assert (len(calls) > 1) == (huge_rows > 0)  # widened only when a row needed it
+    assert all(len(rows) <= huge_rows for rows in calls[1:])  # and only for those rows
 
 
 def loss_and_grads(sae, x_BD, dead_N, forward):

@@ -28,21 +28,30 @@ def batch_topk_pairs(xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) 
 
     Exact: the selection from the top c per row equals the selection over all N unless
     some row's c-th candidate reaches the batch threshold (that row may have more above
-    it); then the pass is redone with 2c candidates, up to c = N.
+    it); then those rows alone are redone with 2c candidates, up to c = N. (The threshold
+    only rises as candidates are added, so a row once cleared stays cleared.)
     """
     B, N = xin_BD.shape[0], W_enc_ND.shape[0]
     n_keep = min(B * N, k * B)
     c = min(N, CANDIDATES_PER_K * k)
+    vals_BC, idx_BC = topk_encode(xin_BD, W_enc_ND, b_enc_N, c)  # ReLU'd: ≥ 0
+    last_B = vals_BC.min(dim=1).values
     while True:
-        vals_BC, idx_BC = topk_encode(xin_BD, W_enc_ND, b_enc_N, c)  # ReLU'd: ≥ 0
         flat_vals, flat_pos = vals_BC.flatten().topk(n_keep, sorted=False)
         threshold = flat_vals.min() if n_keep else vals_BC.new_tensor(float("inf"))
         # A row whose smallest candidate is positive and not below the threshold may hold
         # non-candidates that belong in the selection.
-        last_B = vals_BC.min(dim=1).values
-        if c == N or not bool(((last_B >= threshold) & (last_B > 0)).any()):
+        bad_R = ((last_B >= threshold) & (last_B > 0)).nonzero().view(-1)
+        if c == N or bad_R.numel() == 0:
             break
         c = min(N, 2 * c)
+        v_RC, i_RC = topk_encode(xin_BD[bad_R], W_enc_ND, b_enc_N, c)
+        # Other rows keep their candidates, padded with -1: below every ReLU value, never kept.
+        pad = c - vals_BC.shape[1]
+        vals_BC = torch.cat([vals_BC, vals_BC.new_full((B, pad), -1.0)], dim=1)
+        idx_BC = torch.cat([idx_BC, idx_BC.new_zeros(B, pad)], dim=1)
+        vals_BC[bad_R], idx_BC[bad_R] = v_RC, i_RC
+        last_B[bad_R] = v_RC.min(dim=1).values
     on_BC = torch.zeros(B * c, dtype=torch.bool, device=vals_BC.device)
     on_BC[flat_pos] = True
     on_BC = on_BC.view(B, c)
