@@ -37,6 +37,7 @@ def test_batch_topk_pairs_equal_the_dense_selection(huge_rows, monkeypatch):
     x_BD[:huge_rows] *= 30
     W_ND = torch.randn(N, D, generator=g, dtype=torch.float64)
     b_N = torch.randn(N, generator=g, dtype=torch.float64) * 0.1
+    monkeypatch.setattr(bt, "CANDIDATES_PER_K", 4)  # c = 16: only the huge rows need more
     calls = []
     real = bt.topk_encode
     monkeypatch.setattr(bt, "topk_encode", lambda *a: calls.append(a[0]) or real(*a))
