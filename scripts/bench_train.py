@@ -54,6 +54,10 @@ def _build_step(impl: str, a: argparse.Namespace, x_BD):  # noqa: C901 - one bra
     import torch
 
     D, N, K = a.d_in, a.n_latents, a.k
+    dead_N = None
+    if a.dead_frac > 0:  # the same latents for every implementation
+        dead_N = torch.zeros(N, dtype=torch.bool)
+        dead_N[torch.randperm(N, generator=torch.Generator().manual_seed(a.seed))[: max(1, round(a.dead_frac * N))]] = True
     if impl == "llm_sae":
         # As `llm-sae train` does on a CPU: the allocator tuning is the command's opt-in.
         from llm_sae.common.process import return_large_blocks_to_os
@@ -63,7 +67,12 @@ def _build_step(impl: str, a: argparse.Namespace, x_BD):  # noqa: C901 - one bra
 
         return_large_blocks_to_os()
         cfg = TrainConfig(store="-", out="-", d_in=D, n_latents=N, k=K, batch_size=a.batch)
-        trainer = Trainer(REGISTRY["topk"](cfg), cfg, total_steps=10**6)
+        trainer = Trainer(REGISTRY[a.arch](cfg), cfg, total_steps=10**6)
+        if a.train_steps:  # real training first: the screen's fallback rate in a real run
+            for _ in range(a.train_steps):
+                trainer.step(planted_batch(a, torch.Generator().manual_seed(a.seed + 1 + _)))
+        if dead_N is not None:  # these latents stay dead, so AuxK acts at every step
+            trainer.dead.mask = lambda: dead_N
         return (lambda: trainer.step(x_BD)), "working tree"
 
     if impl in ("kernels", "dense"):
@@ -106,8 +115,9 @@ def _build_step(impl: str, a: argparse.Namespace, x_BD):  # noqa: C901 - one bra
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
         def step() -> None:
-            out = sae(x_BD)
-            out.fvu.backward()
+            out = sae(x_BD, dead_mask=dead_N)
+            # sparsify's trainer: fvu + auxk_alpha (1/32 by default) · AuxK
+            (out.fvu + out.auxk_loss / 32 if dead_N is not None else out.fvu).backward()
             sae.remove_gradient_parallel_to_decoder_directions()
             opt.step()
             opt.zero_grad()
@@ -117,19 +127,21 @@ def _build_step(impl: str, a: argparse.Namespace, x_BD):  # noqa: C901 - one bra
     if impl == "saelens":
         import importlib.metadata as md
 
-        from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+        import sae_lens
         from sae_lens.saes.sae import TrainStepInput
 
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=N, k=K, device="cpu"))
+        name = {"topk": "TopK", "batchtopk": "BatchTopK"}[a.arch]
+        sae_cls, cfg_cls = getattr(sae_lens, f"{name}TrainingSAE"), getattr(sae_lens, f"{name}TrainingSAEConfig")
+        sae = sae_cls(cfg_cls(d_in=D, d_sae=N, k=K, device="cpu"))
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-        dead_N = torch.zeros(N, dtype=torch.bool)
+        saelens_dead_N = torch.zeros(N, dtype=torch.bool) if dead_N is None else dead_N
 
         def step() -> None:
             out = sae.training_forward_pass(
                 TrainStepInput(
                     sae_in=x_BD,
                     coefficients={},
-                    dead_neuron_mask=dead_N,
+                    dead_neuron_mask=saelens_dead_N,
                     n_training_steps=0,
                     is_logging_step=False,
                 )
@@ -162,6 +174,18 @@ def _build_step(impl: str, a: argparse.Namespace, x_BD):  # noqa: C901 - one bra
     raise SystemExit(f"unknown implementation {impl!r}")
 
 
+def planted_batch(a: argparse.Namespace, gen):
+    """Rows made of ~k of 4·d planted directions with lognormal magnitudes, plus noise:
+    enough structure that training moves pre-activations the way real data does."""
+    import torch
+
+    dirs_FD = torch.randn(4 * a.d_in, a.d_in, generator=torch.Generator().manual_seed(a.seed))
+    dirs_FD /= dirs_FD.norm(dim=1, keepdim=True)
+    on_BF = torch.rand(a.batch, dirs_FD.shape[0], generator=gen) < a.k / dirs_FD.shape[0]
+    mag_BF = torch.randn(a.batch, dirs_FD.shape[0], generator=gen).exp_() * on_BF
+    return mag_BF @ dirs_FD + 0.05 * torch.randn(a.batch, a.d_in, generator=gen)
+
+
 _MODULES = {
     "llm_sae": ("llm_sae.train", "llm_sae.sae", "llm_sae.kernels"),
     "kernels": ("llm_sae.kernels",),
@@ -192,11 +216,13 @@ def worker(impl: str, a: argparse.Namespace) -> dict:
     screen = sys.modules.get("llm_sae.kernels.screen")
     if screen is not None:
         screen.reset_stats()
+    # cpu: this process's CPU time, robust on a shared machine when run with --threads 1
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
     times = []
     for _ in range(a.steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         step()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     times.sort()
     out = {
         "impl": impl,
@@ -206,6 +232,8 @@ def worker(impl: str, a: argparse.Namespace) -> dict:
         "peak_rss_delta_mb": _rss_mb("VmHWM") - rss0,
         "threads": torch.get_num_threads(),
     }
+    if "llm_sae" in sys.modules:
+        out["module"] = sys.modules["llm_sae"].__file__
     if screen is not None:  # the bfloat16-screened encoder ran (llm_sae/screen.py)
         out["screened_rows"] = screen.STATS["rows"]
         out["fallback_rows"] = screen.STATS["fallback_rows"]
@@ -215,9 +243,12 @@ def worker(impl: str, a: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------------------ driver side
 def _run_worker(python: Path | str, impl: str, a: argparse.Namespace) -> dict:
     cmd = [str(python), __file__, "--worker", impl]
-    for name in ("d_in", "n_latents", "k", "batch", "steps", "warmup", "threads", "seed"):
+    names = ("clock", "arch", "d_in", "n_latents", "k", "batch", "steps", "warmup", "threads", "seed", "dead_frac", "train_steps")
+    for name in names:
         cmd += [f"--{name.replace('_', '-')}", str(getattr(a, name))]
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONWARNINGS="ignore")
+    if impl not in PEERS:  # this checkout's llm_sae, not whichever one is installed
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if a.screen != "auto":
         env["LLM_SAE_SCREEN"] = a.screen
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -246,6 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--archs", default="topk", help="comma-separated: topk, batchtopk")
+    p.add_argument("--arch", default="topk", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="step time as wall time, or as the process's CPU time (for a loaded machine, with --threads 1)",
+    )  # fmt: skip
+    p.add_argument("--ks", help="comma-separated k values (default: --k)")
+    p.add_argument(
+        "--states", default="0",
+        help="comma-separated: a share of latents kept dead (0, 0.01, 0.1) or 'trained'",
+    )  # fmt: skip
+    p.add_argument("--dead-frac", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--train-steps", type=int, default=0, help="steps of training for 'trained' (300)")
     p.add_argument("--impls", default=",".join(OURS + PEERS), help="comma-separated subset to run")
     p.add_argument(
         "--screen",
@@ -267,69 +311,92 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{PEERS_PY} not found: skipping the peers. Create it with `bash scripts/setup_peers.sh`."
         )
-    results: dict[str, dict] = {}
     # The machine's matmul rate: the encoder product whole and in slabs, before and after
     # the implementations (this CPU's clock drifts during a run); the fastest is the bound.
     mms = [_run_worker(sys.executable, m, a) for m in ("matmul", "matmul_slabs")]
-    flops_token = 2 * a.d_in * a.n_latents  # the encoder matmul, per token
-    for impl in impls:
-        if impl in PEERS and not peers_ok:
-            continue
-        print(f"timing {impl} …", file=sys.stderr, flush=True)
-        results[impl] = _run_worker(PEERS_PY if impl in PEERS else sys.executable, impl, a)
+    rows: list[dict] = []
+    grid = [
+        (arch, int(k), st.strip())
+        for arch in a.archs.split(",")
+        for k in (a.ks or str(a.k)).split(",")
+        for st in a.states.split(",")
+    ]  # fmt: skip
+    for arch, k, state in grid:
+        run = argparse.Namespace(**vars(a))
+        run.arch, run.k, run.dead_frac, run.train_steps = arch, k, 0.0, 0
+        if state == "trained":
+            run.train_steps = a.train_steps or 300
+        else:
+            run.dead_frac = float(state)
+        for impl in impls:
+            if (impl in PEERS and not peers_ok) or (state != "0" and impl in ("kernels", "dense")):
+                continue
+            if arch != "topk" and impl in ("kernels", "dense", "sparsify"):
+                continue  # TopK only (sparsify has no other architecture)
+            if state == "trained" and impl != "llm_sae":
+                continue  # the peers' step does not depend on training: see their clean row
+            print(f"timing {impl} {arch} k={k} {state} …", file=sys.stderr, flush=True)
+            r = _run_worker(PEERS_PY if impl in PEERS else sys.executable, impl, run)
+            rows.append(dict(r, arch=arch, k=k, state=state))
     mms += [_run_worker(sys.executable, m, a) for m in ("matmul", "matmul_slabs")]
     mm = min(mms, key=lambda r: r.get("step_s", float("inf")))
 
     params = 2 * a.n_latents * a.d_in + a.n_latents + a.d_in
     ideal_mb = (3 * params + a.batch * a.d_in) * 4 / 2**20  # weights + Adam m, v + one batch
     mm_s = mm.get("step_s", float("nan"))
+    flops_token = 2 * a.d_in * a.n_latents  # the encoder matmul, per token
     rate = flops_token * a.batch / mm_s
     print(
-        f"\nTopK SAE step, float32, d={a.d_in} n={a.n_latents} k={a.k} batch={a.batch}, "
-        f"{a.threads} threads, median of {a.steps} after {a.warmup} warm-up"
+        f"\nSAE training step, float32, d={a.d_in} n={a.n_latents} batch={a.batch}, "
+        f"{a.threads} threads, median of {a.steps} after {a.warmup} warm-up, {a.clock} time"
     )
     print(
         f"encoder matmul [{a.batch},{a.d_in}]x[{a.d_in},{a.n_latents}] (best of 4, {mm['impl']}): "
         f"{mm_s * 1e3:.1f} ms = {rate / 1e9:.1f} GFLOP/s"
     )
-    print(f"memory floor (weights + Adam state + batch): {ideal_mb:.0f} MB\n")
-    head = f"{'impl':10s} {'version':14s} {'step ms':>9s} {'tokens/s':>10s} {'enc GFLOP/s':>11s} {'of matmul':>9s} {'peak MB':>8s} {'/floor':>6s} {'screen fallback':>15s}"
+    print(f"memory floor (weights + Adam state + batch): {ideal_mb:.0f} MB")
+    print("state: 0 = no dead latents; 0.01 / 0.1 = that share kept dead (AuxK on); trained = after")
+    print(f"{a.train_steps or 300} steps of training on planted features; x peer = peer step / ours\n")
+    head = (
+        f"{'arch':9s} {'k':>4s} {'state':8s} {'impl':9s} {'step ms':>8s} {'of matmul':>9s} {'peak MB':>8s} "
+        f"{'/floor':>6s} {'fallback':>9s} {'x sparsify':>10s} {'x saelens':>9s}"
+    )
     print(head)
     print("-" * len(head))
-    for impl, r in results.items():
+
+    def peer_step(arch: str, k: int, state: str, peer: str) -> float | None:
+        key = (arch, k, "0" if state == "trained" else state, peer)
+        return next((r["step_s"] for r in rows if (r["arch"], r["k"], r["state"], r["impl"]) == key and "step_s" in r), None)
+
+    for r in rows:
         if "error" in r:
-            print(f"{impl:10s} ERROR {r['error']}")
+            print(f"{r['arch']:9s} {r['k']:4d} {r['state']:8s} {r['impl']:9s} ERROR {r['error']}")
             continue
         s = r["step_s"]
-        r["tokens_per_s"] = a.batch / s
-        r["encoder_flops_per_s"] = flops_token * a.batch / s
-        r["frac_of_matmul"] = mm_s / s
-        r["mem_over_floor"] = r["peak_rss_delta_mb"] / ideal_mb
+        r.update(
+            tokens_per_s=a.batch / s, encoder_flops_per_s=flops_token * a.batch / s,
+            frac_of_matmul=mm_s / s, mem_over_floor=r["peak_rss_delta_mb"] / ideal_mb,
+        )  # fmt: skip
+        x = {}
+        if r["impl"] == "llm_sae":
+            for peer in PEERS:
+                ps = peer_step(r["arch"], r["k"], r["state"], peer)
+                if ps is not None:
+                    x[peer] = r["speedup_" + peer] = ps / s
         print(
-            f"{impl:10s} {r['version'][:14]:14s} {s * 1e3:9.1f} {r['tokens_per_s']:10.0f} "
-            f"{r['encoder_flops_per_s'] / 1e9:11.1f} {r['frac_of_matmul']:9.2f} "
-            f"{r['peak_rss_delta_mb']:8.0f} {r['mem_over_floor']:6.2f} {_screen_col(r):>15s}"
-        )
-    ours = results.get("llm_sae") or results.get("kernels")
-    ratios = {}
-    if ours and "step_s" in ours:
-        for other in ("dense", "sparsify", "saelens"):
-            if other in results and "step_s" in results[other]:
-                ratios[other] = results[other]["step_s"] / ours["step_s"]
-        print(
-            f"\n{ours['impl']} speed-up: "
-            + ", ".join(f"{v:.2f}x vs {k}" for k, v in ratios.items())
+            f"{r['arch']:9s} {r['k']:4d} {r['state']:8s} {r['impl']:9s} {s * 1e3:8.0f} {r['frac_of_matmul']:9.2f} "
+            f"{r['peak_rss_delta_mb']:8.0f} {r['mem_over_floor']:6.2f} {_screen_col(r):>9s} "
+            + " ".join(f"{x[p]:9.2f}x" if p in x else f"{'':>10s}" for p in PEERS)
         )
     out = {
-        "shape": {"d_in": a.d_in, "n_latents": a.n_latents, "k": a.k, "batch": a.batch},
+        "shape": {"d_in": a.d_in, "n_latents": a.n_latents, "batch": a.batch},
         "threads": a.threads,
         "steps": a.steps,
         "warmup": a.warmup,
         "matmul": {"seconds": mm_s, "flops_per_s": rate, "best_of": {
             f"{r['impl']}_{i // 2}": r.get("step_s") for i, r in enumerate(mms)}},
         "memory_floor_mb": ideal_mb,
-        "results": results,
-        "speedup_of_" + (ours["impl"] if ours else "none"): ratios,
+        "rows": rows,
         "cpu_count": os.cpu_count(),
         "loadavg": os.getloadavg(),
     }

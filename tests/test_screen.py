@@ -159,3 +159,17 @@ def test_dispatch(monkeypatch):
     monkeypatch.delenv("LLM_SAE_SCREEN")
     assert screen.use_screen(x, W, b, 8) == screen.cpu_has_fast_bf16()
     assert not screen.use_screen(x, W[:200], b[:200], 8)  # too few latents to pay off
+
+
+@pytest.mark.parametrize("k", [64, 128])
+def test_margin_grows_with_k_so_a_fresh_sae_is_certified(screen_on, k):
+    """At larger k the values near the k-th crowd together; with the margin growing with k
+    the screen still certifies (nearly) every row of a fresh SAE, and stays exact."""
+    g = torch.Generator().manual_seed(0)
+    B, D, N = 64, 768, 8192
+    W_ND = torch.randn(N, D, generator=g)
+    W_ND /= W_ND.norm(dim=1, keepdim=True)  # a fresh SAE: unit rows, b_enc = 0
+    x_BD, b_N = torch.randn(B, D, generator=g), torch.zeros(N)
+    assert screen.use_screen(x_BD, W_ND, b_N, k)
+    _assert_same_topk(topk_encode(x_BD, W_ND, b_N, k), dense_topk_encode(x_BD, W_ND, b_N, k))
+    assert screen.STATS["fallback_rows"] <= B // 20

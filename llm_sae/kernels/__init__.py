@@ -1,7 +1,8 @@
 """Kernels: sparse TopK encode/decode whose backward touches only the active latents.
 
 ``sparse_ops`` is the leaf the others import; ``topk`` holds the autograd functions,
-``screen`` the exact bfloat16-screened CPU encoder, ``triton`` the GPU kernels.
+``screen`` the exact bfloat16-screened CPU encoder, ``triton`` the GPU kernels, ``auxk``
+AuxK's decode in the dead latents' subspace, ``batch_topk`` BatchTopK's kept pairs.
 """
 
 from llm_sae.kernels.sparse_ops import DeferredWeightGrads, latent_segments
@@ -9,9 +10,10 @@ from llm_sae.kernels.topk import (
            clear_workspace,
            dense_topk_decode,
            dense_topk_encode,
+           pair_pre_acts,
            topk_decode,
            topk_encode,
 )
 
 __all__ = ["topk_encode", "topk_decode", "dense_topk_encode", "dense_topk_decode",
-           "DeferredWeightGrads", "clear_workspace", "latent_segments"]
+           "pair_pre_acts", "DeferredWeightGrads", "clear_workspace", "latent_segments"]

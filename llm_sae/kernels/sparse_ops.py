@@ -247,11 +247,14 @@ class DeferredWeightGrads:
     factors are kept until ``clear``). A trainer can then clip and step the weights a
     slab of rows at a time, never holding a whole [N, D] gradient. Weights reached
     another way (a cast copy under autocast, the Triton kernels, CUDA) get ``.grad`` as usual.
+    A gradient that is nonzero on a few rows only (AuxK's, on the dead latents) is kept as
+    (rows_M, G_MD) blocks and added to the slabs they fall in.
     """
 
     def __init__(self, params: list[Tensor]) -> None:
         self.params = list(params)
         self._factors: dict[int, list[list]] = {}  # param index → [idx, coef, rows, csr parts]
+        self._blocks: dict[int, list[tuple[Tensor, Tensor]]] = {}  # param index → (rows_M, G_MD)
 
     @contextlib.contextmanager
     def collecting(self) -> Iterator[None]:
@@ -261,48 +264,77 @@ class DeferredWeightGrads:
         finally:
             COLLECTING.grads = before
 
-    def _record(self, W_ND: Tensor, idx_BK: Tensor, coef_BK: Tensor, rows_BD: Tensor) -> bool:
+    def _index(self, W_ND: Tensor) -> int | None:
         if W_ND.device.type != "cpu" or W_ND.dtype not in (torch.float32, torch.float64):
-            return False  # the CSR product is the CPU path; elsewhere the usual gradient
+            return None  # the CSR product is the CPU path; elsewhere the usual gradient
         for i, p in enumerate(self.params):
             if W_ND is p or (
                 W_ND.data_ptr() == p.data_ptr() and W_ND.shape == p.shape and W_ND.dtype == p.dtype
             ):
-                rows = rows_BD.detach().to(W_ND.dtype).contiguous()
-                self._factors.setdefault(i, []).append([idx_BK, coef_BK.detach().to(W_ND.dtype), rows, None])
-                return True
-        return False
+                return i
+        return None
+
+    def _record(self, W_ND: Tensor, idx_BK: Tensor, coef_BK: Tensor, rows_BD: Tensor) -> bool:
+        i = self._index(W_ND)
+        if i is None:
+            return False
+        rows = rows_BD.detach().to(W_ND.dtype).contiguous()
+        self._factors.setdefault(i, []).append([idx_BK, coef_BK.detach().to(W_ND.dtype), rows, None])
+        return True
+
+    def _record_rows(self, W_ND: Tensor, rows_M: Tensor, G_MD: Tensor) -> bool:
+        i = self._index(W_ND)
+        if i is None:
+            return False
+        self._blocks.setdefault(i, []).append((rows_M, G_MD.detach().to(W_ND.dtype)))
+        return True
 
     def pending(self, p: Tensor) -> bool:
         """Whether ``p`` has a recorded gradient not yet cleared."""
-        return any(q is p for i, q in enumerate(self.params) if i in self._factors)
+        return any(q is p for i, q in enumerate(self.params) if i in self._factors or i in self._blocks)
 
     def materialize(self, p: Tensor, out_RD: Tensor, start: int = 0, accumulate: bool = False) -> Tensor:
         """Write (or with ``accumulate`` add) rows [start, start + len(out_RD)) of ``p``'s
         recorded gradient into ``out_RD``."""
         i = next(i for i, q in enumerate(self.params) if q is p)
         with torch.no_grad():
-            for j, f in enumerate(self._factors[i]):
+            for f in self._factors.get(i, []):
                 if f[3] is None:  # sorted once, sliced for every slab of rows
                     f[3] = csr_parts(f[0], f[1], p.shape[0])
-                csr_rows_t_dense(f[3], f[2], start, out_RD, accumulate or j > 0)
+                csr_rows_t_dense(f[3], f[2], start, out_RD, accumulate)
+                accumulate = True
+            if not accumulate:
+                out_RD.zero_()
+            stop = start + out_RD.shape[0]
+            for rows_M, G_MD in self._blocks.get(i, []):  # rows_M sorted: a slice per slab
+                lo, hi = (int(v) for v in torch.searchsorted(rows_M, rows_M.new_tensor([start, stop])))
+                out_RD.index_add_(0, rows_M[lo:hi] - start, G_MD[lo:hi])
         return out_RD
 
     def flush(self, keep: Sequence[Tensor] = ()) -> None:
         """Turn the recorded gradients of the weights not in ``keep`` into ordinary ``.grad``
         (added to one present) and forget them."""
         for i, p in enumerate(self.params):
-            if i in self._factors and not any(p is q for q in keep):
+            if self.pending(p) and not any(p is q for q in keep):
                 if p.grad is None:
                     p.grad = self.materialize(p, torch.empty_like(p))
                 else:
                     self.materialize(p, p.grad, accumulate=True)
-                del self._factors[i]
+                self._factors.pop(i, None)
+                self._blocks.pop(i, None)
 
     def clear(self) -> None:
         self._factors.clear()
+        self._blocks.clear()
 
 
 def record_weight_grad(W_ND: Tensor, idx_BK: Tensor, coef_BK: Tensor, rows_BD: Tensor) -> bool:
     grads = COLLECTING.grads
     return grads is not None and grads._record(W_ND, idx_BK, coef_BK, rows_BD)
+
+
+def record_weight_rows(W_ND: Tensor, rows_M: Tensor, G_MD: Tensor) -> bool:
+    """Defer a gradient that is G_MD on the (sorted, unique) rows_M of W and zero elsewhere,
+    when a trainer collects; False if it does not (then the caller returns it whole)."""
+    grads = COLLECTING.grads
+    return grads is not None and grads._record_rows(W_ND, rows_M, G_MD)

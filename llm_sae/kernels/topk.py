@@ -91,21 +91,59 @@ class TopKEncode(torch.autograd.Function):
         x_BD, W_enc_ND, vals_BK, idx_BK = ctx.saved_tensors
         # ReLU's derivative: zero where the winner was not positive.
         g_BK = torch.where(vals_BK > 0, grad_vals_BK, 0).to(W_enc_ND.dtype)
-        if use_triton(W_enc_ND):  # Triton dispatch (see use_triton)
-            import llm_sae.kernels.triton as triton_kernels
+        return (*pair_grads(x_BD, W_enc_ND, g_BK, idx_BK, ctx.needs_input_grad[:3]), None)
 
-            need = ctx.needs_input_grad[:3]
-            return (*triton_kernels.encode_backward(x_BD, W_enc_ND, g_BK, idx_BK, need), None)
+
+def pair_grads(
+    x_BD: Tensor, W_enc_ND: Tensor, g_BK: Tensor, idx_BK: Tensor, needs: tuple[bool, ...]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(grad x, grad W_enc, grad b_enc) of pre[b, k] = x[b]·W_enc[idx[b, k]] + b_enc[idx[b, k]]
+    given g = ∂L/∂pre: O(B·K·D) work, and W_enc's gradient deferred when a trainer collects."""
+    if use_triton(W_enc_ND):  # Triton dispatch (see use_triton)
+        import llm_sae.kernels.triton as triton_kernels
+
+        return triton_kernels.encode_backward(x_BD, W_enc_ND, g_BK, idx_BK, needs)
+    chunk = chunk_rows(idx_BK.shape[1], x_BD.shape[1], x_BD.element_size())
+    grad_x = grad_W = grad_b = None
+    if needs[0]:
+        grad_x = weighted_row_sum(W_enc_ND, idx_BK, g_BK)
+    if needs[1] and not record_weight_grad(W_enc_ND, idx_BK, g_BK, x_BD):
+        grad_W = sparse_t_dense(idx_BK, g_BK, x_BD, W_enc_ND.shape[0], chunk)
+    if needs[2]:
+        grad_b = torch.zeros(W_enc_ND.shape[0], dtype=g_BK.dtype, device=g_BK.device)
+        grad_b.index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
+    return grad_x, grad_W, grad_b
+
+
+class PairPreActs(torch.autograd.Function):
+    """pre[b, k] = x[b]·W_enc[idx[b, k]] + b_enc[idx[b, k]] at given pairs; sparse backward.
+
+    For a selection made elsewhere (AuxK's top k over the dead latents, BatchTopK's top
+    k·B of a batch): the values and gradients of exactly the chosen pairs, through the
+    same sparse kernels (and deferred weight gradients) as ``TopKEncode``."""
+
+    @staticmethod
+    def forward(ctx, x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, idx_BK: Tensor):  # type: ignore[override]
         chunk = chunk_rows(idx_BK.shape[1], x_BD.shape[1], x_BD.element_size())
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = weighted_row_sum(W_enc_ND, idx_BK, g_BK)
-        if ctx.needs_input_grad[1] and not record_weight_grad(W_enc_ND, idx_BK, g_BK, x_BD):
-            grad_W = sparse_t_dense(idx_BK, g_BK, x_BD, W_enc_ND.shape[0], chunk)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(W_enc_ND.shape[0], dtype=g_BK.dtype, device=g_BK.device)
-            grad_b.index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
-        return grad_x, grad_W, grad_b, None
+        pre_BK = gathered_dot(W_enc_ND, idx_BK, x_BD.contiguous(), chunk).add_(b_enc_N[idx_BK])
+        ctx.save_for_backward(x_BD, W_enc_ND, idx_BK)
+        return pre_BK
+
+    @staticmethod
+    def backward(ctx, grad_BK: Tensor):  # type: ignore[override]
+        x_BD, W_enc_ND, idx_BK = ctx.saved_tensors
+        g_BK = grad_BK.to(W_enc_ND.dtype).contiguous()
+        return (*pair_grads(x_BD, W_enc_ND, g_BK, idx_BK, ctx.needs_input_grad[:3]), None)
+
+
+def pair_pre_acts(x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, idx_BK: Tensor) -> Tensor:
+    """x[b]·W_enc[idx[b, k]] + b_enc[idx[b, k]] for each (b, k): [B, K], float32 even under
+    autocast (a few dot products per row; no cast copy of W_enc), sparse backward."""
+    _check("W_enc_ND", W_enc_ND, 2)
+    if idx_BK.shape[:-1] != x_BD.shape[:-1]:
+        raise ValueError(f"idx {tuple(idx_BK.shape)} does not match x {tuple(x_BD.shape)}")
+    with torch.autocast(x_BD.device.type, enabled=False):
+        return PairPreActs.apply(x_BD.to(W_enc_ND.dtype), W_enc_ND, b_enc_N, idx_BK)
 
 
 class TopKDecode(torch.autograd.Function):

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm_sae.config import to_dict
-from llm_sae.sae.ops import dead_rows, decode_sparse
+from llm_sae.kernels.auxk import dead_decode
+from llm_sae.sae.ops import dead_rows
 
 if TYPE_CHECKING:
     from llm_sae.sae.config import SAEConfig
@@ -245,9 +246,8 @@ class SAE(nn.Module):
             return x_BD.new_zeros(()), 0, 0
         k_aux = self.cfg.aux_k or min(512, max(1, self.d_in // 2))
         k_aux = min(k_aux, n_dead)
-        pre_BM = F.linear(self.centered(x_BD).detach(), self.W_enc[dead_M], self.b_enc[dead_M])
-        vals_BK, pos_BK = F.relu(pre_BM).topk(k_aux, dim=-1, sorted=False)
-        return decode_sparse(vals_BK, dead_M[pos_BK], self.W_dec), n_dead, k_aux
+        xin_BD = self.centered(x_BD).detach()  # AuxK trains only the dead latents
+        return dead_decode(xin_BD, self.W_enc, self.b_enc, self.W_dec, dead_M, k_aux), n_dead, k_aux
 
     # -------------------------------------------------------------- training constraints
     @torch.no_grad()

@@ -52,9 +52,9 @@ class GradientUpdate:
         coefficient (projected decoder rows, the norm over every parameter) and then for
         Adam on those rows (``SlicedAdam.step_rows``). Same arithmetic as the plain path but
         for the order in which the global norm is summed (the tests pin it); it holds 8 MB
-        where the plain path holds both gradients (150 MB at n=24576, d=768). A weight that
-        also has an ordinary gradient (AuxK's dense encoder gradient while latents are
-        dead) takes the plain path alone.
+        where the plain path holds both gradients (150 MB at n=24576, d=768). AuxK's
+        gradients are deferred too (``SAE.dead_topk``); a weight that also has an ordinary
+        gradient (reached some other way) takes the plain path alone.
         """
         sae, grads, clip = self.sae, self.grads, self.clip
         slabbed = [p for p in (sae.W_dec, sae.W_enc) if grads.pending(p) and p.grad is None]

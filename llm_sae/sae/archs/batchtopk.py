@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llm_sae.sae.base import SAE
-from llm_sae.sae.ops import update_ema
+from llm_sae.kernels.batch_topk import batch_topk_pairs
+from llm_sae.kernels.topk import pair_pre_acts
+from llm_sae.sae.base import SAE, ForwardOutput
+from llm_sae.sae.ops import decode_sparse, update_ema
 from llm_sae.sae.registry import register
 
 if TYPE_CHECKING:
@@ -59,6 +61,31 @@ class BatchTopKSAE(SAE):
             if kept.numel():
                 update_ema(self.threshold, kept.min(), self.cfg.threshold_momentum)
         return z_BN
+
+    def forward(
+        self, x_BD: Tensor, *, target_BE: Tensor | None = None,
+        dead_mask_N: Tensor | None = None, aux: bool = True,
+    ) -> ForwardOutput:
+        """Training forward on the sparse kernels: the kept (token, latent) pairs from
+        ``batch_topk_pairs``, their values recomputed with a sparse backward, a sparse
+        decode; the same loss and gradients as the dense ``SAE.forward`` (tested)."""
+        if not self.training:
+            return super().forward(x_BD, target_BE=target_BE, dead_mask_N=dead_mask_N, aux=aux)
+        xin_BD = self.centered(x_BD)
+        idx_BK, on_BK = batch_topk_pairs(xin_BD.detach(), self.W_enc, self.b_enc, self.cfg.k)
+        vals_BK = F.relu(pair_pre_acts(xin_BD, self.W_enc, self.b_enc, idx_BK)) * on_BK
+        with torch.no_grad():
+            kept = vals_BK[vals_BK > 0]
+            if kept.numel():
+                update_ema(self.threshold, kept.min(), self.cfg.threshold_momentum)
+        x_hat_BD = self.add_skip(decode_sparse(vals_BK, idx_BK, self.W_dec) + self.b_dec, x_BD)
+        fired_BK = (vals_BK > 0).float()
+        fired_N = torch.zeros(self.n_latents, device=x_BD.device).index_add_(
+            0, idx_BK.flatten(), fired_BK.flatten()
+        )
+        metrics = {"l0": fired_BK.sum(-1).mean().detach()}
+        zero = x_BD.new_zeros(())
+        return self._finish(x_BD, x_hat_BD, zero, metrics, fired_N, dead_mask_N, aux, target_BE=target_BE)
 
     def _scale_latents(self, factor: float) -> None:
         if self.threshold > 0:

@@ -1,0 +1,87 @@
+"""AuxK without dense work: the same loss and gradients as the dense AuxK it replaced."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_sae.kernels import DeferredWeightGrads, auxk, pair_pre_acts
+from llm_sae.sae.config import SAEConfig
+from llm_sae.sae.registry import REGISTRY
+
+D, N, K, B = 24, 96, 4, 40
+
+
+def dense_aux_reconstruction(sae, x_BD, dead_mask_N):
+    """The AuxK of before: pre-activations of W_enc[dead] under autograd (a dense [N, D]
+    gradient for W_enc) and a dense decode."""
+    dead_M = dead_mask_N.nonzero().squeeze(1)
+    n_dead = dead_M.numel()
+    k_aux = min(sae.cfg.aux_k or min(512, max(1, sae.d_in // 2)), n_dead)
+    pre_BM = F.linear((x_BD - sae.b_dec).detach(), sae.W_enc[dead_M], sae.b_enc[dead_M])
+    vals_BK, pos_BK = F.relu(pre_BM).topk(k_aux, dim=-1, sorted=False)
+    z_BN = x_BD.new_zeros(x_BD.shape[0], sae.n_latents).scatter(-1, dead_M[pos_BK], vals_BK)
+    return z_BN @ sae.W_dec, n_dead, k_aux
+
+
+def make_sae(aux_k: int | None = None):
+    torch.manual_seed(0)
+    sae = REGISTRY["topk"](SAEConfig(d_in=D, n_latents=N, k=K, aux_k=aux_k)).double()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.3)
+    return sae
+
+
+def loss_and_grads(sae, x_BD, dead_N, deferred: bool):
+    params = [sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec]
+    for p in params:
+        p.grad = None
+    grads = DeferredWeightGrads([sae.W_enc, sae.W_dec] if deferred else [])
+    out = sae(x_BD, dead_mask_N=dead_N)
+    with grads.collecting():
+        out.loss.backward()
+    if deferred:  # the sparse kernels deferred both weight gradients, AuxK's included
+        assert sae.W_enc.grad is None and grads.pending(sae.W_enc)
+        for W in (sae.W_enc, sae.W_dec):  # as the trainer does: slabs of rows (here 7)
+            W.grad = torch.cat([grads.materialize(W, torch.full((min(7, N - s), D), torch.nan, dtype=W.dtype), s)
+                                for s in range(0, N, 7)])  # fmt: skip
+        grads.clear()
+    return out.loss.detach(), out.metrics["aux"], [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("n_dead", [1, 7, 60])
+@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize("slab_rows", [None, 3])
+def test_subspace_auxk_equals_dense_auxk_in_float64(n_dead, deferred, slab_rows, monkeypatch):
+    if slab_rows:  # several slabs of batch rows in the forward and the backward
+        monkeypatch.setattr(auxk, "SLAB_BYTES", 4 * n_dead * slab_rows)
+    sae = make_sae(aux_k=12)
+    x_BD = torch.randn(B, D, dtype=torch.float64)
+    dead_N = torch.zeros(N, dtype=torch.bool)
+    dead_N[torch.randperm(N)[:n_dead]] = True
+    loss, aux, grads = loss_and_grads(sae, x_BD, dead_N, deferred)
+    assert float(aux) > 0
+    monkeypatch.setattr(sae, "aux_reconstruction", lambda x, m: dense_aux_reconstruction(sae, x, m))
+    ref_loss, ref_aux, ref_grads = loss_and_grads(sae, x_BD, dead_N, False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(aux, ref_aux, rtol=1e-12, atol=1e-12)
+    for name, g, ref in zip(("W_enc", "W_dec", "b_enc", "b_dec"), grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_pair_pre_acts_values_and_gradients_match_dense():
+    torch.manual_seed(1)
+    x_BD = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    W_ND = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    b_N = torch.randn(N, dtype=torch.float64, requires_grad=True)
+    idx_BK = torch.randint(0, N, (B, 5))  # repeats within a row and across rows
+    g_BK = torch.randn(B, 5, dtype=torch.float64)
+    got = pair_pre_acts(x_BD, W_ND, b_N, idx_BK)
+    ref = (x_BD @ W_ND.t() + b_N).gather(1, idx_BK)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    g_got = torch.autograd.grad(got, [x_BD, W_ND, b_N], g_BK)
+    g_ref = torch.autograd.grad(ref, [x_BD, W_ND, b_N], g_BK)
+    for a, r in zip(g_got, g_ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
