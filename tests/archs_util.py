@@ -1,4 +1,5 @@
-"""Shared by the tests/test_archs_*.py files: a small SAE trained on planted features."""
+"""Shared by tests/test_train.py and the tests/test_archs_*.py files: a small SAE trained
+on planted features."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ D, N, K, B = 16, 64, 4, 256
 DATA = SyntheticConfig(d_in=D, n_features=32, mean_active=3, seed=0)
 
 
-def fit(arch: str, steps: int = 300, **kw) -> tuple:
+def fit(arch: str, steps: int = 300, held_out: int = 4096, **kw) -> tuple:
     """Train on synthetic data; return (sae, trainer, held-out x scaled, its eval codes)."""
     torch.manual_seed(0)
     data = SyntheticActivations(DATA)
@@ -25,7 +26,7 @@ def fit(arch: str, steps: int = 300, **kw) -> tuple:
     for x_BD in data.batches(B, steps):
         trainer.step(x_BD)
     sae.eval()
-    x_BD = data.batch(10**6 + 1, 4096) * trainer.input_scale
+    x_BD = data.batch(10**6 + 1, held_out) * trainer.input_scale
     with torch.no_grad():
         z_BN = sae.encode(x_BD)
     return sae, trainer, x_BD, z_BN

@@ -11,41 +11,25 @@ import sys
 import time
 from pathlib import Path
 
+import archs_util
 import pytest
 import torch
+from archs_util import DATA, B, D, K, N
 
 from llm_sae.config import ConfigError
 from llm_sae.errors import CheckpointError, DataError, StoreError
 from llm_sae.sae.formats.native import load_sae
-from llm_sae.sources.synthetic import SyntheticActivations, SyntheticConfig
+from llm_sae.sources.synthetic import SyntheticActivations
 from llm_sae.train.config import TrainConfig, lr_factor
 from llm_sae.train.run import build_sae, train
 from llm_sae.train.trainer import Trainer
-
-D, N, K, B = 16, 64, 4, 256
-DATA = SyntheticConfig(d_in=D, n_features=32, mean_active=3, seed=0)
-
 
 # Tiny matmuls: extra threads only spin against the other processes on the machine.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit(arch: str, steps: int = 300, **kw) -> tuple:
-    """Train on synthetic data; return (sae, trainer, held-out x scaled, its eval codes)."""
-    torch.manual_seed(0)
-    data = SyntheticActivations(DATA)
-    cfg = TrainConfig(store="", out="", arch=arch, n_latents=N, k=K, tokens=steps * B,
-                      batch_size=B, dead_tokens=20 * B, **kw)
-    sae = build_sae(cfg, D)
-    trainer = Trainer(sae, cfg, total_steps=steps)
-    trainer.init_from_sample(data.batch(10**6, 4096))
-    for x_BD in data.batches(B, steps):
-        trainer.step(x_BD)
-    sae.eval()
-    x_BD = data.batch(10**6 + 1, 2048) * trainer.input_scale
-    with torch.no_grad():
-        z_BN = sae.encode(x_BD)
-    return sae, trainer, x_BD, z_BN
+    return archs_util.fit(arch, steps, held_out=2048, **kw)
 
 
 def fvu(sae, x_BD, z_BN) -> float:
