@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -82,16 +84,19 @@ def test_decode_grads_match_dense_for_given_indices():
 @pytest.mark.parametrize(
     "chunk_bytes", [1, 3 * 4 * 8 * 5]
 )  # chunks of 1 row; of 4 rows (13 % 4 ≠ 0)
-def test_chunk_boundaries(monkeypatch, chunk_bytes):
-    monkeypatch.setattr(sparse_ops, "CHUNK_BYTES", chunk_bytes)
+def test_chunk_boundaries(chunk_bytes):
     # Forward slabs of 1 or 5 rows of pre-activations too.
-    monkeypatch.setattr(sparse_ops, "FWD_CHUNK_BYTES", {"cpu": 1 if chunk_bytes == 1 else 5 * 24 * 8})
+    budget = sparse_ops.ChunkBudget(
+        backward_bytes=chunk_bytes, forward_bytes_cpu=1 if chunk_bytes == 1 else 5 * 24 * 8
+    )
     B, D, N, k = 13, 5, 24, 3
-    assert sparse_ops.chunk_rows(k, D, 8) in (1, 4)
-    assert sparse_ops.fwd_chunk_rows(N, torch.zeros((), dtype=torch.float64)) in (1, 5)
+    assert sparse_ops.chunk_rows(k, D, 8, budget) in (1, 4)
+    assert sparse_ops.fwd_chunk_rows(N, torch.zeros((), dtype=torch.float64), budget) in (1, 5)
     x, W_enc, b_enc, W_dec = _params(B, D, N, torch.float64, seed=5)
     R_BN = torch.randn(B, N, dtype=torch.float64)
-    _, _, g_f = _sae_step(topk_encode, topk_decode, x, W_enc, b_enc, W_dec, k, R_BN)
+    encode = functools.partial(topk_encode, budget=budget)
+    decode = functools.partial(topk_decode, budget=budget)
+    _, _, g_f = _sae_step(encode, decode, x, W_enc, b_enc, W_dec, k, R_BN)
     _, _, g_d = _sae_step(dense_topk_encode, dense_topk_decode, x, W_enc, b_enc, W_dec, k, R_BN)
     torch.testing.assert_close(g_f, g_d, rtol=1e-10, atol=1e-10)
 

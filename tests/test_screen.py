@@ -46,11 +46,10 @@ def _assert_same_topk(got, want) -> None:
         (300, 96, 4096, 32),  # several slabs (the budget is shrunk below)
     ],
 )
-def test_screened_equals_dense(screen_on, monkeypatch, B, D, N, k):
-    monkeypatch.setitem(sparse_ops.FWD_CHUNK_BYTES, "cpu", 2**20)
+def test_screened_equals_dense(screen_on, B, D, N, k):
     x, W, b = _params(B, D, N)
     assert screen.use_screen(x, W, b, k)
-    got = topk_encode(x, W, b, k)
+    got = topk_encode(x, W, b, k, budget=sparse_ops.ChunkBudget(forward_bytes_cpu=2**20))
     _assert_same_topk(got, dense_topk_encode(x, W, b, k))
     assert screen.STATS["rows"] == B
     assert screen.STATS["fallback_rows"] < max(1, B // 10)  # the screen did the work

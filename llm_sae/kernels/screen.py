@@ -173,16 +173,16 @@ def clear() -> None:
     _SLAB.buf = None
 
 
-def _slab_rows(N: int, D: int) -> int:
+def _slab_rows(N: int, D: int, budget: sparse_ops.ChunkBudget) -> int:
     """Rows per screen slab: the bfloat16 weight copy counts against the float32 path's
     slab budget, so the screen's resident memory is no more than the path it replaces."""
-    budget = sparse_ops.FWD_CHUNK_BYTES.get("cpu", sparse_ops.FWD_CHUNK_BYTES_DEFAULT)
-    left = budget - N * (D + 2) * 2
+    left = budget.forward_bytes("cpu") - N * (D + 2) * 2
     return max(64, left // (2 * N))
 
 
 def screened_topk(
-    x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int, vals_BK: Tensor, idx_BK: Tensor
+    x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int, vals_BK: Tensor, idx_BK: Tensor,
+    budget: sparse_ops.ChunkBudget = sparse_ops.DEFAULT_BUDGET,
 ) -> int:
     """Fill vals_BK / idx_BK with the float32 top-k of x W_encᵀ + b_enc (pre-ReLU) per row;
     returns how many rows fell back to the float32 matmul."""
@@ -193,7 +193,7 @@ def screened_topk(
         return 0
     x_BD = x_BD.contiguous()
     Wa_ND2, consts = _WEIGHTS.make(W_enc_ND, b_enc_N)
-    rows = min(B, _slab_rows(N, D))
+    rows = min(B, _slab_rows(N, D, budget))
     buf = _SLAB.get(rows * N * 2)
     xa_CD2 = torch.empty(rows, D + 2, dtype=torch.bfloat16)
     xa_CD2[:, D:] = 1

@@ -6,28 +6,38 @@ import contextlib
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Rows of a batch processed at once in the backward passes. The per-chunk temporary is
-# chunk·K·D elements; keeping it a few MB keeps it in cache and bounds peak memory.
-CHUNK_BYTES = 4 * 2**20
+
+@dataclass(frozen=True)
+class ChunkBudget:
+    """How many bytes of temporaries one slab of a kernel may hold; passed down by the
+    caller (tests shrink it to force many slabs), never a module constant to patch."""
+
+    backward_bytes: int = 4 * 2**20
+    """Rows of a batch processed at once in the backward passes: the per-chunk temporary
+    is chunk·K·D elements, and a few MB keeps it in cache and bounds peak memory."""
+    forward_bytes_cpu: int = 64 * 2**20
+    """The encoder's [B, N] pre-activations are computed a slab of rows at a time into one
+    reused buffer of about this size: they never escape ``topk_encode`` (only vals/idx do),
+    so a whole-batch copy would only add peak memory (400 MB at B=4096, N=24576) and, on a
+    CPU, page faults for fresh memory on every step."""
+    forward_bytes_gpu: int = 1024 * 2**20
+    """The same on other devices: GPUs get larger slabs."""
+
+    def forward_bytes(self, device_type: str) -> int:
+        return self.forward_bytes_cpu if device_type == "cpu" else self.forward_bytes_gpu
 
 
-def chunk_rows(k: int, d: int, itemsize: int) -> int:
-    return max(1, CHUNK_BYTES // max(1, k * d * itemsize))
+DEFAULT_BUDGET = ChunkBudget()
 
 
-# The encoder's [B, N] pre-activations are computed a slab of rows at a time into one
-# reused buffer of about this size: they never escape ``topk_encode`` (only vals/idx do),
-# so a whole-batch copy would only add peak memory (400 MB at B=4096, N=24576) and, on
-# CPU, page faults for fresh memory on every step. GPUs get larger slabs.
-FWD_CHUNK_BYTES = {"cpu": 64 * 2**20}
-
-
-FWD_CHUNK_BYTES_DEFAULT = 1024 * 2**20
+def chunk_rows(k: int, d: int, itemsize: int, budget: ChunkBudget = DEFAULT_BUDGET) -> int:
+    return max(1, budget.backward_bytes // max(1, k * d * itemsize))
 
 
 class _Workspace(threading.local):
@@ -47,9 +57,8 @@ class _Workspace(threading.local):
 PRE_ACTS = _Workspace()
 
 
-def fwd_chunk_rows(n: int, like: Tensor) -> int:
-    budget = FWD_CHUNK_BYTES.get(like.device.type, FWD_CHUNK_BYTES_DEFAULT)
-    return max(1, budget // max(1, n * like.element_size()))
+def fwd_chunk_rows(n: int, like: Tensor, budget: ChunkBudget = DEFAULT_BUDGET) -> int:
+    return max(1, budget.forward_bytes(like.device.type) // max(1, n * like.element_size()))
 
 
 def rows_outer_add_(

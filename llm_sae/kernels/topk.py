@@ -10,7 +10,9 @@ from torch import Tensor
 
 from llm_sae.kernels import screen
 from llm_sae.kernels.sparse_ops import (
+    DEFAULT_BUDGET,
     PRE_ACTS,
+    ChunkBudget,
     chunk_rows,
     fwd_chunk_rows,
     gathered_dot,
@@ -53,8 +55,9 @@ class TopKEncode(torch.autograd.Function):
     """ReLU(x W_encᵀ + b_enc) restricted to its top k entries; sparse backward."""
 
     @staticmethod
-    def forward(ctx, x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int):  # type: ignore[override]
+    def forward(ctx, x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int, budget: ChunkBudget):  # type: ignore[override]
         B, N = x_BD.shape[0], W_enc_ND.shape[0]
+        ctx.budget = budget
         vals_BK = x_BD.new_empty(B, k)
         idx_BK = torch.empty(B, k, dtype=torch.long, device=x_BD.device)
 
@@ -66,9 +69,9 @@ class TopKEncode(torch.autograd.Function):
             idx_BK.copy_(idx)
             return TopKEncode._finish(ctx, x_BD, W_enc_ND, vals_BK, idx_BK)
         if screen.use_screen(x_BD, W_enc_ND, b_enc_N, k):
-            screen.screened_topk(x_BD, W_enc_ND, b_enc_N, k, vals_BK, idx_BK)
+            screen.screened_topk(x_BD, W_enc_ND, b_enc_N, k, vals_BK, idx_BK, budget)
             return TopKEncode._finish(ctx, x_BD, W_enc_ND, vals_BK, idx_BK)
-        chunk = fwd_chunk_rows(N, x_BD)
+        chunk = fwd_chunk_rows(N, x_BD, budget)
         pre_CN = PRE_ACTS.get(min(chunk, B), N, x_BD)
         W_enc_DN = W_enc_ND.t()
         for s in range(0, B, chunk):
@@ -91,11 +94,12 @@ class TopKEncode(torch.autograd.Function):
         x_BD, W_enc_ND, vals_BK, idx_BK = ctx.saved_tensors
         # ReLU's derivative: zero where the winner was not positive.
         g_BK = torch.where(vals_BK > 0, grad_vals_BK, 0).to(W_enc_ND.dtype)
-        return (*pair_grads(x_BD, W_enc_ND, g_BK, idx_BK, ctx.needs_input_grad[:3]), None)
+        return (*pair_grads(x_BD, W_enc_ND, g_BK, idx_BK, ctx.needs_input_grad[:3], ctx.budget), None, None)
 
 
 def pair_grads(
-    x_BD: Tensor, W_enc_ND: Tensor, g_BK: Tensor, idx_BK: Tensor, needs: tuple[bool, ...]
+    x_BD: Tensor, W_enc_ND: Tensor, g_BK: Tensor, idx_BK: Tensor, needs: tuple[bool, ...],
+    budget: ChunkBudget = DEFAULT_BUDGET,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(grad x, grad W_enc, grad b_enc) of pre[b, k] = x[b]·W_enc[idx[b, k]] + b_enc[idx[b, k]]
     given g = ∂L/∂pre: O(B·K·D) work, and W_enc's gradient deferred when a trainer collects."""
@@ -103,7 +107,7 @@ def pair_grads(
         import llm_sae.kernels.triton as triton_kernels
 
         return triton_kernels.encode_backward(x_BD, W_enc_ND, g_BK, idx_BK, needs)
-    chunk = chunk_rows(idx_BK.shape[1], x_BD.shape[1], x_BD.element_size())
+    chunk = chunk_rows(idx_BK.shape[1], x_BD.shape[1], x_BD.element_size(), budget)
     grad_x = grad_W = grad_b = None
     if needs[0]:
         grad_x = weighted_row_sum(W_enc_ND, idx_BK, g_BK)
@@ -150,8 +154,9 @@ class TopKDecode(torch.autograd.Function):
     """x_hat[b] = Σ_k vals[b, k] · W_dec[idx[b, k]]; sparse backward."""
 
     @staticmethod
-    def forward(ctx, vals_BK: Tensor, idx_BK: Tensor, W_dec_ND: Tensor):  # type: ignore[override]
+    def forward(ctx, vals_BK: Tensor, idx_BK: Tensor, W_dec_ND: Tensor, budget: ChunkBudget):  # type: ignore[override]
         ctx.save_for_backward(vals_BK, idx_BK, W_dec_ND)
+        ctx.budget = budget
         if use_triton(W_dec_ND):  # Triton dispatch (see use_triton)
             import llm_sae.kernels.triton as triton_kernels
 
@@ -169,8 +174,8 @@ class TopKDecode(torch.autograd.Function):
             gv, gw = triton_kernels.decode_backward(
                 vals_BK, idx_BK, W_dec_ND, grad_out_BD, need[0], need[2]
             )
-            return gv, None, gw
-        chunk = chunk_rows(idx_BK.shape[1], W_dec_ND.shape[1], W_dec_ND.element_size())
+            return gv, None, gw, None
+        chunk = chunk_rows(idx_BK.shape[1], W_dec_ND.shape[1], W_dec_ND.element_size(), ctx.budget)
         grad_vals = grad_W = None
         if ctx.needs_input_grad[0]:
             grad_vals = gathered_dot(W_dec_ND, idx_BK, grad_out_BD, chunk).to(vals_BK.dtype)
@@ -178,7 +183,7 @@ class TopKDecode(torch.autograd.Function):
             coef_BK = vals_BK.to(W_dec_ND.dtype)
             if not record_weight_grad(W_dec_ND, idx_BK, coef_BK, grad_out_BD):
                 grad_W = sparse_t_dense(idx_BK, coef_BK, grad_out_BD, W_dec_ND.shape[0], chunk)
-        return grad_vals, None, grad_W
+        return grad_vals, None, grad_W, None
 
 
 def _check(name: str, t: Tensor, ndim: int) -> None:
@@ -186,11 +191,14 @@ def _check(name: str, t: Tensor, ndim: int) -> None:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
 
 
-def topk_encode(x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def topk_encode(
+    x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int, *, budget: ChunkBudget = DEFAULT_BUDGET
+) -> tuple[Tensor, Tensor]:
     """Top-k of ReLU(x W_encᵀ + b_enc) per row, as (vals_BK, idx_BK); sparse backward.
 
     Values are ≥ 0 (a row with fewer than k positive pre-activations gets zeros), in no
     particular order. Gradients flow to x, W_enc and b_enc through the k entries only.
+    ``budget`` bounds the temporaries of each slab of rows, forward and backward.
     """
     _check("W_enc_ND", W_enc_ND, 2)
     _check("b_enc_N", b_enc_N, 1)
@@ -204,17 +212,19 @@ def topk_encode(x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) -> tupl
         # not autocast by torch), on cast copies of the float32 master weights; the casts'
         # backward returns the gradients to the masters in float32.
         x_BD, W_enc_ND, b_enc_N = x_BD.to(amp), W_enc_ND.to(amp), b_enc_N.to(amp)
-    vals_BK, idx_BK = TopKEncode.apply(x_BD, W_enc_ND, b_enc_N, k)
+    vals_BK, idx_BK = TopKEncode.apply(x_BD, W_enc_ND, b_enc_N, k, budget)
     return vals_BK.view(*lead, k), idx_BK.view(*lead, k)
 
 
-def topk_decode(vals_BK: Tensor, idx_BK: Tensor, W_dec_ND: Tensor) -> Tensor:
+def topk_decode(
+    vals_BK: Tensor, idx_BK: Tensor, W_dec_ND: Tensor, *, budget: ChunkBudget = DEFAULT_BUDGET
+) -> Tensor:
     """Σ_k vals[..., k] · W_dec[idx[..., k]] (no bias); sparse backward to vals and W_dec."""
     _check("W_dec_ND", W_dec_ND, 2)
     if vals_BK.shape != idx_BK.shape:
         raise ValueError(f"vals {tuple(vals_BK.shape)} and idx {tuple(idx_BK.shape)} differ")
     lead, K = vals_BK.shape[:-1], vals_BK.shape[-1]
-    x_BD = TopKDecode.apply(vals_BK.reshape(-1, K), idx_BK.reshape(-1, K), W_dec_ND)
+    x_BD = TopKDecode.apply(vals_BK.reshape(-1, K), idx_BK.reshape(-1, K), W_dec_ND, budget)
     return x_BD.view(*lead, W_dec_ND.shape[1])
 
 
