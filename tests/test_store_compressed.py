@@ -43,6 +43,9 @@ def test_int8_store_reads_back_within_half_a_step(tmp_path, dtype, block):
     assert torch.equal(xs, st.acts(0, 1000)[rows])
     half = next(iter(st.reader(100, seed=3, batch_slice=(1, 2))))
     assert torch.equal(half, batches[0][0][50:])
+    # Rows at any indices (a paired store's partner rows) dequantise the same way.
+    pick = torch.tensor([999, 3, 128, 127, 500, 3])
+    assert torch.equal(st.acts_at(pick.numpy()), st.acts(0, 1000)[pick])
     assert verify_store(tmp_path / "s") == []
     assert "bytes/row" in store_info(tmp_path / "s")
 

@@ -265,24 +265,10 @@ class StoreReader:
                 rows, perm = groups[(epoch, gi)]
                 picked.append(rows[np.sort(perm[a:z])])  # as _batches orders them
             rows_B = np.concatenate(picked)[i * B // n : (i + 1) * B // n]
-            x_BD = self.store._to_torch(*self._read_rows(rows_B)).to(self.dtype)
+            x_BD = self.store._to_torch(*self.store.gather_rows(rows_B)).to(self.dtype)
             if self.device is not None:
                 x_BD = x_BD.to(self.device, non_blocking=True)
             yield (x_BD, torch.from_numpy(rows_B)) if self.with_rows else x_BD
-
-    def _read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Activations (and int8 scales) of store rows ``rows`` (any order), shard by shard."""
-        out = np.empty((len(rows), self.store.d_in), self.store._np_dtype)
-        scales = self._scales_buffer(len(rows))
-        shard = np.searchsorted(self.store._offsets, rows, side="right") - 1
-        for s in np.unique(shard):
-            at = np.nonzero(shard == s)[0]
-            local = rows[at] - self.store._offsets[s]
-            order = np.argsort(local, kind="stable")  # walk the file forwards
-            out[at[order]] = np.take(self.store._mmap(int(s), "acts"), local[order], axis=0)
-            if scales is not None:
-                scales[at[order]] = np.take(self.store._mmap(int(s), "scales"), local[order], axis=0)
-        return out, scales
 
     def __iter__(self) -> Iterator[Any]:
         gen = self._batches() if self.batch_slice is None else self._sliced_batches()

@@ -202,15 +202,24 @@ class Store:
     def acts_at(self, rows: np.ndarray) -> torch.Tensor:
         """Rows at any indices (any order) as [len(rows), d_in]: how a paired source reads
         the partner store's rows of a batch the first store's reader chose."""
-        rows = np.asarray(rows, dtype=np.int64)
+        return self._to_torch(*self.gather_rows(np.asarray(rows, dtype=np.int64)))
+
+    def gather_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """On-disk activations (and an int8 store's scales) of rows ``rows``, any order,
+        read shard by shard, each shard's rows in file order."""
         out = np.empty((len(rows), self.d_in), self._np_dtype)
+        scales = None
+        if self.quant_block is not None:
+            scales = np.empty((len(rows), n_blocks(self.d_in, self.quant_block)), np.float32)
         shard = np.searchsorted(self._offsets, rows, side="right") - 1
         for s in np.unique(shard):
             at = np.nonzero(shard == s)[0]
             local = rows[at] - self._offsets[s]
             order = np.argsort(local, kind="stable")  # walk the file forwards
             out[at[order]] = np.take(self._mmap(int(s), "acts"), local[order], axis=0)
-        return self._to_torch(out)
+            if scales is not None:
+                scales[at[order]] = np.take(self._mmap(int(s), "scales"), local[order], axis=0)
+        return out, scales
 
     def token_ids(self, start: int, stop: int) -> torch.Tensor:
         """The token id each row of ``[start, stop)`` was computed at (LongTensor [n])."""
