@@ -9,8 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
+
+from llm_sae.common.faults import maybe_kill
 
 
 def hasher():
@@ -60,3 +63,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON deterministically (sorted keys) and atomically."""
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def swap_in_folder(tmp: Path, out: Path, old: Path) -> None:
+    """Put the finished folder ``tmp`` in place of ``out`` with two renames: ``out`` aside
+    to ``old``, ``tmp`` to ``out``; then ``old`` goes. A kill at any moment leaves ``out``
+    whole (the old or the new one) or, between the renames, the old one at ``old``, which
+    the caller knows to look for."""
+    fsync_dir(tmp)
+    maybe_kill("before_swap")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        maybe_kill("mid_swap")
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -9,7 +9,8 @@ def maybe_kill(point: str) -> None:
     """Test hook: SIGKILL this process at a named point of the write path.
 
     ``LLM_SAE_TEST_KILL=POINT:N`` kills at the N-th time (1-based) ``POINT`` is reached,
-    POINT in {mid_file, before_manifest, after_manifest}. Used by the crash tests only.
+    POINT in {mid_file, before_manifest, after_manifest, before_swap, mid_swap}. Used by
+    the crash tests only.
     """
     spec = os.environ.get("LLM_SAE_TEST_KILL")
     if not spec:

@@ -22,8 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from llm_sae.common.atomic import fsync_dir, write_json_atomic
-from llm_sae.common.faults import maybe_kill
+from llm_sae.common.atomic import swap_in_folder, write_json_atomic
 from llm_sae.errors import LlmSaeError
 
 MARKER = ".llm-sae.json"
@@ -108,11 +107,4 @@ def staged(path: str | Path, kind: str, *, legacy: tuple[str, ...] = ()) -> Iter
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_json_atomic(tmp / MARKER, {"kind": kind})
-    fsync_dir(tmp)
-    maybe_kill("before_swap")
-    if out.exists():
-        os.replace(out, old)
-        maybe_kill("mid_swap")
-    os.replace(tmp, out)
-    fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in_folder(tmp, out, old)

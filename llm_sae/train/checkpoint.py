@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from llm_sae.common.atomic import fsync_dir
+from llm_sae.common.atomic import swap_in_folder
 from llm_sae.config import to_dict
 from llm_sae.errors import CheckpointError
 
@@ -174,13 +174,7 @@ def save_checkpoint(tr: Trainer, path: str | Path) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    fsync_dir(tmp)
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in_folder(tmp, path, old)  # find_checkpoint looks at checkpoint.old too
     tr.par.barrier()
     return path
 
