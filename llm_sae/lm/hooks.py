@@ -10,34 +10,14 @@ import torch
 
 from llm_sae.common.dtypes import dtype_name
 from llm_sae.errors import ModelError
-
-
-def resolve_model(name: str) -> str:
-    """Short names (the embedded model) resolve through llm_sae.models when it exists."""
-    try:
-        from llm_sae.lm.models import resolve_model as _resolve
-    except ImportError:
-        return name
-    return str(_resolve(name))
+from llm_sae.lm.models import load_bridge
 
 
 def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> Any:
-    """Load an HF causal LM as a TransformerBridge; ModelError says how to fix a failure."""
-    from transformer_lens.model_bridge import TransformerBridge
-
-    path = resolve_model(name)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        model = TransformerBridge.boot_transformers(path, device=device, dtype=torch_model_dtype(dtype))
-    except Exception as e:
-        raise ModelError(
-            f"cannot load model {name!r} ({type(e).__name__}: {e}); give a local save_pretrained "
-            "directory or a hub name that is cached (offline) or reachable"
-        ) from None
-    model.eval()
-    return model
+    """Load an HF causal LM as a TransformerBridge (``lm.models.load_bridge``, the one
+    loader); a store dtype name such as "bf16" is accepted; ModelError says how to fix a
+    failure."""
+    return load_bridge(name, device=device, dtype=torch_model_dtype(dtype))
 
 
 def torch_model_dtype(name: str) -> torch.dtype:

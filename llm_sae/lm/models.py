@@ -108,7 +108,8 @@ def load_bridge(
     device: str = "cpu",
     dtype: torch.dtype | str | None = None,
 ) -> TransformerBridge:
-    """Resolve ``name_or_path`` and boot it as a ``TransformerBridge`` on ``device``.
+    """Resolve ``name_or_path`` and boot it as a ``TransformerBridge`` on ``device``, in eval
+    mode: the one model loader every stage uses (through ``lm.hooks.load_model``).
 
     ``dtype`` is a torch dtype or its name ("float32", "bfloat16", ...); None means float32.
     """
@@ -122,14 +123,17 @@ def load_bridge(
     local = Path(resolved).exists()
     if not local and _hub_offline():
         _check_cached(resolved)
+    import transformers
     from transformer_lens.model_bridge import TransformerBridge  # slow import: after the checks
 
+    transformers.logging.set_verbosity_error()
     try:
-        return TransformerBridge.boot_transformers(
-            resolved, device=device, dtype=dtype or torch.float32
-        )
-    except OSError as e:  # what transformers raises for an unknown repo or missing files
+        bridge = TransformerBridge.boot_transformers(resolved, device=device, dtype=dtype or torch.float32)
+    except Exception as e:  # OSError for a missing repo or files; anything else from the model code
         raise ModelError(
-            f"could not load model {resolved!r}: {e}. Check the name (a hub id such as "
-            f"'gpt2', a local save_pretrained directory, or {DEFAULT_MODEL!r})"
+            f"could not load model {resolved!r} ({type(e).__name__}: {e}). Check the name (a hub "
+            f"id such as 'gpt2', a local save_pretrained directory, or {DEFAULT_MODEL!r}), cached "
+            "if offline"
         ) from e
+    bridge.eval()
+    return bridge

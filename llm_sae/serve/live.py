@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_sae.errors import LlmSaeError
+from llm_sae.lm.hooks import load_model
 from llm_sae.sae.formats.meta import recorded_model_and_hook
 from llm_sae.serve.config import ServeError
 
@@ -103,13 +104,7 @@ class LiveEncoder:
 
 def _load_model(model: str, device: str) -> Any:
     try:
-        from llm_sae.lm.models import load_bridge
-    except ImportError:  # models.py is optional; harvest loads models the same way
-        from llm_sae.lm.hooks import load_model
-
         return load_model(model, device=device)
-    try:
-        return load_bridge(model, device=device)
     except LlmSaeError:
         raise
     except Exception as e:  # noqa: BLE001 - any loader failure is the user's model path
