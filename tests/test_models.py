@@ -103,3 +103,13 @@ def test_shipped_model_boots_as_a_bridge_with_residual_hooks():
     with torch.no_grad():
         expected = hf(tokens).logits
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_that_fails_to_boot_is_a_one_line_model_error(tmp_path):
+    """Whatever transformers raises (often several lines) becomes one line naming the fix."""
+    bad = tmp_path / "broken"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "no-such-architecture",\n "x": 1}')
+    with pytest.raises(ModelError, match="Check the name") as err:
+        models.load_bridge(bad)
+    assert "\n" not in str(err.value)

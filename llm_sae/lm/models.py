@@ -131,7 +131,8 @@ def load_bridge(
         bridge = TransformerBridge.boot_transformers(resolved, device=device, dtype=dtype or torch.float32)
     except Exception as e:  # OSError for a missing repo or files; anything else from the model code
         raise ModelError(
-            f"could not load model {resolved!r} ({type(e).__name__}: {e}). Check the name (a hub "
+            f"could not load model {resolved!r} ({type(e).__name__}: {' '.join(str(e).split())}). "
+            "Check the name (a hub "
             f"id such as 'gpt2', a local save_pretrained directory, or {DEFAULT_MODEL!r}), cached "
             "if offline"
         ) from e
