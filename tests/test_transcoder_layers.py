@@ -187,3 +187,113 @@ def test_cli_train_clt_from_one_harvest(layer_pairs, tmp_path, one_thread, capsy
     assert main(["train-clt", "--pair", f"{i0}:{o0},{o1}:{i1}", "--out", str(tmp_path / "bad")]) != 0
     assert "--pair IN_HOOK:OUT_HOOK" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "clt.safetensors").exists()
+
+
+# ------------------------------------------------------------ the CLT's replacement model
+
+
+def test_clt_replacement_sums_every_earlier_layers_decoders(tiny_gpt2_dir, one_thread):
+    """Each MLP output t is replaced by Σ_{l ≤ t} decoders of encoders that read the
+    replaced stream: against the same model run by hand, one layer at a time, with the
+    batched ``clt.predict`` (another code path than the splice's per-layer encode)."""
+    from functools import partial
+
+    import torch
+
+    from llm_sae.evaluate.replacement import CLTLayer, replacement_metrics
+    from llm_sae.lm.hooks import load_model
+    from llm_sae.sae.clt import CLTConfig, CrossLayerTranscoder
+
+    model = load_model(str(tiny_gpt2_dir))
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=2, d_in=32, d_out=32, n_latents=48, k=4)).eval()
+    with torch.no_grad():
+        clt.b_enc.normal_(0, 0.2)
+        clt.b_dec.normal_(0, 0.1)
+        clt.threshold.copy_(torch.tensor([0.3, 0.1]))
+        for W in clt.W_dec:
+            W.mul_(3.0)  # large enough to move the loss far from the clean model's
+    ins, outs = [i for i, _ in PAIRS], [o for _, o in PAIRS]
+    reps = {f"L{t}": CLTLayer(clt, t, tuple(ins), outs[t]) for t in range(2)}
+    toks = torch.randint(0, model.cfg.d_vocab, (3, 12), generator=torch.Generator().manual_seed(1))
+    rep = replacement_metrics(model, reps, toks, batch_size=2)
+
+    def by_hand(replace: list[int]) -> float:
+        """CE with the MLPs in ``replace`` swapped for clt.predict on the inputs seen so far."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(x, hook, name):
+            seen[name] = x
+            return x
+
+        def put(y, hook, t):
+            x_BTLD = torch.stack([seen.get(h, torch.zeros_like(seen[ins[0]])) for h in ins], 2)
+            y_BTLE = clt.predict(x_BTLD.reshape(-1, 2, 32)).reshape(*y.shape[:2], 2, 32)
+            return y_BTLE[:, :, t]  # layer t's output needs only the inputs of layers ≤ t
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(toks, return_type="logits", fwd_hooks=[(h, partial(grab, name=h)) for h in ins]
+                                          + [(outs[t], partial(put, t=t)) for t in replace])
+            logp = logits[:, :-1].log_softmax(-1)
+            return float(-logp.gather(-1, toks[:, 1:, None]).mean())
+
+    for group, layers in (("L0", [0]), ("L1", [1]), ("all", [0, 1])):
+        row = rep["replaced"][group]
+        assert row["ce"] == pytest.approx(by_hand(layers), rel=1e-5), group
+        assert abs(row["ce"] - rep["ce_clean"]) > 0.01  # the test could tell a wrong splice
+        assert row["ce_with_error"] == pytest.approx(rep["ce_clean"], abs=1e-5)
+        assert row["kl_with_error"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_eval_on_a_clt_folder(tmp_path, one_thread, capsys):
+    """`llm-sae eval --sae CLT_DIR`: each layer's FVU of its MLP output (decoders of layers
+    ≤ t summed) and the replacement model; with the error term all layers replaced give the
+    clean loss, without it a trained CLT beats zero-ablating the same MLPs. On the shipped
+    tiny-stdlib, whose MLPs carry its loss (tiny_gpt2's random ones barely move it, so its
+    loss recovered is noise)."""
+    import torch
+
+    from llm_sae.cli import main
+    from llm_sae.harvest.config import HarvestConfig
+    from llm_sae.harvest.run import harvest
+    from llm_sae.sae.clt import load_clt
+    from llm_sae.store.store import open_store
+
+    pairs = [(f"blocks.{i}.ln2.hook_normalized", f"blocks.{i}.hook_mlp_out") for i in (0, 1)]
+    dirs = harvest(HarvestConfig(model="tiny-stdlib", dataset="stdlib", tokens=2560, out=str(tmp_path / "st"),
+                                 hook=[o for _, o in pairs], pair=[f"{i}:{o}" for i, o in pairs],
+                                 context_length=64, device="cpu", progress=False))
+    layer_pairs = [(dirs[i], dirs[o]) for i, o in pairs]
+    spec = ",".join(f"{i}:{o}" for i, o in layer_pairs)
+    clt_dir = tmp_path / "clt"
+    assert main(["train-clt", "--pair", spec, "--out", str(clt_dir), "--expansion", "2", "--k", "8",
+                 "--batch-size", "128", "--tokens", str(128 * 40), "--lr", "3e-3", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--sae", str(clt_dir), "--out", str(tmp_path / "ev"), "--n-contexts", "4",
+                 "--eval-rows", "512", "--model-batch-size", "2", "--no-progress"]) == 0
+    assert "clt/L1" in capsys.readouterr().out
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    rep = report["replacement"]["replaced"]
+    assert set(rep) == {"clt/L0", "clt/L1", "all"}
+    all_ = rep["all"]
+    assert all_["ce_with_error"] == pytest.approx(report["replacement"]["ce_clean"], abs=1e-4)
+    assert all_["loss_recovered_with_error"] == pytest.approx(1.0, abs=1e-3)
+    assert all_["ce"] < all_["ce_zero_ablation"] and all_["kl"] < all_["kl_zero_ablation"]
+    assert all_["loss_recovered"] > 0.2  # an untrained CLT's is below 0
+    # FVU of each layer's output from the CLT's own batched predict on the stores' last rows.
+    clt = load_clt(clt_dir)
+    n = open_store(layer_pairs[0][0]).n_rows
+    x_BLD = torch.stack([open_store(a).acts(n - 512, n).float() for a, _ in layer_pairs], 1)
+    y_BLE = torch.stack([open_store(b).acts(n - 512, n).float() for _, b in layer_pairs], 1)
+    with torch.no_grad():
+        err_L = (y_BLE - clt.predict(x_BLD)).pow(2).sum((0, 2))
+    fvu_L = err_L / (y_BLE - y_BLE.mean(0)).pow(2).sum((0, 2))
+    for t in range(2):
+        e = report["saes"][f"clt/L{t}"]
+        assert e["out_hook"] == pairs[t][1] and e["replacement"] == rep[f"clt/L{t}"]
+        assert e["reconstruction"]["fvu"] == pytest.approx(float(fvu_L[t]), rel=1e-4)
+    # A CLT beside anything else is refused before any work.
+    assert main(["eval", "--sae", f"{clt_dir},{clt_dir}", "--out", str(tmp_path / "ev2")]) == 2
+    assert "evaluate it alone" in capsys.readouterr().err
+    assert not (tmp_path / "ev2").exists()

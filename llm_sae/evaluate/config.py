@@ -18,7 +18,8 @@ class EvalConfig:
     sae: list[str]
     """Saved SAE directory (cfg.json + sae.safetensors), hf://ORG/REPO[/SUBFOLDER],
     saelens://RELEASE/SAE_ID, or a sweep folder (all its SAEs, as L0 frontiers per
-    architecture); repeat or comma-separate to compare several."""
+    architecture); repeat or comma-separate to compare several. A cross-layer transcoder
+    (the folder llm-sae train-clt wrote) is evaluated alone, one row per layer."""
     store: str | None = None
     """Activation store at the SAEs' hook; its last --eval-rows rows are evaluated, and its
     manifest names the model, hook and dataset. Not for transcoders: each run's own pair of

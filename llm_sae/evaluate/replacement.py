@@ -15,12 +15,27 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from llm_sae.evaluate.config import EvalError
+
+
+class Splice(Protocol):
+    """What replaces one MLP: the hooks it reads (all before ``out_hook`` in the forward
+    pass) and its prediction of ``out_hook`` from what the pass held there."""
+
+    out_hook: str
+
+    @property
+    def in_hooks(self) -> tuple[str, ...]: ...
+
+    def predict(self, seen: dict[str, Tensor], memo: dict[Any, Tensor]) -> Tensor:
+        """``seen``: each in-hook's activations [B, T, D] in this pass; ``memo``: a dict
+        for this pass only, where splices that share work (a CLT's codes) keep it."""
+        ...
 
 
 @dataclass
@@ -30,6 +45,40 @@ class Replacement:
     sae: Any
     in_hook: str
     out_hook: str
+
+    @property
+    def in_hooks(self) -> tuple[str, ...]:
+        return (self.in_hook,)
+
+    def predict(self, seen: dict[str, Tensor], memo: dict[Any, Tensor]) -> Tensor:
+        return _predict(self.sae, seen[self.in_hook])
+
+
+@dataclass
+class CLTLayer:
+    """A cross-layer transcoder's output at ``layer``: the sum of the decoders from the
+    encoders of layers 0..layer, each encoding its own input hook (``in_hooks[l]``) as the
+    pass reaches it, so that with all layers spliced each encoder reads the replaced
+    stream. Layers of one CLT share their codes within a pass (``memo``)."""
+
+    clt: Any
+    layer: int
+    all_in_hooks: tuple[str, ...]
+    out_hook: str
+
+    @property
+    def in_hooks(self) -> tuple[str, ...]:
+        return self.all_in_hooks[: self.layer + 1]
+
+    def predict(self, seen: dict[str, Tensor], memo: dict[Any, Tensor]) -> Tensor:
+        zs = []
+        for l, hook in enumerate(self.in_hooks):
+            key = (id(self.clt), l)
+            if key not in memo:
+                memo[key] = self.clt.encode_layer(l, seen[hook].reshape(-1, seen[hook].shape[-1]).float())
+            zs.append(memo[key])
+        y_NE = self.clt.decode_layer(self.layer, zs)
+        return y_NE.reshape(*seen[self.in_hooks[-1]].shape[:-1], y_NE.shape[-1])
 
 
 def replacement_from_run(run_dir: str | Path, sae: Any) -> Replacement:
@@ -56,10 +105,10 @@ def _loss(logits_BLV: Tensor, logp_clean_BLV: Tensor | None, targets_BL: Tensor)
 
 @torch.no_grad()
 def replacement_metrics(
-    model: Any, reps: dict[str, Replacement], contexts_CL: Tensor, *, batch_size: int = 8,
+    model: Any, reps: dict[str, Splice], contexts_CL: Tensor, *, batch_size: int = 8,
 ) -> dict[str, Any]:
-    """CE, KL to the clean model and loss recovered for each transcoder alone and for all
-    at once (key ``all``), each without and with the error term."""
+    """CE, KL to the clean model and loss recovered for each transcoder (or CLT layer)
+    alone and for all at once (key ``all``), each without and with the error term."""
     if not reps:
         raise EvalError("no transcoders to splice in; give at least one")
     outs = [r.out_hook for r in reps.values()]
@@ -80,13 +129,14 @@ def replacement_metrics(
         toks_BL = contexts_CL[s : s + batch_size].to(next(iter(model.parameters())).device)
         targets_BL = toks_BL[:, 1:]
         clean: dict[str, Tensor] = {}
-        hooks = sorted({h for r in reps.values() for h in (r.in_hook, r.out_hook)})
+        hooks = sorted({h for r in reps.values() for h in (*r.in_hooks, r.out_hook)})
         logits = model.run_with_hooks(
             toks_BL, fwd_hooks=[(h, _recorder(clean, h)) for h in hooks], return_type="logits"
         )
         logp_clean = logits[:, :-1].float().log_softmax(-1)
         add("clean", *_loss(logits, None, targets_BL))
-        err = {n: clean[r.out_hook] - _predict(r.sae, clean[r.in_hook]) for n, r in reps.items()}
+        memo: dict[Any, Tensor] = {}
+        err = {n: clean[r.out_hook] - r.predict(clean, memo) for n, r in reps.items()}
         for gname, members in groups.items():
             zero = [(reps[n].out_hook, lambda x, hook: torch.zeros_like(x)) for n in members]
             add(f"{gname}/zero", *_loss(model.run_with_hooks(toks_BL, fwd_hooks=zero, return_type="logits"),
@@ -99,8 +149,8 @@ def replacement_metrics(
     ce_clean = mean["clean"][0]
     out: dict[str, Any] = {"ce_clean": ce_clean, "tokens": int(sums["clean"][2]), "replaced": {}}
     for gname, members in groups.items():
-        ce_zero = mean[f"{gname}/zero"][0]
-        row: dict[str, Any] = {"transcoders": members, "ce_zero_ablation": ce_zero}
+        ce_zero, kl_zero = mean[f"{gname}/zero"]
+        row: dict[str, Any] = {"transcoders": members, "ce_zero_ablation": ce_zero, "kl_zero_ablation": kl_zero}
         for tag in ("replaced", "error"):
             ce, kl = mean[f"{gname}/{tag}"]
             den = ce_zero - ce_clean
@@ -144,18 +194,17 @@ def _predict(sae: Any, x_BLD: Tensor) -> Tensor:
     return y_NE.reshape(*shape[:-1], y_NE.shape[-1])
 
 
-def _splice(pairs: list[tuple[Replacement, Tensor | None]]) -> list[tuple[str, Any]]:
-    """Hooks that record each input and replace each output with the prediction (+ error)."""
+def _splice(pairs: list[tuple[Splice, Tensor | None]]) -> list[tuple[str, Any]]:
+    """Hooks for one pass that record each input and replace each output with the
+    prediction (+ error)."""
     seen: dict[str, Tensor] = {}
-    fwd: list[tuple[str, Any]] = []
+    memo: dict[Any, Tensor] = {}
+    fwd: list[tuple[str, Any]] = [(h, _recorder(seen, h)) for h in dict.fromkeys(
+        h for rep, _ in pairs for h in rep.in_hooks)]
     for rep, err in pairs:
-        def grab(x: Tensor, hook: Any, rep: Replacement = rep) -> Tensor:
-            seen[rep.in_hook] = x
-            return x
-
-        def put(y: Tensor, hook: Any, rep: Replacement = rep, err: Tensor | None = err) -> Tensor:
-            y_hat = _predict(rep.sae, seen[rep.in_hook])
+        def put(y: Tensor, hook: Any, rep: Splice = rep, err: Tensor | None = err) -> Tensor:
+            y_hat = rep.predict(seen, memo)
             return (y_hat if err is None else y_hat + err).to(y.dtype)
 
-        fwd += [(rep.in_hook, grab), (rep.out_hook, put)]
+        fwd.append((rep.out_hook, put))
     return fwd

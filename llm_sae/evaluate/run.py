@@ -15,6 +15,7 @@ from llm_sae.common.outdir import check_output, staged
 from llm_sae.config import ConfigError, to_dict
 from llm_sae.errors import StoreError
 from llm_sae.evaluate.amortization import amortization_gap
+from llm_sae.evaluate.clt import evaluate_clt, is_clt_dir
 from llm_sae.evaluate.config import EvalConfig, EvalError
 from llm_sae.evaluate.downstream import downstream_metrics, eval_contexts
 from llm_sae.evaluate.report import write_report
@@ -135,8 +136,17 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if v <= 0:
             raise ConfigError(f"--{flag} {v} must be positive; give a count of 1 or more")
     out = Path(cfg.out) if cfg.out else default_out
+    clts = [p for p in cfg.sae if is_clt_dir(p)]
+    if clts and len(cfg.sae) > 1:
+        raise EvalError(f"{', '.join(clts)} is a cross-layer transcoder: evaluate it alone (one --sae per run "
+                        "of llm-sae eval), each of its layers is a row of the report")
     check_output(out, "eval", legacy=("eval.json",))
     device = resolve_device(cfg.device)
+    if clts:
+        report = evaluate_clt(clts[0], cfg, device=device)
+        with staged(out, "eval", legacy=("eval.json",)) as tmp:
+            write_report(report, tmp)
+        return report
     loaded = {name: (path, load_sae(path, device=device)) for name, path in zip(_names(cfg.sae), cfg.sae, strict=True)}
     if any(getattr(s, "is_transcoder", False) for _, s in loaded.values()):
         report = evaluate_transcoders(_only_transcoders(loaded), cfg, device=device)

@@ -54,6 +54,14 @@ class ReconstructionStats:
         z_BN, x_hat_BD = reconstruct(sae, x_BD)
         if target_BE is not None:
             x_hat_BD, x_BD = sae.add_skip(x_hat_BD, x_BD), target_BE.float()
+        self.add_coded(z_BN, x_hat_BD, x_BD, tokens_B, sae=sae)
+
+    @torch.no_grad()
+    def add_coded(self, z_BN: Tensor, x_hat_BD: Tensor, x_BD: Tensor, tokens_B: Tensor | None = None, *,
+                  sae: Any = None) -> None:
+        """One batch already encoded and predicted: latents ``z_BN``, the prediction
+        ``x_hat_BD`` and what it should be, ``x_BD`` (a CLT's layer is scored this way:
+        its output sums several layers' latents). ``sae`` supplies its ``fired`` rule."""
         B, D = x_BD.shape
         self.d_in = D
         xd, xhd = x_BD.double(), x_hat_BD.double()

@@ -78,8 +78,7 @@ class CrossLayerTranscoder(nn.Module):
         """Training: each layer's top k·B of its batch (the running threshold follows the
         smallest kept value); eval: the JumpReLU pre·[pre > θ_l]."""
         if not self.training:
-            theta_L11 = self.threshold.clamp_min(0)[None, :, None]
-            return pre_BLN * (pre_BLN > theta_L11)
+            return self.jump_relu(pre_BLN, self.threshold.clamp_min(0)[None, :, None])
         B, L, N = pre_BLN.shape
         flat_LM = pre_BLN.relu().transpose(0, 1).reshape(L, B * N)
         vals_LK, idx_LK = flat_LM.topk(min(self.cfg.k * B, B * N), dim=-1, sorted=False)
@@ -91,6 +90,24 @@ class CrossLayerTranscoder(nn.Module):
             decay = self.cfg.threshold_decay
             self.threshold.copy_(torch.where(fresh_L, kept_L, decay * self.threshold + (1 - decay) * kept_L))
         return z_LM.reshape(L, B, N).transpose(0, 1)
+
+    @staticmethod
+    def jump_relu(pre: Tensor, theta: Tensor) -> Tensor:
+        return pre * (pre > theta)
+
+    def encode_layer(self, layer: int, x_BD: Tensor) -> Tensor:
+        """Layer ``layer``'s latents z_BN (eval mode's JumpReLU) from its own input alone: a
+        replacement model encodes each layer when its forward pass reaches that layer."""
+        pre_BN = x_BD @ self.W_enc[layer].T + self.b_enc[layer]
+        return self.jump_relu(pre_BN, self.threshold[layer].clamp_min(0))
+
+    def decode_layer(self, layer: int, z_by_layer: list[Tensor]) -> Tensor:
+        """MLP output ``layer`` from the latents of layers 0..layer (``z_by_layer[l]`` [B, N]):
+        Σ_{l ≤ t} z_l · W_dec[l][:, t − l] + b_dec_t, the row ``decode`` gives layer t."""
+        y_BE = self.b_dec[layer].expand(z_by_layer[0].shape[0], -1)
+        for l in range(layer + 1):
+            y_BE = y_BE + z_by_layer[l] @ self.W_dec[l][:, layer - l]
+        return y_BE
 
     @torch.no_grad()
     def calibrate_thresholds(self, x_BLD: Tensor) -> None:
