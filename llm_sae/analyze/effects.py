@@ -48,6 +48,7 @@ def load_tokenizer(name: str | None) -> Any:
 
 def unembedding(model_name: str, d_in: int) -> tuple[torch.Tensor | None, str | None, str]:
     """(W_U_eff [D, V] with the final norm's scale folded in, norm kind, reason if None).
+    ``d_in`` is the width of the decoder rows it will multiply (a transcoder's output width).
 
     For LayerNorm models the rows are centred over D too (the norm centres the residual
     before scaling), so a decoder atom's component along the all-ones direction, which the
@@ -66,8 +67,8 @@ def unembedding(model_name: str, d_in: int) -> tuple[torch.Tensor | None, str | 
         return None, None, f"model {model_name!r} has no unembedding"
     W_U_VD = emb.weight.detach().float()
     if W_U_VD.shape[1] != d_in:
-        return None, None, (f"the SAE's width {d_in} is not the model's d_model {W_U_VD.shape[1]} "
-                            "(a hook outside the residual stream)")
+        return None, None, (f"the decoder's width {d_in} is not the model's d_model {W_U_VD.shape[1]} "
+                            "(it writes to a hook outside the residual stream)")
     base = getattr(model, "base_model", model)
     norm = None
     for name in ("ln_f", "norm", "final_layer_norm", "final_norm", "ln_final"):

@@ -26,7 +26,7 @@ from llm_sae.common.outdir import check_output, staged
 from llm_sae.common.threads import num_threads
 from llm_sae.config import ConfigError
 from llm_sae.errors import AnalyzeError, StoreError
-from llm_sae.sae.formats.meta import check_same_source
+from llm_sae.sae.formats.meta import check_same_source, recorded_target_hook
 
 # What an analysis folder holds (marks one written before output folders carried a marker).
 ANALYSIS_FILES = ("summary.json", "features.jsonl", "features")
@@ -102,7 +102,9 @@ def _analyze(cfg: AnalyzeConfig, rank: int, world: int) -> dict[str, Any]:
     W_dec_ND = sae.W_dec.detach()
     logits, logit_info = None, {"available": False, "reason": "disabled (--no-logits)", "norm": None}
     if cfg.logits and model_name:
-        W_U_DV, kind, reason = unembedding(model_name, sae.d_in)
+        # The decoder's width: a transcoder writes into its output hook (the MLP output,
+        # added to the residual stream), not into the space its encoder reads.
+        W_U_DV, kind, reason = unembedding(model_name, W_dec_ND.shape[1])
         if W_U_DV is not None:
             logits = [t.cpu() for t in logit_effects(W_dec_ND, W_U_DV.to(W_dec_ND.device), cfg.n_logits)]
             logit_info = {"available": True, "reason": None, "norm": kind}
@@ -121,6 +123,8 @@ def _analyze(cfg: AnalyzeConfig, rank: int, world: int) -> dict[str, Any]:
             dataclasses.replace(cfg, out=str(tmp)), store, sae, acc, counts, strings, tok, logits,
             logit_info, (nb_vals, nb_idx), model_name,
         )
+        if getattr(sae, "is_transcoder", False):  # contexts are the input's, logits the output's
+            summary["transcoder"] = {"d_out": int(W_dec_ND.shape[1]), "out_hook": recorded_target_hook(cfg.sae)}
         summary["elapsed_s"] = round(time.perf_counter() - t0, 3)
         summary["pass_s"] = round(t_pass, 3)
         summary["pass_cpu_s"] = round(c_pass, 3)

@@ -40,9 +40,13 @@ def site_meta(summary: dict[str, Any]) -> dict[str, Any]:
         if isinstance(v, (int, float)):
             metrics[k] = v
     logits = summary.get("logits") or {}
+    hook = store.get("hook") or sae_cfg.get("hook_name") or sae_cfg.get("hook")
+    out_hook = (summary.get("transcoder") or {}).get("out_hook")
+    if hook and out_hook:  # a transcoder: contexts from the first, logit effects into the second
+        hook = f"{hook} → {out_hook}"
     return {
         "model": summary.get("model") or store.get("model"),
-        "hook": store.get("hook") or sae_cfg.get("hook_name") or sae_cfg.get("hook"),
+        "hook": hook,
         "sae_name": Path(str(sae_path)).name if sae_path else None,
         "architecture": sae_cfg.get("arch"),
         "n_latents": summary.get("n_features"),

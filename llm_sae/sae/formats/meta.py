@@ -70,6 +70,19 @@ def recorded_model_and_hook(sae_dir: str | Path) -> tuple[str | None, str | None
     return first_str(meta, *MODEL_KEYS), first_str(meta, *HOOK_KEYS)
 
 
+def recorded_target_hook(sae_dir: str | Path) -> str | None:
+    """The hook a transcoder predicts (its decoder writes there): the target store's
+    manifest for our runs (train_cfg.json's ``target_store``), SAELens's ``hook_name_out``;
+    None for an SAE, or where nothing records it."""
+    meta = sae_meta(sae_dir)
+    target = meta.get("target_store")
+    if isinstance(target, str):
+        hook = _read_json(Path(target) / "manifest.json").get("hook")
+        if isinstance(hook, str) and hook:
+            return hook
+    return first_str(meta, "hook_name_out")
+
+
 class MismatchError(LlmSaeError):
     """An SAE and a store (or model) that come from different places."""
 
