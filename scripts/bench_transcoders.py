@@ -8,7 +8,8 @@ same width (expansion 8: 1,024 latents per layer), batch and token budget: a Top
 transcoder at each layer (k = 16), a TopK skip transcoder at layer 1, one cross-layer
 transcoder (BatchTopK, k = 16 per layer), and an SAE on layer 1's MLP input for the
 throughput baseline. Reports the FVU of each MLP output, L0, the replacement model's loss
-recovered per layer and all at once (``llm-sae eval`` on the runs), and training tokens/s
+recovered per layer and all at once (``llm-sae eval`` on the runs; on the CLT folder, its
+replacement model: each MLP output the sum of the decoders of layers ≤ t), and training tokens/s
 (the trainer's own windows in log.jsonl, averaged; the CLT's loop time in train_summary.json).
 A run already finished under --out is kept (a killed benchmark continues where it stopped). Prints a markdown table; writes
 results.json under --out.
@@ -21,14 +22,11 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
+from llm_sae.common.atomic import write_json_atomic
 from llm_sae.evaluate.config import EvalConfig
 from llm_sae.evaluate.run import evaluate
 from llm_sae.harvest.config import HarvestConfig
 from llm_sae.harvest.run import harvest
-from llm_sae.sae.clt import load_clt
-from llm_sae.store.store import open_store
 from llm_sae.train.clt import CLTTrainConfig, train_clt
 from llm_sae.train.config import TrainConfig
 from llm_sae.train.run import train
@@ -64,18 +62,12 @@ def interleaved_throughput(out: Path, stores: list, common: dict, rounds: int, s
     return {name: {"median_tokens_per_s": statistics.median(v), "all": v} for name, v in got.items()}
 
 
-def clt_fvu(run: Path, stores: list[tuple[Path, Path]], rows: int) -> tuple[list[float], list[float]]:
-    """FVU of each layer's output and L0 per layer, eval mode, on the stores' last rows."""
-    clt = load_clt(run)
-    x0 = open_store(stores[0][0])
-    lo = max(0, x0.n_rows - rows)
-    x_BLD = torch.stack([open_store(a).acts(lo, x0.n_rows).float() for a, _ in stores], 1)
-    y_BLE = torch.stack([open_store(b).acts(lo, x0.n_rows).float() for _, b in stores], 1)
-    with torch.no_grad():
-        z_BLN = clt.encode(x_BLD)
-        err_L = (y_BLE - clt.decode(z_BLN)).pow(2).sum((0, 2))
-    fvu_L = err_L / (y_BLE - y_BLE.mean(0)).pow(2).sum((0, 2))
-    return fvu_L.tolist(), (z_BLN > 0).sum(-1).float().mean(0).tolist()
+def eval_once(sae: list[str], out: Path, rows: int, n_contexts: int) -> dict:
+    """``llm-sae eval`` on ``sae`` into ``out``, or the eval.json an earlier call left there."""
+    if (out / "eval.json").exists():
+        return json.loads((out / "eval.json").read_text())
+    return evaluate(EvalConfig(sae=sae, out=str(out), eval_rows=rows, amortization=False,
+                               n_contexts=n_contexts, progress=False, device="cpu"))
 
 
 def main() -> None:
@@ -124,19 +116,16 @@ def main() -> None:
         res["runs"][name] = {"tokens_per_s": sum(tps) / len(tps), "fvu_train_last": lines[-1].get("fvu")}
     res["runs"]["clt"] = json.loads((out / "clt" / "train_summary.json").read_text())
     rows = 16384
-    for kind, names in (("tc", ["tc0", "tc1", "tc2", "tc3"]), ("skip", ["tc0", "skip1", "tc2", "tc3"])):
-        rep = evaluate(EvalConfig(sae=[str(out / n) for n in names], out=str(out / f"eval_{kind}"),
-                                  eval_rows=rows, amortization=False, n_contexts=args.n_contexts, progress=False, device="cpu"))
+    for kind, names in (("tc", ["tc0", "tc1", "tc2", "tc3"]), ("skip", ["tc0", "skip1", "tc2", "tc3"]), ("clt", ["clt"])):
+        rep = eval_once([str(out / n) for n in names], out / f"eval_{kind}", rows, args.n_contexts)
         res[f"eval_{kind}"] = {
             name: {"fvu": e["reconstruction"]["fvu"], "l0": e["sparsity"]["l0"]["mean"],
-                   "lr": e["replacement"]["loss_recovered"], "lr_err": e["replacement"]["loss_recovered_with_error"]}
+                   "lr": e["replacement"]["loss_recovered"], "kl": e["replacement"]["kl"], "lr_err": e["replacement"]["loss_recovered_with_error"]}
             for name, e in rep["saes"].items()}
         res[f"eval_{kind}"]["all"] = {k: rep["replacement"]["replaced"]["all"][k]
                                       for k in ("loss_recovered", "loss_recovered_with_error", "kl", "ce")}
         res[f"eval_{kind}"]["ce_clean"] = rep["replacement"]["ce_clean"]
-    fvu_L, l0_L = clt_fvu(out / "clt", stores, rows)
-    res["eval_clt"] = {"fvu": fvu_L, "l0": l0_L}
-    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_json_atomic(out / "results.json", res)
     print(json.dumps(res, indent=2))
 
 
