@@ -18,6 +18,7 @@ Memory, per source layer l (float32 training with Adam: weights, gradients and t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,7 +70,25 @@ class CrossLayerTranscoder(nn.Module):
         self.W_dec = nn.ParameterList([nn.Parameter(torch.randn(N, L - l, E)) for l in range(L)])
         self.b_dec = nn.Parameter(torch.zeros(L, E))
         self.register_buffer("threshold", torch.full((L,), -1.0))  # < 0: not estimated yet
+        self.batch_ranks, self.gather_batch = 1, None
         self.constrain_weights()
+
+    def share_batch(self, n_ranks: int, gather: Callable[[Tensor], Tensor]) -> None:
+        """Train on 1/n_ranks of each global batch (data parallel): the per-layer top k·B
+        is then of the global batch, chosen from every rank's candidates, which ``gather``
+        concatenates along dim 1 ([L, C] → [L, n_ranks·C], the same on every rank)."""
+        self.batch_ranks, self.gather_batch = n_ranks, gather
+
+    def batch_threshold(self, acts_LM: Tensor) -> tuple[Tensor, Tensor]:
+        """(θ_L, candidates_LC): each layer's k·B-th largest of ``acts_LM`` (≥ 0, this
+        rank's rows × latents) over the global batch of B rows, and the values it was chosen
+        from, which hold that batch's top k·B."""
+        kept = self.cfg.k * acts_LM.shape[1] // self.cfg.n_latents * self.batch_ranks
+        cand_LC = acts_LM.detach().topk(min(kept, acts_LM.shape[1]), dim=-1, sorted=False).values
+        if self.gather_batch is not None:
+            cand_LC = self.gather_batch(cand_LC.contiguous())
+            cand_LC = cand_LC.topk(min(kept, cand_LC.shape[1]), dim=-1, sorted=False).values
+        return cand_LC.amin(-1), cand_LC
 
     def pre_acts(self, x_BLD: Tensor) -> Tensor:
         return torch.einsum("bld,lnd->bln", x_BLD, self.W_enc) + self.b_enc
@@ -81,10 +100,12 @@ class CrossLayerTranscoder(nn.Module):
             return self.jump_relu(pre_BLN, self.threshold.clamp_min(0)[None, :, None])
         B, L, N = pre_BLN.shape
         flat_LM = pre_BLN.relu().transpose(0, 1).reshape(L, B * N)
-        vals_LK, idx_LK = flat_LM.topk(min(self.cfg.k * B, B * N), dim=-1, sorted=False)
-        z_LM = torch.zeros_like(flat_LM).scatter_(-1, idx_LK, vals_LK)
+        theta_L, vals_LK = self.batch_threshold(flat_LM)
+        # ≥ θ keeps exactly the top k·B (ties aside); where fewer are positive, θ = 0 and
+        # the zeros it also keeps are zeros either way.
+        z_LM = flat_LM * (flat_LM >= theta_L[:, None])
         with torch.no_grad():
-            kept_L = torch.where(vals_LK > 0, vals_LK, torch.inf).amin(-1)
+            kept_L = torch.where(vals_LK > 0, vals_LK, torch.inf).amin(-1).float()
             kept_L = torch.where(torch.isfinite(kept_L), kept_L, self.threshold)
             fresh_L = self.threshold < 0
             decay = self.cfg.threshold_decay
@@ -115,10 +136,9 @@ class CrossLayerTranscoder(nn.Module):
         pre-activations of ``x_BLD``: eval mode then fires k per token per layer on average.
         The running estimate lags on short runs (it starts from the first batches, whose
         pre-activations are larger), so training ends with this."""
-        B, N = x_BLD.shape[0], self.cfg.n_latents
         for l in range(self.cfg.n_layers):  # one layer's [B, N] at a time
-            pre_M = (x_BLD[:, l] @ self.W_enc[l].T + self.b_enc[l]).relu().flatten()
-            self.threshold[l] = pre_M.topk(min(self.cfg.k * B, B * N)).values[-1]
+            pre_1M = (x_BLD[:, l] @ self.W_enc[l].T + self.b_enc[l]).relu().reshape(1, -1)
+            self.threshold[l] = self.batch_threshold(pre_1M)[0][0]
 
     def encode(self, x_BLD: Tensor) -> Tensor:
         return self.activate(self.pre_acts(x_BLD))

@@ -60,11 +60,13 @@ class LayerPairsSource:
                 raise StoreError(f"{a.path} and {first.path} hold other rows: harvest every layer's "
                                  "--pair in one harvest so that the stores are row-aligned")
 
-    def batches(self, batch_size: int, *, seed: int, start_batch: int,
-                device: torch.device) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """Endless float32 ``(x_BLD, rows_B, y_BLE)``, deterministic for (seed, start_batch)."""
+    def batches(self, batch_size: int, *, seed: int, start_batch: int, device: torch.device,
+                batch_slice: tuple[int, int] | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Endless float32 ``(x_BLD, rows_B, y_BLE)``, deterministic for (seed, start_batch);
+        ``batch_slice=(i, n)``: the i-th of n equal parts of each batch (data parallel)."""
         reader = self.inputs[0].reader(batch_size, seed=seed, start_batch=start_batch, loop=True,
-                                       with_rows=True, rank=0, world_size=1, dtype=torch.float32)
+                                       with_rows=True, rank=0, world_size=1, dtype=torch.float32,
+                                       batch_slice=batch_slice)
 
         def rows() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
             for x0_BD, rows_B in reader:
@@ -105,10 +107,12 @@ class PlantedLayers:
                 ys[h + j] += out_BJE[:, j]
         return torch.stack(xs, 1), torch.stack(ys, 1)
 
-    def batches(self, batch_size: int, *, seed: int = 0, start_batch: int,
-                device: torch.device) -> Iterator[tuple[Tensor, None, Tensor]]:
-        i = start_batch
+    def batches(self, batch_size: int, *, seed: int = 0, start_batch: int, device: torch.device,
+                batch_slice: tuple[int, int] | None = None) -> Iterator[tuple[Tensor, None, Tensor]]:
+        i, n = batch_slice or (0, 1)
+        part = slice(i * batch_size // n, (i + 1) * batch_size // n)
+        b = start_batch
         while True:
-            x_BLD, y_BLE = self.batch(i, batch_size)
-            yield x_BLD.to(device), None, y_BLE.to(device)
-            i += 1
+            x_BLD, y_BLE = self.batch(b, batch_size)
+            yield x_BLD[part].to(device), None, y_BLE[part].to(device)
+            b += 1

@@ -5,11 +5,17 @@ the SAE trainer because a CLT's batch is [B, L, D] and its state is per layer; i
 exactly from a checkpoint written atomically as one safetensors file (weights, Adam's
 moments, the step, the thresholds). Inputs and targets are scaled per layer so that
 E‖x_l‖ = √D and E‖y_l‖ = √E (from the stores' norm statistics), folded away on save.
+Under torchrun it is data parallel: each rank reads its slice of every global batch, the
+per-layer BatchTopK is chosen over the global batch and gradients are averaged, so N ranks
+train the one-process run (up to float rounding); ``--precision bf16`` runs the matmuls
+under autocast. Latents are not sharded across ranks (each rank holds the whole CLT: the
+memory per layer is printed at the start and in ``CrossLayerTranscoder``'s docstring).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -22,10 +28,13 @@ import torch
 from torch import Tensor
 
 from llm_sae.common.atomic import atomic_write_bytes, write_json_atomic
-from llm_sae.common.device import resolve_device
 from llm_sae.config import ConfigError, add_arguments, from_args, to_dict
+from llm_sae.distributed.comm import all_gather_cat
+from llm_sae.distributed.env import report_rank_failure
+from llm_sae.distributed.parallel import Parallel, make_parallel
 from llm_sae.sae.clt import CLTConfig, CrossLayerTranscoder, clt_memory_bytes
 from llm_sae.sources.layers import LayerPairsSource
+from llm_sae.train.config import resolve_precision
 
 CKPT = "clt_checkpoint.safetensors"
 
@@ -59,14 +68,17 @@ class CLTTrainConfig:
     resume: bool = True
     """Continue from OUT's checkpoint when there is one."""
     device: str = "auto"
-    """Torch device: auto, cpu, cuda, ..."""
+    """Torch device: auto, cpu, cuda, ... (under torchrun: each rank's own GPU)."""
+    precision: str = "auto"
+    """Matmul precision: bf16 (autocast; float32 master weights, loss and Adam), tf32, fp32,
+    or auto (bf16 on CUDA, fp32 on CPU)."""
     progress: bool = True
     """Show a progress bar."""
 
 
 class LayerBatches(Protocol):
-    def batches(self, batch_size: int, *, seed: int, start_batch: int,
-                device: torch.device) -> Any: ...
+    def batches(self, batch_size: int, *, seed: int, start_batch: int, device: torch.device,
+                batch_slice: tuple[int, int] | None = None) -> Any: ...
 
 
 def _save_checkpoint(path: Path, clt: CrossLayerTranscoder, opt: torch.optim.Optimizer, step: int) -> None:
@@ -95,49 +107,68 @@ def _load_checkpoint(path: Path, clt: CrossLayerTranscoder, opt: torch.optim.Opt
 
 def fit_clt(
     clt: CrossLayerTranscoder, source: LayerBatches, cfg: CLTTrainConfig, *,
-    s_in_L: list[float], s_out_L: list[float],
+    s_in_L: list[float], s_out_L: list[float], par: Parallel | None = None,
 ) -> dict[str, Any]:
     """Train ``clt`` in place on scaled batches (resuming from OUT's checkpoint), then
-    save it with the scales folded. Returns the run's summary (also train_summary.json)."""
+    save it with the scales folded. Returns the run's summary (also train_summary.json).
+
+    Under torchrun (``par`` a ``Distributed``) each rank takes its slice of every global
+    batch, the per-layer top k·B is chosen over the global batch and gradients are
+    averaged, so the run is the one-process run of the same global batch; rank 0 writes."""
     from tqdm.auto import tqdm
 
+    par = par or Parallel()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = par.device(cfg.device)
+    bf16 = resolve_precision(cfg.precision, device) == "bf16"
     clt.to(device).train()
+    if par.dp_size > 1:
+        clt.share_batch(par.dp_size, lambda t: all_gather_cat(t.float(), par.dp_group, dim=1).to(t.dtype))
     opt = torch.optim.Adam(clt.parameters(), lr=cfg.lr)
     steps = max(1, cfg.tokens // cfg.batch_size)
     every = max(1, cfg.checkpoint_every // cfg.batch_size) if cfg.checkpoint_every else steps
     start = _load_checkpoint(out / CKPT, clt, opt) if cfg.resume and (out / CKPT).exists() else 0
     sx = torch.tensor(s_in_L, device=device)[None, :, None]
     sy = torch.tensor(s_out_L, device=device)[None, :, None]
-    batches = source.batches(cfg.batch_size, seed=cfg.seed, start_batch=start, device=device)
-    log = (out / "metrics.jsonl").open("a")
+    batches = source.batches(cfg.batch_size, seed=cfg.seed, start_batch=start, device=device,
+                             batch_slice=par.batch_slice())
+    log = (out / "metrics.jsonl").open("a") if par.is_main else None
     t0, metrics = time.perf_counter(), {}
-    for step in tqdm(range(start, steps), disable=not cfg.progress, desc="train-clt", file=sys.stderr):
+    bar = tqdm(range(start, steps), disable=not (cfg.progress and par.is_main), desc="train-clt", file=sys.stderr)
+    for step in bar:
         x_BLD, _, y_BLE = next(batches)
-        loss, metrics = clt(x_BLD * sx, y_BLE * sy)
+        # bf16: the matmuls under autocast on float32 weights; the loss and backward float32.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, metrics = clt(x_BLD * sx, y_BLE * sy)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        par.after_backward(clt)  # the global batch's mean gradient
         opt.step()
         clt.constrain_weights()
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-            log.write(json.dumps({"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}) + "\n")
-        if (step + 1) % every == 0 or step + 1 == steps:
+            logged = par.mean_metrics({"loss": loss.detach(), **metrics})
+            if log is not None:
+                log.write(json.dumps({"step": step + 1, **{k: v.item() for k, v in logged.items()}}) + "\n")
+        if ((step + 1) % every == 0 or step + 1 == steps) and par.is_main:
             _save_checkpoint(out / CKPT, clt, opt, step + 1)
-    log.close()
+    if log is not None:
+        log.close()
     elapsed = time.perf_counter() - t0
     # Inference thresholds from the next batches (eval mode: k per token per layer on average).
     x_BLD = torch.cat([next(batches)[0] for _ in range(max(1, 8192 // cfg.batch_size))]) * sx
     clt.calibrate_thresholds(x_BLD)
     clt.eval()
     clt.fold_scales(s_in_L, s_out_L)
-    clt.cpu().save(out)
     summary = {"steps": steps, "resumed_at": start, "tokens": steps * cfg.batch_size,
                "tokens_per_s": (steps - start) * cfg.batch_size / max(elapsed, 1e-9),
-               "final": {k: float(v) for k, v in metrics.items()},
+               "precision": "bf16" if bf16 else "fp32", "ranks": par.dp_size,
+               "final": {k: float(v) for k, v in par.mean_metrics(metrics).items()},
                "memory_bytes_per_layer": [clt_memory_bytes(clt.cfg, l) for l in range(clt.cfg.n_layers)]}
-    write_json_atomic(out / "train_summary.json", summary)
+    if par.is_main:
+        clt.cpu().save(out)
+        write_json_atomic(out / "train_summary.json", summary)
+    par.barrier()
     return summary
 
 
@@ -150,18 +181,29 @@ def train_clt(cfg: CLTTrainConfig) -> Path:
         raise ConfigError("--batch-size must be positive and --tokens at least one batch")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0) or cfg.k <= 0 or cfg.expansion <= 0:
         raise ConfigError(f"--lr ({cfg.lr}), --k ({cfg.k}) and --expansion ({cfg.expansion}) must be positive")
+    resolve_precision(cfg.precision, torch.device("cpu"))  # an unknown name, before any work
     src = LayerPairsSource([(a, b) for a, b in pairs])
     src.check()
+    par = make_parallel()
+    if cfg.batch_size % par.dp_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} does not split over {par.dp_size} data-parallel "
+                          f"ranks; give a multiple of {par.dp_size}")
     torch.manual_seed(cfg.seed)
     clt = CrossLayerTranscoder(CLTConfig(n_layers=src.n_layers, d_in=src.d_in, d_out=src.d_out,
                                          n_latents=cfg.n_latents or cfg.expansion * src.d_in, k=cfg.k))
     s_in = [math.sqrt(s.d_in) / max(s.mean_norm, 1e-12) for s in src.inputs]
     s_out = [math.sqrt(s.d_in) / max(s.mean_norm, 1e-12) for s in src.targets]
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(cfg.out) / "train_cfg.json", {**to_dict(cfg), "pairs": [
-        {"store": str(a.path), "target_store": str(b.path), "in_hook": a.hook, "out_hook": b.hook}
-        for a, b in zip(src.inputs, src.targets, strict=True)]})
-    fit_clt(clt, src, cfg, s_in_L=s_in, s_out_L=s_out)
+    if par.is_main:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(cfg.out) / "train_cfg.json", {**to_dict(cfg), "pairs": [
+            {"store": str(a.path), "target_store": str(b.path), "in_hook": a.hook, "out_hook": b.hook}
+            for a, b in zip(src.inputs, src.targets, strict=True)]})
+        mb = [clt_memory_bytes(clt.cfg, l) / 2**20 for l in range(clt.cfg.n_layers)]
+        print(f"train-clt: {clt.cfg.n_latents:,} latents per layer; training memory (float32 weights, grads, "
+              f"Adam) per source layer {', '.join(f'{m:,.1f}' for m in mb)} MiB, {sum(mb):,.1f} MiB in all"
+              + (f", on each of {par.dp_size} ranks" if par.dp_size > 1 else ""), file=sys.stderr)
+    with report_rank_failure("training") if par.world_size > 1 else contextlib.nullcontext():
+        fit_clt(clt, src, cfg, s_in_L=s_in, s_out_L=s_out, par=par)
     return Path(cfg.out)
 
 
