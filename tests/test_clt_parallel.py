@@ -43,21 +43,51 @@ def _train_job(cfg: CLTTrainConfig) -> None:
     train_clt(cfg)
 
 
-def test_two_ranks_train_the_one_rank_run(spec, tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(spec, tmp_path_factory) -> Path:
+    """One-rank references, then every 2-rank run in one session (starting processes costs
+    more than these runs): data parallel, latent-sharded, and sharded resuming a one-rank
+    checkpoint."""
     from test_distributed import spawn
 
-    train_clt(cfg_for(spec, tmp_path / "one"))
-    spawn([(_train_job, cfg_for(spec, tmp_path / "two"))])
-    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
-    assert one.keys() == two.keys()
-    for k in one:  # the same global batch: only the gradient all-reduce's rounding differs
-        torch.testing.assert_close(two[k], one[k], atol=2e-4, rtol=1e-3, msg=f"{k} differs")
-    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()  # rank 0 alone logs
+    root = tmp_path_factory.mktemp("clt_ranks")
+    torch.set_num_threads(1)
+    train_clt(cfg_for(spec, root / "one"))
+    train_clt(cfg_for(spec, root / "resumed", tokens=B * STEPS // 2))  # its checkpoint: step 6 of 12
+    spawn([(_train_job, cfg_for(spec, root / "dp")),
+           (_train_job, cfg_for(spec, root / "sharded", shard_latents=2)),
+           (_train_job, cfg_for(spec, root / "resumed", shard_latents=2))])
+    return root
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:  # the same global batch: only the all-reduces' rounding differs
+        torch.testing.assert_close(b[k], a[k], atol=2e-4, rtol=1e-3, msg=f"{k} differs")
+
+
+def test_two_ranks_train_the_one_rank_run(two_ranks, spec, tmp_path):
+    one = weights(two_ranks / "one")
+    assert_same(one, weights(two_ranks / "dp"))
+    lines = (two_ranks / "dp" / "metrics.jsonl").read_text().splitlines()  # rank 0 alone logs
     assert len(lines) == STEPS // 4
     # The comparison can fail: half the global batch (what one rank sees) gives other weights.
     train_clt(cfg_for(spec, tmp_path / "half", batch_size=B // 2, tokens=B // 2 * STEPS))
     half = weights(tmp_path / "half")
     assert any(not torch.allclose(half[k], one[k], atol=2e-4, rtol=1e-3) for k in one if k.startswith("W_"))
+
+
+def test_sharded_latents_train_the_one_rank_run(two_ranks):
+    """Each rank holds half of every layer's latents; the saved CLT is whole and equal to
+    the one-rank run's, also when resumed sharded from a one-rank checkpoint."""
+    import json
+
+    one = weights(two_ranks / "one")
+    assert_same(one, weights(two_ranks / "sharded"))
+    assert_same(one, weights(two_ranks / "resumed"))
+    s = json.loads((two_ranks / "resumed" / "train_summary.json").read_text())
+    assert s["resumed_at"] == STEPS // 2 and s["ranks"] == 1  # 1 data-parallel rank × 2 shards
+    assert s["memory_bytes_per_layer"][0] == 16 * 24 * (32 + 1 + 2 * 32)  # 24 of the 48 latents
 
 
 def test_bf16_autocast_keeps_float32_weights_and_trains(spec, tmp_path):

@@ -71,6 +71,7 @@ class CrossLayerTranscoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(L, E))
         self.register_buffer("threshold", torch.full((L,), -1.0))  # < 0: not estimated yet
         self.batch_ranks, self.gather_batch = 1, None
+        self.full_cfg = cfg  # a shard's cfg counts its own latents; this, all of them
         self.constrain_weights()
 
     def share_batch(self, n_ranks: int, gather: Callable[[Tensor], Tensor]) -> None:
@@ -79,11 +80,27 @@ class CrossLayerTranscoder(nn.Module):
         concatenates along dim 1 ([L, C] → [L, n_ranks·C], the same on every rank)."""
         self.batch_ranks, self.gather_batch = n_ranks, gather
 
-    def batch_threshold(self, acts_LM: Tensor) -> tuple[Tensor, Tensor]:
+    def sum_shards(self, part: Tensor) -> Tensor:
+        """The sum over the ranks that hold the other latents (none here: the identity)."""
+        return part
+
+    # Unsharded, the local state is the whole state (llm_sae.distributed.sharded_clt).
+    def local_slice(self, name: str, v: Tensor) -> Tensor:
+        """This rank's part of the whole-CLT state ``name``."""
+        return v
+
+    def full_tensor(self, name: str, v: Tensor) -> Tensor:
+        """The whole-CLT state ``name`` from this rank's ``v``, on the CPU."""
+        return v.detach().cpu()
+
+    def unsharded(self) -> CrossLayerTranscoder:
+        return self
+
+    def batch_threshold(self, acts_LM: Tensor, rows: int) -> tuple[Tensor, Tensor]:
         """(θ_L, candidates_LC): each layer's k·B-th largest of ``acts_LM`` (≥ 0, this
-        rank's rows × latents) over the global batch of B rows, and the values it was chosen
-        from, which hold that batch's top k·B."""
-        kept = self.cfg.k * acts_LM.shape[1] // self.cfg.n_latents * self.batch_ranks
+        rank's ``rows`` × its latents) over the global batch of B rows (and, sharded, all
+        latents), and the values it was chosen from, which hold that batch's top k·B."""
+        kept = self.cfg.k * rows * self.batch_ranks
         cand_LC = acts_LM.detach().topk(min(kept, acts_LM.shape[1]), dim=-1, sorted=False).values
         if self.gather_batch is not None:
             cand_LC = self.gather_batch(cand_LC.contiguous())
@@ -100,7 +117,7 @@ class CrossLayerTranscoder(nn.Module):
             return self.jump_relu(pre_BLN, self.threshold.clamp_min(0)[None, :, None])
         B, L, N = pre_BLN.shape
         flat_LM = pre_BLN.relu().transpose(0, 1).reshape(L, B * N)
-        theta_L, vals_LK = self.batch_threshold(flat_LM)
+        theta_L, vals_LK = self.batch_threshold(flat_LM, B)
         # ≥ θ keeps exactly the top k·B (ties aside); where fewer are positive, θ = 0 and
         # the zeros it also keeps are zeros either way.
         z_LM = flat_LM * (flat_LM >= theta_L[:, None])
@@ -125,10 +142,8 @@ class CrossLayerTranscoder(nn.Module):
     def decode_layer(self, layer: int, z_by_layer: list[Tensor]) -> Tensor:
         """MLP output ``layer`` from the latents of layers 0..layer (``z_by_layer[l]`` [B, N]):
         Σ_{l ≤ t} z_l · W_dec[l][:, t − l] + b_dec_t, the row ``decode`` gives layer t."""
-        y_BE = self.b_dec[layer].expand(z_by_layer[0].shape[0], -1)
-        for l in range(layer + 1):
-            y_BE = y_BE + z_by_layer[l] @ self.W_dec[l][:, layer - l]
-        return y_BE
+        y_BE = sum(z_by_layer[l] @ self.W_dec[l][:, layer - l] for l in range(layer + 1))
+        return self.sum_shards(y_BE) + self.b_dec[layer]
 
     @torch.no_grad()
     def calibrate_thresholds(self, x_BLD: Tensor) -> None:
@@ -138,7 +153,7 @@ class CrossLayerTranscoder(nn.Module):
         pre-activations are larger), so training ends with this."""
         for l in range(self.cfg.n_layers):  # one layer's [B, N] at a time
             pre_1M = (x_BLD[:, l] @ self.W_enc[l].T + self.b_enc[l]).relu().reshape(1, -1)
-            self.threshold[l] = self.batch_threshold(pre_1M)[0][0]
+            self.threshold[l] = self.batch_threshold(pre_1M, x_BLD.shape[0])[0][0]
 
     def encode(self, x_BLD: Tensor) -> Tensor:
         return self.activate(self.pre_acts(x_BLD))
@@ -150,7 +165,7 @@ class CrossLayerTranscoder(nn.Module):
             out_BJE = torch.einsum("bn,nje->bje", z_BLN[:, l], W_NJE)
             for j in range(W_NJE.shape[1]):
                 parts[l + j] = parts[l + j] + out_BJE[:, j]
-        return torch.stack(parts, 1) + self.b_dec
+        return self.sum_shards(torch.stack(parts, 1)) + self.b_dec
 
     def predict(self, x_BLD: Tensor) -> Tensor:
         return self.decode(self.encode(x_BLD))
@@ -163,7 +178,7 @@ class CrossLayerTranscoder(nn.Module):
         sq_BL = err_BLE.pow(2).sum(-1)
         with torch.no_grad():
             var_L = y_BLE.var(0, correction=0).sum(-1).clamp_min(1e-12)
-            fvu_L, l0_L = sq_BL.mean(0) / var_L, (z_BLN > 0).sum(-1).float().mean(0)
+            fvu_L, l0_L = sq_BL.mean(0) / var_L, self.sum_shards((z_BLN > 0).sum(-1).float()).mean(0)
         metrics = {f"fvu_{l}": fvu_L[l] for l in range(self.cfg.n_layers)}
         metrics.update({f"l0_{l}": l0_L[l] for l in range(self.cfg.n_layers)})
         return sq_BL.sum(-1).mean(), metrics

@@ -8,8 +8,9 @@ E‖x_l‖ = √D and E‖y_l‖ = √E (from the stores' norm statistics), fold
 Under torchrun it is data parallel: each rank reads its slice of every global batch, the
 per-layer BatchTopK is chosen over the global batch and gradients are averaged, so N ranks
 train the one-process run (up to float rounding); ``--precision bf16`` runs the matmuls
-under autocast. Latents are not sharded across ranks (each rank holds the whole CLT: the
-memory per layer is printed at the start and in ``CrossLayerTranscoder``'s docstring).
+under autocast. ``--shard-latents S`` splits each layer's latents over S ranks
+(``distributed/sharded_clt.py``), dividing the memory per layer, printed at the start, by S;
+checkpoints hold the whole CLT, so a run resumes on any number of ranks and shards.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from llm_sae.common.atomic import atomic_write_bytes, write_json_atomic
@@ -32,6 +34,7 @@ from llm_sae.config import ConfigError, add_arguments, from_args, to_dict
 from llm_sae.distributed.comm import all_gather_cat
 from llm_sae.distributed.env import report_rank_failure
 from llm_sae.distributed.parallel import Parallel, make_parallel
+from llm_sae.distributed.sharded_clt import ShardedCLT
 from llm_sae.sae.clt import CLTConfig, CrossLayerTranscoder, clt_memory_bytes
 from llm_sae.sources.layers import LayerPairsSource
 from llm_sae.train.config import resolve_precision
@@ -69,6 +72,10 @@ class CLTTrainConfig:
     """Continue from OUT's checkpoint when there is one."""
     device: str = "auto"
     """Torch device: auto, cpu, cuda, ... (under torchrun: each rank's own GPU)."""
+    shard_latents: int = 1
+    """Under torchrun: split each layer's latents over this many ranks (it must divide the
+    world size and --n-latents; the rest of the world is data parallel). Each rank then holds
+    1/shards of the CLT's memory per layer."""
     precision: str = "auto"
     """Matmul precision: bf16 (autocast; float32 master weights, loss and Adam), tf32, fp32,
     or auto (bf16 on CUDA, fp32 on CPU)."""
@@ -81,26 +88,33 @@ class LayerBatches(Protocol):
                 batch_slice: tuple[int, int] | None = None) -> Any: ...
 
 
-def _save_checkpoint(path: Path, clt: CrossLayerTranscoder, opt: torch.optim.Optimizer, step: int) -> None:
+def _save_checkpoint(path: Path, clt: CrossLayerTranscoder, opt: torch.optim.Optimizer, step: int,
+                     write: bool = True) -> None:
+    """The whole CLT's state (a sharded one's gathered: every rank calls this; ``write`` on
+    one), so a run resumes on any number of shards."""
     from safetensors.torch import save
 
-    t: dict[str, Tensor] = {f"clt.{k}": v for k, v in clt.state_dict().items()}
+    names = [n for n, _ in clt.named_parameters()]
+    t: dict[str, Tensor] = {f"clt.{k}": clt.full_tensor(k, v) for k, v in clt.state_dict().items()}
     for i, st in opt.state_dict()["state"].items():
-        t.update({f"opt.{i}.{k}": v for k, v in st.items()})
+        t.update({f"opt.{i}.{k}": clt.full_tensor(names[i], v) for k, v in st.items()})
     t["step"] = torch.tensor(step)
-    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in t.items()}))
+    if write:
+        atomic_write_bytes(path, save({k: v.contiguous() for k, v in t.items()}))
 
 
 def _load_checkpoint(path: Path, clt: CrossLayerTranscoder, opt: torch.optim.Optimizer) -> int:
     from safetensors.torch import load_file
 
     t = load_file(str(path))
-    clt.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("clt.")})
+    dev = clt.b_dec.device
+    clt.load_state_dict({k[4:]: clt.local_slice(k[4:], v) for k, v in t.items() if k.startswith("clt.")})
+    names = [n for n, _ in clt.named_parameters()]
     state: dict[int, dict[str, Tensor]] = {}
     for key, v in t.items():
         if key.startswith("opt."):
             _, i, k = key.split(".", 2)
-            state.setdefault(int(i), {})[k] = v
+            state.setdefault(int(i), {})[k] = clt.local_slice(names[int(i)], v).to(dev) if v.ndim else v
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     return int(t["step"])
 
@@ -122,9 +136,11 @@ def fit_clt(
     out.mkdir(parents=True, exist_ok=True)
     device = par.device(cfg.device)
     bf16 = resolve_precision(cfg.precision, device) == "bf16"
+    if par.n_shards > 1:  # trained in place no more: the whole CLT is what is saved
+        clt = ShardedCLT(clt, par.shard_group, par.shard_rank, par.n_shards)
     clt.to(device).train()
-    if par.dp_size > 1:
-        clt.share_batch(par.dp_size, lambda t: all_gather_cat(t.float(), par.dp_group, dim=1).to(t.dtype))
+    if par.world_size > 1:  # each layer's top k·B over the global batch and all latents
+        clt.share_batch(par.dp_size, lambda t: all_gather_cat(t.float(), dist.group.WORLD, dim=1).to(t.dtype))
     opt = torch.optim.Adam(clt.parameters(), lr=cfg.lr)
     steps = max(1, cfg.tokens // cfg.batch_size)
     every = max(1, cfg.checkpoint_every // cfg.batch_size) if cfg.checkpoint_every else steps
@@ -150,8 +166,8 @@ def fit_clt(
             logged = par.mean_metrics({"loss": loss.detach(), **metrics})
             if log is not None:
                 log.write(json.dumps({"step": step + 1, **{k: v.item() for k, v in logged.items()}}) + "\n")
-        if ((step + 1) % every == 0 or step + 1 == steps) and par.is_main:
-            _save_checkpoint(out / CKPT, clt, opt, step + 1)
+        if (step + 1) % every == 0 or step + 1 == steps:
+            _save_checkpoint(out / CKPT, clt, opt, step + 1, write=par.is_main)
     if log is not None:
         log.close()
     elapsed = time.perf_counter() - t0
@@ -165,8 +181,9 @@ def fit_clt(
                "precision": "bf16" if bf16 else "fp32", "ranks": par.dp_size,
                "final": {k: float(v) for k, v in par.mean_metrics(metrics).items()},
                "memory_bytes_per_layer": [clt_memory_bytes(clt.cfg, l) for l in range(clt.cfg.n_layers)]}
+    whole = clt.unsharded()
     if par.is_main:
-        clt.cpu().save(out)
+        whole.cpu().save(out)
         write_json_atomic(out / "train_summary.json", summary)
     par.barrier()
     return summary
@@ -184,7 +201,7 @@ def train_clt(cfg: CLTTrainConfig) -> Path:
     resolve_precision(cfg.precision, torch.device("cpu"))  # an unknown name, before any work
     src = LayerPairsSource([(a, b) for a, b in pairs])
     src.check()
-    par = make_parallel()
+    par = make_parallel(cfg.shard_latents)
     if cfg.batch_size % par.dp_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} does not split over {par.dp_size} data-parallel "
                           f"ranks; give a multiple of {par.dp_size}")
@@ -201,7 +218,7 @@ def train_clt(cfg: CLTTrainConfig) -> Path:
         mb = [clt_memory_bytes(clt.cfg, l) / 2**20 for l in range(clt.cfg.n_layers)]
         print(f"train-clt: {clt.cfg.n_latents:,} latents per layer; training memory (float32 weights, grads, "
               f"Adam) per source layer {', '.join(f'{m:,.1f}' for m in mb)} MiB, {sum(mb):,.1f} MiB in all"
-              + (f", on each of {par.dp_size} ranks" if par.dp_size > 1 else ""), file=sys.stderr)
+              + (f", split over {par.n_shards} ranks" if par.n_shards > 1 else ""), file=sys.stderr)
     with report_rank_failure("training") if par.world_size > 1 else contextlib.nullcontext():
         fit_clt(clt, src, cfg, s_in_L=s_in, s_out_L=s_out, par=par)
     return Path(cfg.out)
