@@ -297,6 +297,10 @@ CASES: list[tuple[str, list[str], str]] = [
      "no activation store"),
     ("train-clt lr 0", ["train-clt", "--pair", "{root}/nostore:{root}/nostore", "--lr", "0", "--out", "{root}/c"],
      "--lr"),
+    ("train-clt precision fp16", ["train-clt", "--pair", "{root}/nostore:{root}/nostore", "--precision", "fp16",
+                                  "--out", "{root}/c"], "precision must be one of"),
+    ("train-clt shards without torchrun", ["train-clt", "--pair", "{root}/nostore:{root}/nostore",
+                                           "--shard-latents", "2", "--out", "{root}/c"], "torchrun"),
     # demo, bench
     ("demo out is a file", ["demo", "--out", "{afile}", "--small"], "Not a directory|is a file"),
     ("bench unknown", ["bench", "nosuch"], "invalid choice"),

@@ -253,6 +253,6 @@ def make_parallel(n_shards: int = 1) -> Parallel:
     if n_shards != 1:
         raise ConfigError(
             f"--shard-latents {n_shards} needs {n_shards} or a multiple of it ranks; launch with "
-            f"`torchrun --nproc-per-node {n_shards} -m llm_sae.cli train ...`"
+            f"`torchrun --nproc-per-node {n_shards} -m llm_sae.cli` and the same command (train or train-clt)"
         )
     return Parallel()

@@ -199,9 +199,9 @@ def train_clt(cfg: CLTTrainConfig) -> Path:
     if not (math.isfinite(cfg.lr) and cfg.lr > 0) or cfg.k <= 0 or cfg.expansion <= 0:
         raise ConfigError(f"--lr ({cfg.lr}), --k ({cfg.k}) and --expansion ({cfg.expansion}) must be positive")
     resolve_precision(cfg.precision, torch.device("cpu"))  # an unknown name, before any work
+    par = make_parallel(cfg.shard_latents)
     src = LayerPairsSource([(a, b) for a, b in pairs])
     src.check()
-    par = make_parallel(cfg.shard_latents)
     if cfg.batch_size % par.dp_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} does not split over {par.dp_size} data-parallel "
                           f"ranks; give a multiple of {par.dp_size}")
