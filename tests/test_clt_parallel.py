@@ -86,7 +86,7 @@ def test_sharded_latents_train_the_one_rank_run(two_ranks):
     assert_same(one, weights(two_ranks / "sharded"))
     assert_same(one, weights(two_ranks / "resumed"))
     s = json.loads((two_ranks / "resumed" / "train_summary.json").read_text())
-    assert s["resumed_at"] == STEPS // 2 and s["ranks"] == 1  # 1 data-parallel rank × 2 shards
+    assert (s["resumed_at"], s["data_parallel_ranks"], s["latent_shards"]) == (STEPS // 2, 1, 2)
     assert s["memory_bytes_per_layer"][0] == 16 * 24 * (32 + 1 + 2 * 32)  # 24 of the 48 latents
 
 

@@ -123,8 +123,9 @@ def fit_clt(
     clt: CrossLayerTranscoder, source: LayerBatches, cfg: CLTTrainConfig, *,
     s_in_L: list[float], s_out_L: list[float], par: Parallel | None = None,
 ) -> dict[str, Any]:
-    """Train ``clt`` in place on scaled batches (resuming from OUT's checkpoint), then
-    save it with the scales folded. Returns the run's summary (also train_summary.json).
+    """Train ``clt`` in place (sharded: each rank's slice of it) on scaled batches, resuming
+    from OUT's checkpoint, then save it whole with the scales folded. Returns the run's
+    summary (also train_summary.json; its memory per layer is one rank's).
 
     Under torchrun (``par`` a ``Distributed``) each rank takes its slice of every global
     batch, the per-layer top k·B is chosen over the global batch and gradients are
@@ -178,7 +179,8 @@ def fit_clt(
     clt.fold_scales(s_in_L, s_out_L)
     summary = {"steps": steps, "resumed_at": start, "tokens": steps * cfg.batch_size,
                "tokens_per_s": (steps - start) * cfg.batch_size / max(elapsed, 1e-9),
-               "precision": "bf16" if bf16 else "fp32", "ranks": par.dp_size,
+               "precision": "bf16" if bf16 else "fp32", "data_parallel_ranks": par.dp_size,
+               "latent_shards": par.n_shards,
                "final": {k: float(v) for k, v in par.mean_metrics(metrics).items()},
                "memory_bytes_per_layer": [clt_memory_bytes(clt.cfg, l) for l in range(clt.cfg.n_layers)]}
     whole = clt.unsharded()
