@@ -149,3 +149,28 @@ def test_transcoder_sweep_equals_separate_runs(pair_dirs, tmp_path):  # noqa: F8
     out = train_sweep(sweep_configs(TrainConfig(out=str(tmp_path / "s"), **kw), {"k": ["2", "4"]}))
     alone = train(TrainConfig(out=str(tmp_path / "alone"), k=4, **kw))
     assert (out / "topk-k4" / "sae.safetensors").read_bytes() == (alone / "sae.safetensors").read_bytes()
+
+
+def test_sweep_draws_the_b_dec_sample_once(store_dir, tmp_path, monkeypatch):
+    """Every SAE of a sweep starts b_dec from the same sample at the same scale: it is read
+    and its median computed once, not once per SAE (the bit-for-bit test above checks each
+    SAE still starts where it would alone)."""
+    from llm_sae.sae import ops
+    from llm_sae.sources.store import StoreSource
+    from llm_sae.train import trainer
+
+    calls = {"sample": 0, "median": 0}
+    sample, median = StoreSource.sample, ops.geometric_median
+
+    def counted_sample(self, n, seed):
+        calls["sample"] += 1
+        return sample(self, n, seed)
+
+    def counted_median(x_BD):
+        calls["median"] += 1
+        return median(x_BD)
+
+    monkeypatch.setattr(StoreSource, "sample", counted_sample)
+    monkeypatch.setattr(trainer, "geometric_median", counted_median)
+    train_sweep(sweep_configs(base(store_dir, tmp_path / "s", tokens=4 * B), {"k": ["2", "4", "8"]}))
+    assert calls == {"sample": 1, "median": 1}

@@ -116,9 +116,44 @@ def check_run(cfg: TrainConfig, par: Parallel, source: ActivationSource) -> None
         )
 
 
-def start_trainer(cfg: TrainConfig, par: Parallel, source: ActivationSource, out: Path) -> Trainer:
+class InitSample:
+    """Where a new SAE's b_dec starts: the geometric median of ``--init-rows`` rows drawn
+    with their own seed (not from the training order), at the trainer's scale.
+
+    Every SAE of a sweep would draw the same rows (the source, ``--seed`` and
+    ``--init-rows`` are shared) and, at the same scale, compute the same median, bit for
+    bit; this draws and computes each once for the whole sweep. At the default 16,384 rows
+    that is a read and 100 Weiszfeld passes over [16384, D] float64 per SAE saved (80 ms
+    at D=64 and 4,096 rows, seconds at D=768).
+    """
+
+    def __init__(self, source: ActivationSource) -> None:
+        self.source = source
+        self._rows: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self._b_dec: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def start(self, trainer: Trainer, cfg: TrainConfig) -> None:
+        """Set ``trainer``'s b_dec (and its scale, if it has none) from the sample."""
+        key = (cfg.init_rows, cfg.seed)
+        if key not in self._rows:
+            seed = cfg.seed + 1_000_003
+            pairs = getattr(self.source, "sample_pairs", None)  # a transcoder's b_dec starts at the targets
+            self._rows[key] = pairs(cfg.init_rows, seed) if pairs else (self.source.sample(cfg.init_rows, seed),)
+        scaled = (*key, trainer.input_scale, trainer.output_scale, str(trainer.device))
+        if trainer.input_scale is not None and scaled in self._b_dec:
+            with torch.no_grad():
+                trainer.sae.b_dec.copy_(self._b_dec[scaled])
+            return
+        trainer.init_from_sample(*self._rows[key])
+        if scaled[2] is not None:
+            self._b_dec[scaled] = trainer.sae.b_dec.detach().clone()
+
+
+def start_trainer(cfg: TrainConfig, par: Parallel, source: ActivationSource, out: Path,
+                  init: InitSample | None = None) -> Trainer:
     """A trainer for ``cfg`` writing to ``out``: resumed from its checkpoint there, or new
-    (seeded from ``cfg.seed`` alone, so an SAE of a sweep starts as it would alone)."""
+    (seeded from ``cfg.seed`` alone, so an SAE of a sweep starts as it would alone). The
+    SAEs of a sweep pass one ``init``, so its sample is drawn once."""
     check_output(out, "train", legacy=RUN_FILES)
     ckpt = find_checkpoint(out) if cfg.resume else None
     if cfg.resume and ckpt is None and any((out / n).exists() for n in ("checkpoint", "checkpoint.old",
@@ -152,10 +187,7 @@ def start_trainer(cfg: TrainConfig, par: Parallel, source: ActivationSource, out
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         write_json_atomic(out / "train_cfg.json", run_record(cfg, source))
     if ckpt is None:
-        # A sample drawn with its own seed, not from the training order.
-        seed = cfg.seed + 1_000_003
-        pairs = getattr(source, "sample_pairs", None)  # a transcoder's b_dec starts at the targets
-        trainer.init_from_sample(*(pairs(cfg.init_rows, seed) if pairs else (source.sample(cfg.init_rows, seed),)))
+        (init or InitSample(source)).start(trainer, cfg)
     return trainer
 
 

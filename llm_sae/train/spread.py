@@ -27,7 +27,7 @@ from llm_sae.distributed.parallel import Parallel
 from llm_sae.sources.base import ActivationSource
 from llm_sae.train.config import TrainConfig
 from llm_sae.train.loop import fit_together
-from llm_sae.train.run import start_trainer
+from llm_sae.train.run import InitSample, start_trainer
 
 
 class OwnSAEs(Parallel):
@@ -82,7 +82,8 @@ def train_spread(cfgs: list[TrainConfig], names: list[str], par: Parallel, sourc
     if base.batch_size % world:
         raise ConfigError(f"--batch-size {base.batch_size} does not split over {world} ranks; use a multiple of {world}")
     own = OwnSAEs()
-    trainers = [start_trainer(c, own, source, out / n)
+    init = InitSample(source)
+    trainers = [start_trainer(c, own, source, out / n, init)
                 for i, (c, n) in enumerate(zip(cfgs, names, strict=True)) if i % world == rank]
     device = own.device(base.device)
     first = torch.tensor([min(t.batches_seen for t in trainers)], device=device)

@@ -30,7 +30,14 @@ from llm_sae.distributed.env import report_rank_failure
 from llm_sae.distributed.parallel import Parallel, make_parallel
 from llm_sae.sources.base import ActivationSource
 from llm_sae.train.config import TrainConfig
-from llm_sae.train.run import check_run, make_source, run_trainers, sae_config, start_trainer
+from llm_sae.train.run import (
+    InitSample,
+    check_run,
+    make_source,
+    run_trainers,
+    sae_config,
+    start_trainer,
+)
 from llm_sae.train.spread import train_spread
 
 MANIFEST = "sweep.json"
@@ -118,7 +125,8 @@ def _train_sweep(cfgs: list[TrainConfig], par: Parallel, source: ActivationSourc
     if base.distribute_saes and par.world_size > 1:
         train_spread(cfgs, names, par, source, out)
     else:
-        trainers = [start_trainer(c, par, source, out / n) for c, n in zip(cfgs, names, strict=True)]
+        init = InitSample(source)  # one b_dec sample and median for every SAE
+        trainers = [start_trainer(c, par, source, out / n, init) for c, n in zip(cfgs, names, strict=True)]
         run_trainers(trainers, source, base, par)
         for t, n in zip(trainers, names, strict=True):
             t.export(out / n)
