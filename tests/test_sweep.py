@@ -103,20 +103,26 @@ def test_sweep_exact_resume_after_sigkill(store_dir, tmp_path):
 
 def test_eval_over_a_sweep_folder_gives_frontiers_per_arch(tiny_store, tmp_path, capsys):
     from llm_sae.cli import main
+    from llm_sae.evaluate.plot import frontier_groups
 
     sweep = tmp_path / "sweep"
     assert main(["train", "--store", str(tiny_store), "--out", str(sweep), "--k", "2,6", "--arch",
-                 "topk,batchtopk", "--expansion", "2", "--tokens", str(8 * B), "--batch-size", str(B),
+                 "topk,batchtopk", "--expansion", "2,4", "--tokens", str(8 * B), "--batch-size", str(B),
                  "--device", "cpu", "--log-every", "4"]) == 0
+    capsys.readouterr()
     assert main(["eval", "--sae", str(sweep), "--store", str(tiny_store), "--eval-rows", "300",
                  "--no-downstream", "--no-amortization", "--no-progress"]) == 0
     rep = json.loads((sweep / "eval" / "eval.json").read_text())
-    # One table, each architecture's SAEs together in order of k: its frontier.
-    assert list(rep["saes"]) == ["batchtopk-k2", "batchtopk-k6", "topk-k2", "topk-k6"]
-    assert rep["saes"]["topk-k6"]["sparsity"]["l0"]["max"] <= 6
+    # One table, each architecture's SAEs of one width together in order of k: its frontier.
+    assert list(rep["saes"]) == [f"{a}-x{x}-k{k}" for a in ("batchtopk", "topk") for x in (2, 4) for k in (2, 6)]
+    d = rep["saes"]["topk-x2-k2"]["n_latents"]
+    assert frontier_groups(rep) == [f"{a} n={n}" for a in ("batchtopk", "topk") for n in (d, 2 * d) for _ in "kk"]
+    assert rep["saes"]["topk-x2-k6"]["sparsity"]["l0"]["max"] <= 6
     assert (sweep / "eval" / "frontier.png").stat().st_size > 1000
-    assert "topk-k6" in capsys.readouterr().out
-    (sweep / "topk-k6" / "sae.safetensors").unlink()
+    printed = capsys.readouterr().out
+    assert "topk-x2-k6" in printed
+    assert f"wrote {sweep / 'eval' / 'eval.json'} and {sweep / 'eval' / 'frontier.png'}" in printed
+    (sweep / "topk-x2-k6" / "sae.safetensors").unlink()
     assert main(["eval", "--sae", str(sweep), "--store", str(tiny_store), "--no-downstream"]) == 2
     assert "not finished" in capsys.readouterr().err
 

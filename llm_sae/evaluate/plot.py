@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -109,34 +110,60 @@ def _panel(cv: _Canvas, x0: int, y0: int, w: int, h: int, pts: list[tuple[float,
         cv.text(px0 - 8 - len(lab) * 8, y - 5, lab)
     cv.text(px0 + pw // 2 - len(xlabel) * 4, py0 + ph + 24, xlabel)
     cv.text(x0 + 4, py0 + ph // 2 + len(ylabel) * 4, ylabel, vertical=True)
-    # A line joins SAEs of the same architecture, in order of L0: its frontier.
+    # A line in the frontier's colour joins its SAEs in order of L0.
     for g in set(groups):
         srt = sorted(p for p, gg in zip(pts, groups, strict=True) if gg == g and p in fin)
-        for (a, b, _), (c, d, _) in zip(srt, srt[1:], strict=False):
-            cv.line(sx(a), sy(b), sx(c), sy(d), (170, 170, 170))
+        for (a, b, i), (c, d, _) in zip(srt, srt[1:], strict=False):
+            cv.line(sx(a), sy(b), sx(c), sy(d), _COLORS[i % len(_COLORS)])
     for a, b, i in fin:
         col = _COLORS[i % len(_COLORS)]
         x, y = int(sx(a)), int(sy(b))
         cv.rect(x - 4, y - 4, x + 5, y + 5, col)
 
 
+def frontier_groups(report: dict[str, Any]) -> list[str]:
+    """The frontier each SAE of ``report`` is on: its architecture, and its width where one
+    architecture comes in several (a sweep over --expansion), so that a line joins only
+    SAEs that differ in L0."""
+    entries = list(report["saes"].values())
+    widths: dict[str, set[Any]] = {}
+    for e in entries:
+        widths.setdefault(str(e.get("arch")), set()).add(e.get("n_latents"))
+    return [f"{e.get('arch')} n={e.get('n_latents')}" if len(widths[str(e.get("arch"))]) > 1 else str(e.get("arch"))
+            for e in entries]
+
+
+def _shorten(names: list[str]) -> str:
+    """Names with their common start said once: topk-x4-k16/32/64 (the font has no comma)."""
+    if len(names) == 1:
+        return names[0]
+    head = os.path.commonprefix(names)
+    return head + "/".join(n[len(head):] for n in names) if head else " ".join(names)
+
+
 def write_frontier_png(report: dict[str, Any], path: str | Path) -> Path:
-    """L0 vs FVU and L0 vs loss recovered (mean ablation), one colour per SAE, with a legend."""
+    """L0 vs FVU and L0 vs loss recovered (mean ablation): one colour and one line per
+    frontier (``frontier_groups``), and a legend naming each frontier's SAEs."""
     names = list(report["saes"])
-    W, H, legend_h = 1000, 420, 24 * ((len(names) + 1) // 2) + 10
+    groups = frontier_groups(report)
+    order = list(dict.fromkeys(groups))
+    colour = [order.index(g) for g in groups]
+    W, H, legend_h = 1000, 420, 24 * ((len(order) + 1) // 2) + 10
     cv = _Canvas(W, H + legend_h)
     nan = float("nan")
-    fvu = [(e["sparsity"]["l0"].get("mean") or nan, e["reconstruction"]["fvu"], i)
-           for i, e in enumerate(report["saes"].values())]
-    lr = [(e["sparsity"]["l0"].get("mean") or nan, e.get("downstream", {}).get("loss_recovered_mean", nan), i)
-          for i, e in enumerate(report["saes"].values())]
-    archs = [str(e.get("arch")) for e in report["saes"].values()]
-    _panel(cv, 0, 0, W // 2, H, fvu, archs, "L0", "FVU")
-    _panel(cv, W // 2, 0, W // 2, H, lr, archs, "L0", "LOSS RECOVERED (MEAN)")
-    for i, n in enumerate(names):
+    entries = list(report["saes"].values())
+    fvu = [(e["sparsity"]["l0"].get("mean") or nan, e["reconstruction"]["fvu"], c)
+           for e, c in zip(entries, colour, strict=True)]
+    lr = [(e["sparsity"]["l0"].get("mean") or nan, e.get("downstream", {}).get("loss_recovered_mean", nan), c)
+          for e, c in zip(entries, colour, strict=True)]
+    _panel(cv, 0, 0, W // 2, H, fvu, groups, "L0", "FVU")
+    _panel(cv, W // 2, 0, W // 2, H, lr, groups, "L0", "LOSS RECOVERED (MEAN)")
+    for i, g in enumerate(order):
         x, y = 70 + (i % 2) * (W // 2), H + 6 + (i // 2) * 24
         cv.rect(x, y, x + 12, y + 12, _COLORS[i % len(_COLORS)])
-        cv.text(x + 20, y + 1, f"{n} ({report['saes'][n]['arch']})"[:55])
+        members = [n for n, gg in zip(names, groups, strict=True) if gg == g]
+        label = g if members == [g] else f"{g}: {_shorten(members)}"
+        cv.text(x + 20, y + 1, label if len(label) <= 55 else label[:52] + "...")
     path = Path(path)
     path.write_bytes(cv.png())
     return path

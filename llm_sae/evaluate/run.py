@@ -128,16 +128,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     if not cfg.out and is_hub_spec(cfg.sae[0]):
         raise ConfigError(f"--sae {cfg.sae[0]} is not a folder to write eval/ into; pass --out DIR")
-    default_out = Path(cfg.sae[0]) / "eval"
-    cfg.sae = expand_sweeps(cfg.sae)
+    default_out = Path(cfg.sae[0]) / "eval"  # a sweep's eval/ goes in the sweep folder
+    paths = expand_sweeps(cfg.sae)  # cfg is left as given: the CLI names the folder from it
     for flag, v in (("eval-rows", cfg.eval_rows), ("batch-size", cfg.batch_size), ("n-contexts", cfg.n_contexts),
                     ("model-batch-size", cfg.model_batch_size), ("amortization-rows", cfg.amortization_rows),
                     ("fista-iters", cfg.fista_iters)):
         if v <= 0:
             raise ConfigError(f"--{flag} {v} must be positive; give a count of 1 or more")
     out = Path(cfg.out) if cfg.out else default_out
-    clts = [p for p in cfg.sae if is_clt_dir(p)]
-    if clts and len(cfg.sae) > 1:
+    clts = [p for p in paths if is_clt_dir(p)]
+    if clts and len(paths) > 1:
         raise EvalError(f"{', '.join(clts)} is a cross-layer transcoder: evaluate it alone (one --sae per run "
                         "of llm-sae eval), each of its layers is a row of the report")
     check_output(out, "eval", legacy=("eval.json",))
@@ -147,7 +147,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         with staged(out, "eval", legacy=("eval.json",)) as tmp:
             write_report(report, tmp)
         return report
-    loaded = {name: (path, load_sae(path, device=device)) for name, path in zip(_names(cfg.sae), cfg.sae, strict=True)}
+    loaded = {name: (path, load_sae(path, device=device)) for name, path in zip(_names(paths), paths, strict=True)}
     if any(getattr(s, "is_transcoder", False) for _, s in loaded.values()):
         report = evaluate_transcoders(_only_transcoders(loaded), cfg, device=device)
         with staged(out, "eval", legacy=("eval.json",)) as tmp:
@@ -185,8 +185,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 def expand_sweeps(paths: list[str]) -> list[str]:
     """Each sweep folder (one with the sweep.json that ``llm-sae train`` writes) replaced by
-    its SAEs, grouped by architecture and in order of k, so the table and the plot show
-    each architecture's L0 frontier; other paths as given."""
+    its SAEs, grouped by architecture and width and in order of k, so the table and the
+    plot show each one's L0 frontier; other paths as given."""
     out: list[str] = []
     for p in paths:
         manifest = Path(p) / "sweep.json"
@@ -197,15 +197,25 @@ def expand_sweeps(paths: list[str]) -> list[str]:
             saes = json.loads(manifest.read_text())["saes"]
         except (OSError, ValueError, KeyError) as e:
             raise EvalError(f"{manifest} is unreadable ({e}); rerun the sweep's train command") from None
-        for s in sorted(saes, key=lambda s: (s.get("arch", ""), s.get("k", 0))):
+        found = []
+        for s in saes:
             d = Path(p) / s["dir"]
             if not (d / "sae.safetensors").exists():
                 raise EvalError(
                     f"the sweep {p} is not finished ({d} has no sae.safetensors); rerun its "
                     "`llm-sae train` command to resume it, or pass the finished SAEs with --sae"
                 )
-            out.append(str(d))
+            found.append((s.get("arch") or "", _n_latents_saved(d), s.get("k") or 0, str(d)))
+        out += [d for *_, d in sorted(found)]  # each (arch, width)'s frontier in order of k
     return out
+
+
+def _n_latents_saved(sae_dir: Path) -> int:
+    """The width in a saved SAE's cfg.json (0 if it does not say)."""
+    try:
+        return int(json.loads((sae_dir / "cfg.json").read_text()).get("n_latents") or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def _only_transcoders(loaded: dict[str, tuple[str, Any]]) -> dict[str, tuple[str, Any]]:
