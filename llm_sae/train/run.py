@@ -123,8 +123,8 @@ class InitSample:
     Every SAE of a sweep would draw the same rows (the source, ``--seed`` and
     ``--init-rows`` are shared) and, at the same scale, compute the same median, bit for
     bit; this draws and computes each once for the whole sweep. At the default 16,384 rows
-    that is a read and 100 Weiszfeld passes over [16384, D] float64 per SAE saved (80 ms
-    at D=64 and 4,096 rows, seconds at D=768).
+    that saves a read and up to 100 Weiszfeld passes over [16384, D] float64 per SAE (0.6 s
+    each at D=256 on a CPU, BENCHMARKS.md).
     """
 
     def __init__(self, source: ActivationSource) -> None:
