@@ -3,8 +3,9 @@
 # venv where pip's resolver installs both together (SAELens 6 pins transformer-lens<4, so
 # this is where transformer-lens 3.9 gets tested; the main suite runs on 4.x), then the tests
 # that depend on it: the live SAELens round-trips (SAELens in this venv, no .peers/), the
-# saelens:// registry, and everything that boots transformer-lens's bridge (models, harvest,
-# on-the-fly training, `llm-sae demo --small`). sparsify is not installed here.
+# saelens:// registry, and what boots transformer-lens's bridge or hooks into it (models,
+# harvest, on-the-fly training, eval's spliced loss, steering, transcoders' replacement
+# model, `llm-sae demo --small`). sparsify is not installed here.
 #   bash scripts/test_coinstall.sh          a temporary venv, removed at the end
 #   bash scripts/test_coinstall.sh DIR      a venv in DIR, kept (and reused when it exists)
 # CI runs it after the main suite (.ci/run). torch goes in first and is repeated as a
@@ -59,6 +60,7 @@ PY
 PATH="$venv/bin:$PATH" bash scripts/test.sh -q \
   tests/test_interop.py tests/test_interop_transcoders.py tests/test_hub.py \
   tests/test_models.py tests/test_harvest.py tests/test_chat_harvest.py \
-  tests/test_model_source.py tests/test_demo.py \
+  tests/test_model_source.py tests/test_evaluate.py tests/test_steer.py \
+  tests/test_transcoder.py tests/test_demo.py \
   --deselect tests/test_harvest.py::test_sigkilled_harvest_resumes_byte_identical \
   --deselect tests/test_harvest.py::test_torchrun_two_ranks_equals_one_process_up_to_row_order
