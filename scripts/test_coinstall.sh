@@ -6,8 +6,11 @@
 # saelens:// registry, and what boots transformer-lens's bridge or hooks into it (models,
 # harvest, on-the-fly training, eval's spliced loss, steering, transcoders' replacement
 # model, `llm-sae demo --small`). sparsify is not installed here.
-#   bash scripts/test_coinstall.sh          a temporary venv, removed at the end
-#   bash scripts/test_coinstall.sh DIR      a venv in DIR, kept (and reused when it exists)
+#   bash scripts/test_coinstall.sh          the venv in .venv-coinstall/ (git ignores it)
+#   bash scripts/test_coinstall.sh DIR      the venv in DIR
+# A venv that exists is reused, with SAELens upgraded to the newest 6.x as a fresh one would
+# get. It is kept, not deleted: removing ~1 GB of small files took 4 minutes on a busy CI
+# disk, and a fresh clone starts without it.
 # CI runs it after the main suite (.ci/run). torch goes in first and is repeated as a
 # constraint beside sae-lens, as in scripts/setup_peers.sh, so pip keeps the CPU wheel.
 # Override with TORCH_SPEC and SAELENS_SPEC.
@@ -19,7 +22,7 @@ SAELENS_SPEC=${SAELENS_SPEC:-sae-lens>=6,<7}
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-venv=${1:-$tmp/venv}
+venv=${1:-.venv-coinstall}
 log=$tmp/pip.log
 
 # Without the package index there is nothing to install: say so and stop, as .ci/run does
@@ -42,7 +45,7 @@ pip_install() {  # quiet unless it fails; one retry (the second pass finds its w
 # shellcheck disable=SC2086
 pip_install $TORCH_SPEC
 # shellcheck disable=SC2086
-pip_install -e . "$SAELENS_SPEC" "pytest>=8" "pytest-timeout>=2.3" $TORCH_SPEC
+pip_install -U -e . "$SAELENS_SPEC" "pytest>=8" "pytest-timeout>=2.3" $TORCH_SPEC
 
 # The resolved versions, and a failure here if either library does not import: the live
 # tests skip where SAELens is missing, so a broken install must not pass as a skip.
