@@ -1,6 +1,7 @@
 """Write tests/data/peers/transcoders/: tiny transcoders saved by SAELens and sparsify.
 
-Run with the peers' interpreter (see scripts/setup_peers.sh):
+Run with a Python that has SAELens (and sparsify, for its folders): .peers/'s (see
+scripts/setup_peers.sh), or one where SAELens is installed beside llm_sae:
 
     .peers/bin/python scripts/make_transcoder_fixtures.py [--out tests/data/peers/transcoders]
     .peers/bin/python scripts/make_transcoder_fixtures.py --out TMP --load DIR...  # and ours
@@ -17,6 +18,7 @@ folder's ``x.safetensors``) and ``peer_class.txt``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from pathlib import Path
 
@@ -127,7 +129,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(SEED)
     x_BD = 2.0 * torch.randn(B, D, generator=g)
     make_saelens(out, g, x_BD)
-    make_sparsify(out, g, x_BD)
+    if importlib.util.find_spec("sparsify") is not None:  # optional beside SAELens
+        make_sparsify(out, g, x_BD)
+    else:
+        print("sparsify is not installed: its fixtures are left out")
     print(f"wrote transcoder fixtures to {out}")
 
 

@@ -3,8 +3,9 @@
 # times against: EleutherAI's sparsify (`eai-sparsify`) and SAELens (`sae-lens`).
 #   bash scripts/setup_peers.sh
 #
-# A separate environment because their pins conflict with ours (sae-lens 6.x wants
-# transformer-lens<4, llm_sae uses 4.x). torch is installed first and then repeated as a
+# A separate environment, without llm_sae: the benchmarks time each peer in its own
+# install, and sparsify lives nowhere else (SAELens beside llm_sae, on transformer-lens 3.9,
+# is scripts/test_coinstall.sh). torch is installed first and then repeated as a
 # constraint in the same command as the peers, so neither can swap in another torch build
 # (a plain `torch` from PyPI is the multi-GB CUDA build). Override with TORCH_SPEC.
 set -euo pipefail

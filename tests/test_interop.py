@@ -1,9 +1,9 @@
 """Interop: SAELens and sparsify directories load exactly, exports match the peers' formats.
 
 The fixtures in tests/data/peers/ were written by SAELens and sparsify themselves
-(scripts/make_peer_fixtures.py, run in .peers/), each with the peer's own outputs on
-random inputs. Tests marked ``peers`` run the peer libraries live from .peers/ and skip
-when it is missing (``bash scripts/setup_peers.sh`` builds it).
+(scripts/make_peer_fixtures.py), each with the peer's own outputs on random inputs. Tests
+marked ``peers`` run the peer libraries live: SAELens installed beside llm_sae where it is,
+else .peers/ (``bash scripts/setup_peers.sh``); they skip with neither (tests/peers_util.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peers_util import PEERS_PY, needs_peers, skip_unless_written
 from safetensors.torch import load_file, save_file
 
 from llm_sae.config import ConfigError
@@ -32,7 +33,6 @@ from llm_sae.sae.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(__file__).parent / "data" / "peers"
-PEERS_PY = ROOT / ".peers" / "bin" / "python"
 D, N, K = 8, 16, 4
 
 # fixture → (peer format, llm_sae arch it must import as)
@@ -521,12 +521,6 @@ mod.main()
 """
 
 PEER_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-needs_peers = pytest.mark.skipif(
-    not PEERS_PY.exists(),
-    reason=f"no peer environment at {PEERS_PY}; build it with `bash scripts/setup_peers.sh`",
-)
-
-
 @pytest.fixture(scope="module")
 def peer_run(tmp_path_factory):
     """One run of the peers' interpreter: SAELens loads and runs our export of every arch it
@@ -572,6 +566,7 @@ def test_saelens_loads_our_export_and_computes_the_same(peer_run, arch):
 def test_fixtures_are_what_the_installed_peers_write(peer_run, name):
     """The installed peers still write the committed fixtures' format, and our import agrees."""
     fresh, committed = peer_run[3] / name, PEERS / name
+    skip_unless_written(fresh)
     assert sorted(p.name for p in fresh.iterdir()) == sorted(p.name for p in committed.iterdir())
     fresh_cfg, committed_cfg = (
         json.loads((d / "cfg.json").read_text()) for d in (fresh, committed)

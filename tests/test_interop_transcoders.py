@@ -2,7 +2,8 @@
 SAELens's transcoder classes (checked live with SAELens's own loader).
 
 Fixtures in tests/data/peers/transcoders/ were written by the peers themselves
-(scripts/make_transcoder_fixtures.py); tests marked ``peers`` run them live from .peers/.
+(scripts/make_transcoder_fixtures.py); tests marked ``peers`` run them live, with SAELens
+installed beside llm_sae or from .peers/ (tests/peers_util.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peers_util import PEERS_PY, needs_peers, skip_unless_written
 from safetensors.torch import load_file, save_file
 
 from llm_sae.interop.saelens import export_saelens
@@ -24,7 +26,6 @@ from llm_sae.sae.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "data" / "peers" / "transcoders"
-PEERS_PY = ROOT / ".peers" / "bin" / "python"
 SCRIPT = ROOT / "scripts" / "make_transcoder_fixtures.py"
 D, E, N = 8, 6, 16
 TOL = 1e-5
@@ -141,9 +142,6 @@ def peer_run(tmp_path_factory):
     return x_BD, ours, root
 
 
-needs_peers = pytest.mark.skipif(not PEERS_PY.exists(), reason=f"no peer environment at {PEERS_PY}")
-
-
 @pytest.mark.peers
 @needs_peers
 @pytest.mark.parametrize("arch,skip", sorted(EXPORTS))
@@ -160,6 +158,7 @@ def test_saelens_loads_our_transcoders_and_computes_the_same(peer_run, arch, ski
 @pytest.mark.parametrize("name", sorted(IMPORTS))
 def test_installed_peers_still_write_the_fixtures_format(peer_run, name):
     fresh = peer_run[2] / "fixtures" / name
+    skip_unless_written(fresh)
     assert set(json.loads((fresh / "cfg.json").read_text())) == set(
         json.loads((FIXTURES / name / "cfg.json").read_text()))
     ref = load_file(str(fresh / "reference.safetensors"))
