@@ -11,9 +11,10 @@ decode and backward cost what TopK's do at the same mean L0.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from llm_sae.kernels.topk import topk_encode
+from llm_sae.kernels.topk import pair_pre_acts, topk_encode
 
 # Candidates per row, as a multiple of the mean count k: a row keeps more than k when its
 # pre-activations are larger than the batch's; rows that need more are widened alone.
@@ -64,3 +65,39 @@ def batch_topk_pairs(xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) 
     K = max(1, int(on_BC.sum(dim=1).max())) if B else 1
     order_BK = order_BC[:, :K]
     return idx_BC.gather(1, order_BK), on_BC.gather(1, order_BK).to(xin_BD.dtype)
+
+
+def batch_topk_acts(xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(vals_BK, idx_BK): BatchTopK's latents as pairs, ``batch_topk_pairs``'s selection
+    with the values recomputed by ``pair_pre_acts`` (sparse backward to xin, W_enc and
+    b_enc); padding pairs hold 0."""
+    idx_BK, on_BK = batch_topk_pairs(xin_BD.detach(), W_enc_ND, b_enc_N, k)
+    return F.relu(pair_pre_acts(xin_BD, W_enc_ND, b_enc_N, idx_BK)) * on_BK, idx_BK
+
+
+def split_pairs(vals_BK: Tensor, idx_BK: Tensor, widths: list[int]) -> list[tuple[Tensor, Tensor]]:
+    """The nonzero pairs split by latent range: entry i holds, per row, the pairs whose
+    latent lies in [widths[i-1], widths[i]) (from 0 for i = 0), as (vals, idx) padded
+    with zeros to the row that has the most. ``vals`` keeps its gradient (a gather).
+
+    Matryoshka's prefix decodes are then cumulative sums of sparse decodes of these
+    parts, and together the parts hold about as many pairs as the whole: no [B, N]."""
+    B, K = idx_BK.shape
+    L = len(widths)
+    bounds = torch.tensor(widths, dtype=idx_BK.dtype, device=idx_BK.device)
+    level_BK = torch.bucketize(idx_BK, bounds, right=True)  # w[i-1] <= idx < w[i] → i
+    level_BK.masked_fill_(vals_BK.detach() <= 0, L)  # padding and zeros: dropped
+    # One stable sort of each row by level: level i's pairs are then a contiguous run.
+    order_BK = torch.sort(level_BK, dim=1, stable=True).indices
+    count_BL = torch.zeros(B, L + 1, dtype=torch.long, device=idx_BK.device)
+    count_BL.scatter_add_(1, level_BK, torch.ones_like(level_BK))
+    start_BL = count_BL.cumsum(1) - count_BL
+    most_L = count_BL[:, :L].amax(0).tolist() if B else [0] * L
+    parts = []
+    for i in range(L):
+        arange_J = torch.arange(max(1, most_L[i]), device=idx_BK.device)
+        valid_BJ = arange_J < count_BL[:, i : i + 1]
+        pos_BJ = (start_BL[:, i : i + 1] + arange_J).clamp_(max=K - 1).masked_fill_(~valid_BJ, 0)
+        sel_BJ = order_BK.gather(1, pos_BJ)
+        parts.append((vals_BK.gather(1, sel_BJ) * valid_BJ, idx_BK.gather(1, sel_BJ)))
+    return parts

@@ -9,8 +9,10 @@ import torch
 from torch import Tensor
 
 from llm_sae.config import ConfigError
+from llm_sae.kernels.batch_topk import batch_topk_acts, split_pairs
 from llm_sae.sae.archs.batchtopk import BatchTopKSAE
 from llm_sae.sae.base import ForwardOutput
+from llm_sae.sae.ops import decode_sparse, update_ema
 from llm_sae.sae.registry import register
 
 if TYPE_CHECKING:
@@ -59,29 +61,60 @@ class MatryoshkaSAE(BatchTopKSAE):
         self, x_BD: Tensor, *, target_BE: Tensor | None = None,
         dead_mask_N: Tensor | None = None, aux: bool = True,
     ) -> ForwardOutput:
-        pre_BN = self.pre_acts(x_BD)
-        z_BN = self.train_activate(pre_BN)
-        # Prefix decodes, each the previous plus the next slice of latents: the whole
-        # dictionary is read once. Level i's residual is kept (detached) for its AuxK.
+        """Training forward on the sparse kernels: BatchTopK's kept pairs (``batch_topk_acts``)
+        split by level, each level's pairs decoded sparsely, the prefix decodes their
+        running sums; the same losses and gradients as ``forward_dense`` (tested)."""
+        if not self.training:
+            return self.forward_dense(x_BD, target_BE=target_BE, dead_mask_N=dead_mask_N, aux=aux)
+        vals_BK, idx_BK = batch_topk_acts(self.centered(x_BD), self.W_enc, self.b_enc, self.cfg.k)
+        with torch.no_grad():  # BatchTopK's running cut-off, as its train_activate keeps it
+            kept = vals_BK[vals_BK > 0]
+            if kept.numel():
+                update_ema(self.threshold, kept.min(), self.cfg.threshold_momentum)
+        decodes = [decode_sparse(v_BJ, i_BJ, self.W_dec) for v_BJ, i_BJ in split_pairs(vals_BK, idx_BK, self.widths)]
+        fired_BK = (vals_BK > 0).float()
+        fired_N = torch.zeros(self.n_latents, device=x_BD.device).index_add_(0, idx_BK.flatten(), fired_BK.flatten())
+        l0 = fired_BK.sum(-1).mean()
+        return self._prefix_losses(x_BD, target_BE, decodes, fired_N, l0, dead_mask_N, aux)
+
+    def forward_dense(
+        self, x_BD: Tensor, *, target_BE: Tensor | None = None,
+        dead_mask_N: Tensor | None = None, aux: bool = True,
+    ) -> ForwardOutput:
+        """The reference path (and evaluation's): dense [B, N] latents, each level's
+        decode a dense product with its slice of the dictionary."""
+        z_BN = self.train_activate(self.pre_acts(x_BD))
+        lo, decodes = 0, []
+        for w in self.widths:
+            decodes.append(z_BN[:, lo:w] @ self.W_dec[lo:w])
+            lo = w
+        fired_BN = z_BN > 0
+        return self._prefix_losses(x_BD, target_BE, decodes, fired_BN.sum(0).float(),
+                                   fired_BN.sum(-1).float().mean(), dead_mask_N, aux)
+
+    def _prefix_losses(
+        self, x_BD: Tensor, target_BE: Tensor | None, decodes: list[Tensor], fired_N: Tensor,
+        l0: Tensor, dead_mask_N: Tensor | None, aux: bool,
+    ) -> ForwardOutput:
+        """Prefix decodes, each the previous plus the next level's decode (the whole
+        dictionary is read once), and the loss of every prefix. Each inner level's
+        residual is kept (detached) for its AuxK; the last level's is ``_finish``'s."""
         y_BE = self.target_of(x_BD, target_BE)  # a transcoder's target, else x
         x_hat_BD = self.add_skip(self.b_dec.expand_as(y_BE), x_BD)
         inner = x_BD.new_zeros((), dtype=torch.float32)
-        metrics: dict[str, Tensor] = {}
+        metrics: dict[str, Tensor] = {"l0": l0.detach()}
         self._level_errs: list[tuple[int, int, Tensor]] = []
         lo = 0
-        for w in self.widths:
-            x_hat_BD = x_hat_BD + z_BN[:, lo:w] @ self.W_dec[lo:w]
-            err_BD = y_BE - x_hat_BD
+        for w, dec_BE in zip(self.widths, decodes, strict=True):
+            x_hat_BD = x_hat_BD + dec_BE
             if w < self.n_latents:
+                err_BD = y_BE - x_hat_BD
                 level = err_BD.float().pow(2).sum(-1).mean()
                 inner = inner + level
                 metrics[f"mse_{w}"] = (level / y_BE.shape[-1]).detach()
-            self._level_errs.append((lo, w, err_BD.detach()))
+                self._level_errs.append((lo, w, err_BD.detach()))
             lo = w
-        fired_BN = z_BN > 0
-        metrics["l0"] = fired_BN.sum(-1).float().mean().detach()
-        out = self._finish(x_BD, x_hat_BD, inner, metrics, fired_BN.sum(0).float(), dead_mask_N, aux,
-                           target_BE=target_BE)
+        out = self._finish(x_BD, x_hat_BD, inner, metrics, fired_N, dead_mask_N, aux, target_BE=target_BE)
         del self._level_errs
         return out
 
@@ -90,7 +123,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         ending with it (SAELens's ``use_matryoshka_aux_loss``), each with the fitted
         scale and the few-dead down-weighting of ``SAE.auxk_loss``."""
         total = x_BD.new_zeros((), dtype=torch.float32)
-        for lo, hi, level_err_BD in self._level_errs:
+        levels = [*self._level_errs, (self._level_errs[-1][1] if self._level_errs else 0, self.n_latents, err_BD)]
+        for lo, hi, level_err_BD in levels:
             mask_N = torch.zeros_like(dead_mask_N)
             mask_N[lo:hi] = dead_mask_N[lo:hi]
             total = total + super().auxk_loss(x_BD, level_err_BD, mask_N)

@@ -1,0 +1,122 @@
+"""Matryoshka on the sparse kernels: the dense path's losses, gradients and resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_sae.kernels.batch_topk import split_pairs
+from llm_sae.sae.config import SAEConfig
+from llm_sae.sae.registry import REGISTRY
+
+D, N, K, B = 24, 96, 4, 40
+WIDTHS = [8, 20, 56]
+
+
+def test_split_pairs_partitions_the_nonzero_pairs_by_level():
+    g = torch.Generator().manual_seed(0)
+    idx_BK = torch.randint(0, N, (B, 7), generator=g)
+    vals_BK = torch.rand(B, 7, generator=g, dtype=torch.float64)
+    vals_BK[vals_BK < 0.3] = 0  # padding
+    parts = split_pairs(vals_BK, idx_BK, [*WIDTHS, N])
+    lo = 0
+    for (v_BJ, i_BJ), w in zip(parts, [*WIDTHS, N], strict=True):
+        for b in range(B):
+            want = sorted((int(i), float(v)) for i, v in zip(idx_BK[b], vals_BK[b], strict=True) if v > 0 and lo <= i < w)
+            got = sorted((int(i), float(v)) for i, v in zip(i_BJ[b], v_BJ[b], strict=True) if v != 0)
+            assert got == want, (b, w)
+        lo = w
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    cfg = SAEConfig(d_in=D, n_latents=N, k=K, aux_k=6, matryoshka_widths=WIDTHS, **kw)
+    sae = REGISTRY["matryoshka"](cfg).double().train()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.3)
+        if kw.get("skip"):
+            sae.W_skip.normal_(0, 0.1)
+    return sae
+
+
+def loss_and_grads(sae, x_BD, y_BE, dead_N, forward):
+    params = [p for p in sae.parameters()]
+    out = forward(x_BD, target_BE=y_BE, dead_mask_N=dead_N)
+    return out, torch.autograd.grad(out.loss, params)
+
+
+@pytest.mark.parametrize("case", ["clean", "dead in every level", "transcoder"])
+def test_sparse_matryoshka_equals_dense_in_float64(case):
+    transcoder = case == "transcoder"
+    sae = make(d_out=16, skip=True) if transcoder else make()
+    x_BD = torch.randn(B, D, dtype=torch.float64)
+    x_BD[:2] *= 10  # rows that keep many latents
+    y_BE = torch.randn(B, 16, dtype=torch.float64) if transcoder else None
+    dead_N = torch.zeros(N, dtype=torch.bool)
+    if case != "clean":
+        dead_N[[1, 5, 9, 13, 30, 40, 60, 70, 90]] = True  # 2 or 3 in each of the 4 levels
+    out, grads = loss_and_grads(sae, x_BD, y_BE, dead_N, sae.forward)
+    thr = sae.threshold.clone()
+    sae.threshold.fill_(-1.0)
+    ref, ref_grads = loss_and_grads(sae, x_BD, y_BE, dead_N, sae.forward_dense)
+    torch.testing.assert_close(sae.threshold, thr, rtol=1e-12, atol=1e-12)
+    assert set(out.metrics) == set(ref.metrics) >= {"mse_8", "mse_20", "mse_56", "l0", "aux"}
+    for key, value in ref.metrics.items():
+        torch.testing.assert_close(out.metrics[key], value, rtol=1e-12, atol=1e-12, msg=key)
+    assert (float(ref.metrics["aux"]) > 0) == (case != "clean")
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.x_hat_BD, ref.x_hat_BD, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.fired_N, ref.fired_N)
+    names = [n for n, _ in sae.named_parameters()]
+    for name, g, r in zip(names, grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_training_takes_the_sparse_path_and_evaluation_the_dense_one(monkeypatch):
+    sae = make()
+    x_BD = torch.randn(B, D, dtype=torch.float64)
+    calls = []
+    real = type(sae).forward_dense
+    monkeypatch.setattr(type(sae), "forward_dense", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    sae(x_BD)
+    assert calls == []
+    sae.eval()
+    sae(x_BD)
+    assert calls == [1]
+
+
+def test_matryoshka_resumes_exactly(tmp_path):
+    """A trainer restored from a checkpoint steps to the bytes of the uninterrupted one."""
+    from llm_sae.sources.synthetic import SyntheticActivations, SyntheticConfig
+    from llm_sae.train.config import TrainConfig
+    from llm_sae.train.run import build_sae
+    from llm_sae.train.trainer import Trainer
+
+    data = SyntheticActivations(SyntheticConfig(d_in=16, n_features=32, mean_active=3, seed=0))
+    batches = list(data.batches(64, 12))
+    cfg = TrainConfig(store="", out="", arch="matryoshka", n_latents=64, k=4, tokens=12 * 64,
+                      batch_size=64, dead_tokens=2 * 64, matryoshka_widths=[8, 32])
+
+    def trainer():
+        torch.manual_seed(0)
+        tr = Trainer(build_sae(cfg, 16), cfg, total_steps=12)
+        tr.init_from_sample(data.batch(10**6, 512))
+        with torch.no_grad():
+            tr.sae.b_enc[4:8] = tr.sae.b_enc[40:44] = -100.0  # dead in two levels: AuxK acts
+        return tr
+
+    ref = trainer()
+    for x_BD in batches:
+        ref.step(x_BD)
+    assert ref.dead_mask()[4:8].all() and ref.dead_mask()[40:44].all()
+    first = trainer()
+    for x_BD in batches[:6]:
+        first.step(x_BD)
+    first.save_checkpoint(tmp_path / "ckpt")
+    resumed = trainer()
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    for x_BD in batches[6:]:
+        resumed.step(x_BD)
+    for key, value in ref.sae.state_dict().items():
+        assert torch.equal(resumed.sae.state_dict()[key], value), key
