@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_sae.kernels.batch_topk import split_pairs
+from llm_sae.kernels.batch_topk import fold_pairs
 from llm_sae.sae.config import SAEConfig
 from llm_sae.sae.registry import REGISTRY
 
@@ -13,19 +13,23 @@ D, N, K, B = 24, 96, 4, 40
 WIDTHS = [8, 20, 56]
 
 
-def test_split_pairs_partitions_the_nonzero_pairs_by_level():
+@pytest.mark.parametrize("widths", [[N], [*WIDTHS, N]])
+def test_fold_pairs_holds_each_kept_pair_once_in_its_rows_and_range(widths):
     g = torch.Generator().manual_seed(0)
-    idx_BK = torch.randint(0, N, (B, 7), generator=g)
-    vals_BK = torch.rand(B, 7, generator=g, dtype=torch.float64)
-    vals_BK[vals_BK < 0.3] = 0  # padding
-    parts = split_pairs(vals_BK, idx_BK, [*WIDTHS, N])
-    lo = 0
-    for (v_BJ, i_BJ), w in zip(parts, [*WIDTHS, N], strict=True):
-        for b in range(B):
-            want = sorted((int(i), float(v)) for i, v in zip(idx_BK[b], vals_BK[b], strict=True) if v > 0 and lo <= i < w)
-            got = sorted((int(i), float(v)) for i, v in zip(i_BJ[b], v_BJ[b], strict=True) if v != 0)
-            assert got == want, (b, w)
-        lo = w
+    idx_BK = torch.stack([torch.randperm(N, generator=g)[:11] for _ in range(B)])
+    on_BK = (torch.rand(B, 11, generator=g) < 0.6).double()
+    on_BK[:3] = 1  # long rows next to short ones
+    rows_V, idx_VJ, on_VJ, sizes = fold_pairs(idx_BK, on_BK, widths)
+    assert sum(sizes) == rows_V.numel() == idx_VJ.shape[0] and idx_VJ.shape[1] < 11
+    want = sorted((b, int(i)) for b in range(B) for i, on in zip(idx_BK[b], on_BK[b], strict=True) if on)
+    got = sorted((int(r), int(i)) for r, i_J, on_J in zip(rows_V, idx_VJ, on_VJ, strict=True)
+                 for i, on in zip(i_J, on_J, strict=True) if on)
+    assert got == want
+    a, lo = 0, 0
+    for size, w in zip(sizes, widths, strict=True):  # virtual rows of range i, in order
+        assert all(lo <= int(i) < w for i_J, on_J in zip(idx_VJ[a : a + size], on_VJ[a : a + size], strict=True)
+                   for i, on in zip(i_J, on_J, strict=True) if on)
+        a, lo = a + size, w
 
 
 def make(**kw):

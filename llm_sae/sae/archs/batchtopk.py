@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llm_sae.kernels.batch_topk import batch_topk_pairs
+from llm_sae.kernels.batch_topk import batch_topk_decodes
 from llm_sae.kernels.topk import pair_pre_acts
 from llm_sae.sae.base import SAE, ForwardOutput
 from llm_sae.sae.ops import decode_sparse, update_ema
@@ -72,18 +72,17 @@ class BatchTopKSAE(SAE):
         if not self.training:
             return super().forward(x_BD, target_BE=target_BE, dead_mask_N=dead_mask_N, aux=aux)
         xin_BD = self.centered(x_BD)
-        idx_BK, on_BK = batch_topk_pairs(xin_BD.detach(), self.W_enc, self.b_enc, self.cfg.k)
-        vals_BK = F.relu(pair_pre_acts(xin_BD, self.W_enc, self.b_enc, idx_BK)) * on_BK
+        (dec_BE,), vals_BK, idx_BK = batch_topk_decodes(xin_BD, self.W_enc, self.b_enc, self.W_dec, self.cfg.k, [self.n_latents])
         with torch.no_grad():
             kept = vals_BK[vals_BK > 0]
             if kept.numel():
                 update_ema(self.threshold, kept.min(), self.cfg.threshold_momentum)
-        x_hat_BD = self.add_skip(decode_sparse(vals_BK, idx_BK, self.W_dec) + self.b_dec, x_BD)
+        x_hat_BD = self.add_skip(dec_BE + self.b_dec, x_BD)
         fired_BK = (vals_BK > 0).float()
         fired_N = torch.zeros(self.n_latents, device=x_BD.device).index_add_(
             0, idx_BK.flatten(), fired_BK.flatten()
         )
-        metrics = {"l0": fired_BK.sum(-1).mean().detach()}
+        metrics = {"l0": (fired_BK.sum() / x_BD.shape[0]).detach()}
         zero = x_BD.new_zeros(())
         return self._finish(x_BD, x_hat_BD, zero, metrics, fired_N, dead_mask_N, aux, target_BE=target_BE)
 

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from llm_sae.config import ConfigError
-from llm_sae.kernels.batch_topk import batch_topk_acts, split_pairs
+from llm_sae.kernels.batch_topk import batch_topk_decodes
 from llm_sae.sae.archs.batchtopk import BatchTopKSAE
 from llm_sae.sae.base import ForwardOutput
-from llm_sae.sae.ops import decode_sparse, update_ema
+from llm_sae.sae.ops import update_ema
 from llm_sae.sae.registry import register
 
 if TYPE_CHECKING:
@@ -61,20 +61,21 @@ class MatryoshkaSAE(BatchTopKSAE):
         self, x_BD: Tensor, *, target_BE: Tensor | None = None,
         dead_mask_N: Tensor | None = None, aux: bool = True,
     ) -> ForwardOutput:
-        """Training forward on the sparse kernels: BatchTopK's kept pairs (``batch_topk_acts``)
-        split by level, each level's pairs decoded sparsely, the prefix decodes their
-        running sums; the same losses and gradients as ``forward_dense`` (tested)."""
+        """Training forward on the sparse kernels: BatchTopK's kept pairs decoded sparsely
+        and split by level (``batch_topk_decodes``), the prefix decodes their running sums;
+        the same losses and gradients as ``forward_dense`` (tested)."""
         if not self.training:
             return self.forward_dense(x_BD, target_BE=target_BE, dead_mask_N=dead_mask_N, aux=aux)
-        vals_BK, idx_BK = batch_topk_acts(self.centered(x_BD), self.W_enc, self.b_enc, self.cfg.k)
+        decodes, vals_VJ, idx_VJ = batch_topk_decodes(
+            self.centered(x_BD), self.W_enc, self.b_enc, self.W_dec, self.cfg.k, self.widths
+        )
         with torch.no_grad():  # BatchTopK's running cut-off, as its train_activate keeps it
-            kept = vals_BK[vals_BK > 0]
+            kept = vals_VJ[vals_VJ > 0]
             if kept.numel():
                 update_ema(self.threshold, kept.min(), self.cfg.threshold_momentum)
-        decodes = [decode_sparse(v_BJ, i_BJ, self.W_dec) for v_BJ, i_BJ in split_pairs(vals_BK, idx_BK, self.widths)]
-        fired_BK = (vals_BK > 0).float()
-        fired_N = torch.zeros(self.n_latents, device=x_BD.device).index_add_(0, idx_BK.flatten(), fired_BK.flatten())
-        l0 = fired_BK.sum(-1).mean()
+        fired_VJ = (vals_VJ > 0).float()
+        fired_N = torch.zeros(self.n_latents, device=x_BD.device).index_add_(0, idx_VJ.flatten(), fired_VJ.flatten())
+        l0 = fired_VJ.sum() / x_BD.shape[0]
         return self._prefix_losses(x_BD, target_BE, decodes, fired_N, l0, dead_mask_N, aux)
 
     def forward_dense(
