@@ -172,3 +172,42 @@ def test_margin_grows_with_k_so_a_fresh_sae_is_certified(screen_on, k):
     assert screen.use_screen(x_BD, W_ND, b_N, k)
     _assert_same_topk(topk_encode(x_BD, W_ND, b_N, k), dense_topk_encode(x_BD, W_ND, b_N, k))
     assert screen.STATS["fallback_rows"] <= B // 20
+
+
+def _batch_selection(x_BD, W_ND, b_N, k):
+    """The dense BatchTopK selection in float64: {(row, latent)} of the k·B largest."""
+    z_BN = torch.relu(x_BD.double() @ W_ND.double().t() + b_N.double())
+    keep = z_BN.flatten().topk(k * x_BD.shape[0]).indices
+    return {(int(i) // z_BN.shape[1], int(i) % z_BN.shape[1]) for i in keep if z_BN.flatten()[i] > 0}
+
+
+def _kept(idx_BK, on_BK):
+    return {(b, int(i)) for b in range(idx_BK.shape[0]) for i, on in zip(idx_BK[b], on_BK[b], strict=True) if on}
+
+
+def test_screened_batch_topk_selection_equals_dense(screen_on, monkeypatch):
+    """BatchTopK's candidates come from the screen (top 2k, no margin) and rows whose bound
+    reaches the batch's cut-off are widened, through the screen again."""
+    from llm_sae.kernels import batch_topk
+
+    x, W, b = _params(300, 96, 4096, seed=5)
+    x[:5] *= 6  # rows that keep far more than 2k latents
+    calls = []
+    real = screen.screened_candidates
+    monkeypatch.setattr(screen, "screened_candidates", lambda x_, *a, **kw: calls.append(x_.shape[0]) or real(x_, *a, **kw))
+    idx_BK, on_BK = batch_topk.batch_topk_pairs(x, W, b, 8)
+    assert _kept(idx_BK, on_BK) == _batch_selection(x, W, b, 8)
+    assert calls[0] == 300 and len(calls) > 1
+    assert 5 <= calls[1] < 300  # only the rows that needed it were widened
+
+
+def test_screened_batch_topk_needs_the_bound(screen_on, monkeypatch):
+    """Near ties the screen cannot order: with the bound the selection is exact, without
+    it rows are cleared that hold latents of the selection."""
+    from llm_sae.kernels import batch_topk
+
+    x, W, b, k = _near_ties()
+    x = x[:16]  # the rows of near ties only: the batch's cut-off falls among them
+    assert _kept(*batch_topk.batch_topk_pairs(x, W, b, k)) == _batch_selection(x, W, b, k)
+    monkeypatch.setattr(screen, "_BOUND_SCALE", 0.0)
+    assert _kept(*batch_topk.batch_topk_pairs(x, W, b, k)) != _batch_selection(x, W, b, k)

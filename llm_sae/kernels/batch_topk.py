@@ -14,48 +14,71 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llm_sae.kernels.topk import pair_pre_acts, topk_decode, topk_encode
+from llm_sae.kernels import screen
+from llm_sae.kernels.topk import pair_grads, pair_pre_acts, topk_decode, topk_encode
 
 # Candidates per row, as a multiple of the mean count k: a row keeps more than k when its
 # pre-activations are larger than the batch's; rows that need more are widened alone.
 # The screened top-(c + margin) dominates the selection's cost: at n=24576, d=768, B=1024,
 # 1 thread, the step costs 1.6x TopK's with c = 4k, 1.31x with 2k (3 rows widened a
 # step), 1.22x with 1.5k (77 rows widened; more on real data, whose norms vary more).
+# The bfloat16 screen needs no margin here (``screened_candidates``): top-2k by the
+# screen costs what TopK's top-(k + margin) does.
 CANDIDATES_PER_K = 2
 
 
-@torch.no_grad()
+def _candidates(
+    xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, c: int, again: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(vals_BC ≥ 0, idx_BC, bound_B): c candidates per row and a bound that no other
+    latent's ReLU pre-activation exceeds: the screen's where it runs, else the exact
+    top c (whose smallest value is the bound)."""
+    if screen.screen_pays(xin_BD, W_enc_ND, b_enc_N, c):
+        vals_BC, idx_BC, bound_B = screen.screened_candidates(xin_BD, W_enc_ND, b_enc_N, c, again=again)
+        return vals_BC.clamp_(min=0), idx_BC, bound_B
+    vals_BC, idx_BC = topk_encode(xin_BD, W_enc_ND, b_enc_N, c)  # ReLU'd: ≥ 0
+    return vals_BC, idx_BC, vals_BC.min(dim=1).values
+
+
 def batch_topk_pairs(xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(idx_BK, on_BK): the latents of the k·B largest ReLU(xin W_encᵀ + b_enc) entries of
     the batch, K = the most any row keeps; row b's kept latents first, ``on_BK`` (float 1/0)
     marks them (the rest are padding, any valid index).
 
-    Exact: the selection from the top c per row (c = 2k) equals the selection over all N unless
-    some row's c-th candidate reaches the batch threshold (that row may have more above
-    it); then those rows alone are redone with 2c candidates, up to c = N. (The threshold
-    only rises as candidates are added, so a row once cleared stays cleared.)
+    Exact: the selection from the c candidates of each row (c = 2k) equals the selection
+    over all N unless some row's bound (its c-th value, or the screen's bound on every
+    non-candidate) reaches the batch threshold (that row may have more above it); then
+    those rows alone are redone with the exact top 2c, up to c = N. (The threshold only
+    rises as candidates are added, so a row once cleared stays cleared.)
     """
+    idx_BK, on_BK, _ = _select(xin_BD, W_enc_ND, b_enc_N, k)
+    return idx_BK, on_BK
+
+
+@torch.no_grad()
+def _select(xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``batch_topk_pairs`` and the kept pairs' values (ReLU'd, 0 on padding) as the
+    candidate search computed them."""
     B, N = xin_BD.shape[0], W_enc_ND.shape[0]
     n_keep = min(B * N, k * B)
     c = min(N, max(k, int(CANDIDATES_PER_K * k)))
-    vals_BC, idx_BC = topk_encode(xin_BD, W_enc_ND, b_enc_N, c)  # ReLU'd: ≥ 0
-    last_B = vals_BC.min(dim=1).values
+    vals_BC, idx_BC, last_B = _candidates(xin_BD, W_enc_ND, b_enc_N, c)
     while True:
         flat_vals, flat_pos = vals_BC.flatten().topk(n_keep, sorted=False)
         threshold = flat_vals.min() if n_keep else vals_BC.new_tensor(float("inf"))
-        # A row whose smallest candidate is positive and not below the threshold may hold
+        # A row whose bound is positive and not below the threshold may hold
         # non-candidates that belong in the selection.
         bad_R = ((last_B >= threshold) & (last_B > 0)).nonzero().view(-1)
         if c == N or bad_R.numel() == 0:
             break
         c = min(N, 2 * c)
-        v_RC, i_RC = topk_encode(xin_BD[bad_R], W_enc_ND, b_enc_N, c)
+        v_RC, i_RC, bound_R = _candidates(xin_BD[bad_R], W_enc_ND, b_enc_N, c, again=True)
         # Other rows keep their candidates, padded with -1: below every ReLU value, never kept.
         pad = c - vals_BC.shape[1]
         vals_BC = torch.cat([vals_BC, vals_BC.new_full((B, pad), -1.0)], dim=1)
         idx_BC = torch.cat([idx_BC, idx_BC.new_zeros(B, pad)], dim=1)
         vals_BC[bad_R], idx_BC[bad_R] = v_RC, i_RC
-        last_B[bad_R] = v_RC.min(dim=1).values
+        last_B[bad_R] = bound_R
     on_BC = torch.zeros(B * c, dtype=torch.bool, device=vals_BC.device)
     on_BC[flat_pos] = True
     on_BC = on_BC.view(B, c)
@@ -64,9 +87,8 @@ def batch_topk_pairs(xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) 
     order_BC = torch.sort(on_BC.to(torch.int8), dim=1, descending=True, stable=True).indices
     K = max(1, int(on_BC.sum(dim=1).max())) if B else 1
     order_BK = order_BC[:, :K]
-    return idx_BC.gather(1, order_BK), on_BC.gather(1, order_BK).to(xin_BD.dtype)
-
-
+    on_BK = on_BC.gather(1, order_BK).to(xin_BD.dtype)
+    return idx_BC.gather(1, order_BK), on_BK, vals_BC.gather(1, order_BK).clamp_(min=0).mul_(on_BK)
 
 # What a virtual row (``fold_pairs``) costs beyond its pairs, in pairs: the gather of its
 # input row, the scatter of its decode and both in the backward (4 D-long copies, against
@@ -76,10 +98,11 @@ _WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 def fold_pairs(idx_BK: Tensor, on_BK: Tensor, widths: list[int]) -> tuple[Tensor, Tensor, Tensor, list[int]]:
-    """(rows_V, idx_VJ, on_VJ, sizes): the kept pairs (``on_BK``) as V virtual rows of J
+    """(rows_V, pos_VJ, on_VJ, sizes): the kept pairs (``on_BK``) as V virtual rows of J
     pairs, each holding pairs of one row and one latent range [widths[i-1], widths[i]),
     ranges in order (``sizes[i]`` virtual rows for range i); ``rows_V`` is each virtual
-    row's row of the batch, ``on_VJ`` (float 1/0) marks the pairs (the rest: padding).
+    row's row b of the batch and ``pos_VJ`` its pairs' positions in row b of idx_BK (so
+    ``idx_BK[rows_V].gather(1, pos_VJ)``); ``on_VJ`` (bool) marks them (the rest: padding).
 
     A row keeps a variable number of latents, and [B, K] padded to the longest row makes
     the sparse kernels do K/k times TopK's work (K ≈ 2.3k at B=2048, k=32, on random
@@ -105,9 +128,8 @@ def fold_pairs(idx_BK: Tensor, on_BK: Tensor, widths: list[int]) -> tuple[Tensor
     on_VJ = off_VJ < count_LB[lb_V, None]
     pos_VJ = (start_LB[lb_V, None] + off_VJ).clamp_(max=K - 1).masked_fill_(~on_VJ, 0)
     rows_V = lb_V % B
-    idx_VJ = idx_BK[rows_V].gather(1, order_BK[rows_V].gather(1, pos_VJ))
     sizes = nv_LB.view(L, B).sum(1).tolist()
-    return rows_V, idx_VJ, on_VJ.to(on_BK.dtype), sizes
+    return rows_V, order_BK[rows_V].gather(1, pos_VJ), on_VJ, sizes
 
 
 def batch_topk_decodes(
@@ -117,18 +139,41 @@ def batch_topk_decodes(
     decode (no bias) of the kept latents in [widths[i-1], widths[i]) for each i], vals_VJ,
     idx_VJ), the kept pairs as ``fold_pairs``'s virtual rows (padding holds 0).
 
-    The selection is ``batch_topk_pairs``'s; the values are recomputed by ``pair_pre_acts``
-    (sparse backward to xin, W_enc and b_enc) and decoded once by the sparse decode. With
-    widths = [n] it is BatchTopK's decode; Matryoshka's prefixes are running sums of the
-    ranges' decodes. Same values and gradients as the dense [B, N] forms (tested)."""
+    The selection is ``batch_topk_pairs``'s; the values are the candidate search's
+    (float32 dot products, as ``pair_pre_acts`` computes them; recomputed by it under
+    autocast, where the search ran in low precision), with its sparse backward to xin,
+    W_enc and b_enc, and decoded once by the sparse decode. With widths = [n] it is
+    BatchTopK's decode; Matryoshka's prefixes are running sums of the ranges' decodes.
+    Same values and gradients as the dense [B, N] forms (tested)."""
     B = xin_BD.shape[0]
-    idx_BK, on_BK = batch_topk_pairs(xin_BD.detach(), W_enc_ND, b_enc_N, k)
-    rows_V, idx_VJ, on_VJ, sizes = fold_pairs(idx_BK, on_BK.to(W_enc_ND.dtype), widths)
+    idx_BK, on_BK, vals_BK = _select(xin_BD.detach(), W_enc_ND, b_enc_N, k)
+    rows_V, pos_VJ, on_VJ, sizes = fold_pairs(idx_BK, on_BK, widths)
+    idx_VJ = idx_BK[rows_V].gather(1, pos_VJ)
     xin_VD = xin_BD.index_select(0, rows_V)
-    vals_VJ = F.relu(pair_pre_acts(xin_VD, W_enc_ND, b_enc_N, idx_VJ)) * on_VJ
+    if torch.is_autocast_enabled(xin_BD.device.type) or vals_BK.dtype != W_enc_ND.dtype:
+        vals_VJ = F.relu(pair_pre_acts(xin_VD, W_enc_ND, b_enc_N, idx_VJ)) * on_VJ
+    else:
+        vals_VJ = _KeptValues.apply(vals_BK[rows_V].gather(1, pos_VJ) * on_VJ, xin_VD, W_enc_ND, b_enc_N, idx_VJ)
     x_hat_VE = topk_decode(vals_VJ, idx_VJ, W_dec_NE)
     # Each virtual row's decode added to its row of its range's decode: one index_add
     # (and one gather in the backward) for all ranges.
     level_V = torch.repeat_interleave(torch.arange(len(sizes), device=rows_V.device), torch.tensor(sizes, device=rows_V.device))
     out_LBE = x_hat_VE.new_zeros(len(sizes) * B, W_dec_NE.shape[1]).index_add(0, level_V * B + rows_V, x_hat_VE)
     return list(out_LBE.view(len(sizes), B, -1).unbind(0)), vals_VJ, idx_VJ
+
+
+class _KeptValues(torch.autograd.Function):
+    """ReLU(pre) at the kept pairs, given the values already computed (0 on padding):
+    ``pair_pre_acts``'s backward without its forward's B·K dot products."""
+
+    @staticmethod
+    def forward(ctx, vals_VJ: Tensor, x_VD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, idx_VJ: Tensor):  # type: ignore[override]
+        ctx.save_for_backward(vals_VJ, x_VD, W_enc_ND, idx_VJ)
+        return vals_VJ.clone()
+
+    @staticmethod
+    def backward(ctx, grad_VJ: Tensor):  # type: ignore[override]
+        vals_VJ, x_VD, W_enc_ND, idx_VJ = ctx.saved_tensors
+        # ReLU's derivative (and the padding's zero): only positive kept values pass.
+        g_VJ = torch.where(vals_VJ > 0, grad_VJ, 0).to(W_enc_ND.dtype).contiguous()
+        return None, *pair_grads(x_VD.to(W_enc_ND.dtype), W_enc_ND, g_VJ, idx_VJ, ctx.needs_input_grad[1:4]), None

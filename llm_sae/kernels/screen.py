@@ -87,6 +87,12 @@ def cpu_has_fast_bf16() -> bool:
 
 def use_screen(x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) -> bool:
     """Whether ``TopKEncode.forward`` should take the bfloat16-screened path."""
+    return screen_pays(x_BD, W_enc_ND, b_enc_N, k + margin(k))
+
+
+def screen_pays(x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, m: int) -> bool:
+    """Whether to screen for ``m`` candidates per row: float32 on a CPU with bfloat16
+    units (or ``LLM_SAE_SCREEN=1``), not under autocast, and m a small part of n."""
     env = os.environ.get("LLM_SAE_SCREEN", "")
     if env == "0":
         return False
@@ -94,12 +100,12 @@ def use_screen(x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) -> bool:
         x_BD.device.type == "cpu"
         and x_BD.dtype == W_enc_ND.dtype == b_enc_N.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        and k + margin(k) < W_enc_ND.shape[0]
+        and m < W_enc_ND.shape[0]
     ):
         return False
     if env == "1":
         return True
-    return W_enc_ND.shape[0] >= _MIN_RATIO * (k + margin(k)) and cpu_has_fast_bf16()
+    return W_enc_ND.shape[0] >= _MIN_RATIO * m and cpu_has_fast_bf16()
 
 
 def _gamma(n: int) -> float:
@@ -123,8 +129,19 @@ class _WeightCopy(threading.local):
 
     def __init__(self) -> None:
         self.Wa_ND2: Tensor | None = None
+        self.last: tuple[Tensor, Tensor, tuple[float, float, float, float]] | None = None
 
-    def make(self, W_ND: Tensor, b_N: Tensor) -> tuple[Tensor, tuple[float, float, float, float]]:
+    def make(self, W_ND: Tensor, b_N: Tensor, *, again: bool = False) -> tuple[Tensor, tuple[float, float, float, float]]:
+        """The copy of (W, b); ``again``: the caller knows W and b are unchanged since the
+        last call (the same tensors, within one function), so the copy is reused."""
+        last = self.last
+        if again and last is not None and last[0] is W_ND and last[1] is b_N and self.Wa_ND2 is not None:
+            return self.Wa_ND2, last[2]
+        Wa, consts = self._make(W_ND, b_N)
+        self.last = (W_ND, b_N, consts)
+        return Wa, consts
+
+    def _make(self, W_ND: Tensor, b_N: Tensor) -> tuple[Tensor, tuple[float, float, float, float]]:
         N, D = W_ND.shape
         Wa = self.Wa_ND2
         if Wa is None or Wa.shape != (N, D + 2):
@@ -230,6 +247,26 @@ def _screen_slab(
 ) -> Tensor:
     """Screen, then the exact top k of the candidates into vals/idx; returns the rows
     (slab-relative) that verification did not certify."""
+    v_CM, cand_CM, bound_C = _candidates(x_CD, W_ND, b_N, Wa_ND2, consts, M, xa_CD2, buf)
+    top_CK, pos_CK = v_CM.topk(k, dim=1, sorted=False)
+    torch.gather(cand_CM, 1, pos_CK, out=idx_CK)
+    vals_CK.copy_(top_CK)
+    kth_C = top_CK.min(dim=1).values
+    return (~(kth_C > bound_C)).nonzero().view(-1)  # NaN/inf rows fail too
+
+
+def _candidates(
+    x_CD: Tensor,
+    W_ND: Tensor,
+    b_N: Tensor,
+    Wa_ND2: Tensor,
+    consts: tuple[float, float, float, float],
+    M: int,
+    xa_CD2: Tensor,
+    buf: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(v_CM, cand_CM, bound_C): each row's top M latents by the bf16 screen, their exact
+    float32 pre-activations, and a bound no other latent's real pre-activation exceeds."""
     C, D = x_CD.shape
     N = W_ND.shape[0]
     dw, wa, w, b_max = consts
@@ -239,11 +276,8 @@ def _screen_slab(
     s_CM, cand_CM = s_CN.topk(M, dim=1, sorted=False)
     T_C = s_CM.min(dim=1).values.float()  # ≥ every non-candidate's screened value
 
-    # Exact float32 pre-activations of the candidates and their top k.
+    # Exact float32 pre-activations of the candidates.
     v_CM = sparse_ops.gathered_dot(W_ND, cand_CM, x_CD, 1).add_(b_N[cand_CM])
-    top_CK, pos_CK = v_CM.topk(k, dim=1, sorted=False)
-    torch.gather(cand_CM, 1, pos_CK, out=idx_CK)
-    vals_CK.copy_(top_CK)
 
     # Bound on every non-candidate j's real pre-activation p_j = x·w_j + b_j. Its screened
     # value is bf16(a_j) ≤ T for the float32 accumulator a_j (torch's CPU bfloat16 matmul,
@@ -265,8 +299,34 @@ def _screen_slab(
     # The candidates' float32 values are within γ_{D+1}(‖x‖‖w_j‖ + |b_j|) of the real ones.
     err_C += (x_C * w + b_max) * _gamma(D + 1)
     err_C *= _BOUND_SCALE * (1 + 2**-10)  # and slack for computing the bound in float32
-    kth_C = top_CK.min(dim=1).values
-    return (~(kth_C > T_C + err_C)).nonzero().view(-1)  # NaN/inf rows fail too
+    return v_CM, cand_CM, T_C + err_C
+
+
+def screened_candidates(
+    x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, m: int, *, again: bool = False,
+    budget: sparse_ops.ChunkBudget = sparse_ops.DEFAULT_BUDGET,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(vals_BM, idx_BM, bound_B): each row's top m latents by the bfloat16 screen, their
+    float32 pre-activations x·w_j + b_j (as the float32 path computes them), and a bound
+    that the pre-activation of every latent not among them stays below (NaN for a NaN
+    row): for a selection that needs every value above some cut-off, not an exact top m
+    (BatchTopK's), so no margin of extra candidates. ``again``: a second call within one
+    function, with W and b unchanged, reuses the bfloat16 copy of the first."""
+    B, D = x_BD.shape
+    N = W_enc_ND.shape[0]
+    x_BD = x_BD.contiguous()
+    Wa_ND2, consts = _WEIGHTS.make(W_enc_ND, b_enc_N, again=again)
+    rows = max(1, min(B, _slab_rows(N, D, budget)))
+    buf = _SLAB.get(rows * N * 2)
+    xa_CD2 = torch.empty(rows, D + 2, dtype=torch.bfloat16)
+    xa_CD2[:, D:] = 1
+    parts = [
+        _candidates(x_BD[s : s + rows], W_enc_ND, b_enc_N, Wa_ND2, consts, m, xa_CD2[: min(B, s + rows) - s], buf)
+        for s in range(0, B, rows)
+    ]
+    if not parts:
+        return x_BD.new_empty(0, m), torch.empty(0, m, dtype=torch.long), x_BD.new_empty(0)
+    return tuple(torch.cat(t) for t in zip(*parts, strict=True))  # type: ignore[return-value]
 
 
 def _fallback(

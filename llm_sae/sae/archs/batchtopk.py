@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llm_sae.kernels.batch_topk import batch_topk_decodes
-from llm_sae.kernels.topk import pair_pre_acts
 from llm_sae.sae.base import SAE, ForwardOutput
-from llm_sae.sae.ops import decode_sparse, update_ema
+from llm_sae.sae.ops import update_ema
 from llm_sae.sae.registry import register
 
 if TYPE_CHECKING:
