@@ -134,10 +134,11 @@ def fold_pairs(idx_BK: Tensor, on_BK: Tensor, widths: list[int]) -> tuple[Tensor
 
 def batch_topk_decodes(
     xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, W_dec_NE: Tensor, k: int, widths: list[int]
-) -> tuple[list[Tensor], Tensor, Tensor]:
-    """BatchTopK's training forward on the sparse kernels, split by latent range: ([the
-    decode (no bias) of the kept latents in [widths[i-1], widths[i]) for each i], vals_VJ,
-    idx_VJ), the kept pairs as ``fold_pairs``'s virtual rows (padding holds 0).
+) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchTopK's training forward on the sparse kernels, split by latent range: (dec_LBE,
+    vals_VJ, idx_VJ), dec_LBE[i] the decode (no bias) of the kept latents in
+    [widths[i-1], widths[i]), and the kept pairs as ``fold_pairs``'s virtual rows
+    (padding holds 0).
 
     The selection is ``batch_topk_pairs``'s; the values are the candidate search's
     (float32 dot products, as ``pair_pre_acts`` computes them; recomputed by it under
@@ -147,19 +148,34 @@ def batch_topk_decodes(
     Same values and gradients as the dense [B, N] forms (tested)."""
     B = xin_BD.shape[0]
     idx_BK, on_BK, vals_BK = _select(xin_BD.detach(), W_enc_ND, b_enc_N, k)
-    rows_V, pos_VJ, on_VJ, sizes = fold_pairs(idx_BK, on_BK, widths)
-    idx_VJ = idx_BK[rows_V].gather(1, pos_VJ)
-    xin_VD = xin_BD.index_select(0, rows_V)
+    # The encoder's pairs folded as one range (the least padding), the decoder's by range.
+    rows_U, pos_UJ, on_UJ, _ = fold_pairs(idx_BK, on_BK, [W_enc_ND.shape[0]])
+    idx_UJ = idx_BK[rows_U].gather(1, pos_UJ)
+    xin_UD = xin_BD.index_select(0, rows_U)
+    on_UJ = on_UJ.to(W_enc_ND.dtype)
     if torch.is_autocast_enabled(xin_BD.device.type) or vals_BK.dtype != W_enc_ND.dtype:
-        vals_VJ = F.relu(pair_pre_acts(xin_VD, W_enc_ND, b_enc_N, idx_VJ)) * on_VJ
+        vals_UJ = F.relu(pair_pre_acts(xin_UD, W_enc_ND, b_enc_N, idx_UJ)) * on_UJ
     else:
-        vals_VJ = _KeptValues.apply(vals_BK[rows_V].gather(1, pos_VJ) * on_VJ, xin_VD, W_enc_ND, b_enc_N, idx_VJ)
+        vals_UJ = _KeptValues.apply(vals_BK[rows_U].gather(1, pos_UJ) * on_UJ, xin_UD, W_enc_ND, b_enc_N, idx_UJ)
+    if len(widths) == 1:
+        rows_V, idx_VJ, vals_VJ, sizes = rows_U, idx_UJ, vals_UJ, [rows_U.numel()]
+    else:
+        rows_V, pos_VJ, on_VJ, sizes = fold_pairs(idx_BK, on_BK, widths)
+        idx_VJ = idx_BK[rows_V].gather(1, pos_VJ)
+        # Each pair's slot in the encoder's layout, through its (row, position) in idx_BK.
+        K, J = idx_BK.shape[1], pos_UJ.shape[1]
+        on_flat = on_UJ.flatten() > 0
+        slot_BK = torch.zeros(B * K, dtype=torch.long, device=idx_BK.device)
+        slot_BK[(rows_U[:, None] * K + pos_UJ).flatten()[on_flat]] = torch.arange(on_flat.numel(), device=idx_BK.device)[on_flat]
+        slot_VJ = (rows_V[:, None] * K + pos_VJ).flatten()
+        vals_VJ = vals_UJ.flatten()[slot_BK[slot_VJ]].view(-1, pos_VJ.shape[1]) * on_VJ
+        del J
     x_hat_VE = topk_decode(vals_VJ, idx_VJ, W_dec_NE)
     # Each virtual row's decode added to its row of its range's decode: one index_add
     # (and one gather in the backward) for all ranges.
     level_V = torch.repeat_interleave(torch.arange(len(sizes), device=rows_V.device), torch.tensor(sizes, device=rows_V.device))
     out_LBE = x_hat_VE.new_zeros(len(sizes) * B, W_dec_NE.shape[1]).index_add(0, level_V * B + rows_V, x_hat_VE)
-    return list(out_LBE.view(len(sizes), B, -1).unbind(0)), vals_VJ, idx_VJ
+    return out_LBE.view(len(sizes), B, -1), vals_VJ, idx_VJ
 
 
 class _KeptValues(torch.autograd.Function):

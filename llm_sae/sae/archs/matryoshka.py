@@ -66,7 +66,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         the same losses and gradients as ``forward_dense`` (tested)."""
         if not self.training:
             return self.forward_dense(x_BD, target_BE=target_BE, dead_mask_N=dead_mask_N, aux=aux)
-        decodes, vals_VJ, idx_VJ = batch_topk_decodes(
+        dec_LBE, vals_VJ, idx_VJ = batch_topk_decodes(
             self.centered(x_BD), self.W_enc, self.b_enc, self.W_dec, self.cfg.k, self.widths
         )
         with torch.no_grad():  # BatchTopK's running cut-off, as its train_activate keeps it
@@ -76,7 +76,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         fired_VJ = (vals_VJ > 0).float()
         fired_N = torch.zeros(self.n_latents, device=x_BD.device).index_add_(0, idx_VJ.flatten(), fired_VJ.flatten())
         l0 = fired_VJ.sum() / x_BD.shape[0]
-        return self._prefix_losses(x_BD, target_BE, decodes, fired_N, l0, dead_mask_N, aux)
+        return self._prefix_losses(x_BD, target_BE, dec_LBE, fired_N, l0, dead_mask_N, aux)
 
     def forward_dense(
         self, x_BD: Tensor, *, target_BE: Tensor | None = None,
@@ -90,32 +90,25 @@ class MatryoshkaSAE(BatchTopKSAE):
             decodes.append(z_BN[:, lo:w] @ self.W_dec[lo:w])
             lo = w
         fired_BN = z_BN > 0
-        return self._prefix_losses(x_BD, target_BE, decodes, fired_BN.sum(0).float(),
+        return self._prefix_losses(x_BD, target_BE, torch.stack(decodes), fired_BN.sum(0).float(),
                                    fired_BN.sum(-1).float().mean(), dead_mask_N, aux)
 
     def _prefix_losses(
-        self, x_BD: Tensor, target_BE: Tensor | None, decodes: list[Tensor], fired_N: Tensor,
+        self, x_BD: Tensor, target_BE: Tensor | None, dec_LBE: Tensor, fired_N: Tensor,
         l0: Tensor, dead_mask_N: Tensor | None, aux: bool,
     ) -> ForwardOutput:
         """Prefix decodes, each the previous plus the next level's decode (the whole
         dictionary is read once), and the loss of every prefix. Each inner level's
         residual is kept (detached) for its AuxK; the last level's is ``_finish``'s."""
         y_BE = self.target_of(x_BD, target_BE)  # a transcoder's target, else x
-        x_hat_BD = self.add_skip(self.b_dec.expand_as(y_BE), x_BD)
-        inner = x_BD.new_zeros((), dtype=torch.float32)
+        base_BE = self.add_skip(self.b_dec.expand_as(y_BE), x_BD)
+        levels_I, x_hat_BD, err_IBE = _PrefixErrors.apply(y_BE, base_BE, dec_LBE)
         metrics: dict[str, Tensor] = {"l0": l0.detach()}
         self._level_errs: list[tuple[int, int, Tensor]] = []
-        lo = 0
-        for w, dec_BE in zip(self.widths, decodes, strict=True):
-            x_hat_BD = x_hat_BD + dec_BE
-            if w < self.n_latents:
-                err_BD = y_BE - x_hat_BD
-                level = err_BD.float().pow(2).sum(-1).mean()
-                inner = inner + level
-                metrics[f"mse_{w}"] = (level / y_BE.shape[-1]).detach()
-                self._level_errs.append((lo, w, err_BD.detach()))
-            lo = w
-        out = self._finish(x_BD, x_hat_BD, inner, metrics, fired_N, dead_mask_N, aux, target_BE=target_BE)
+        for i, w in enumerate(self.widths[:-1]):
+            metrics[f"mse_{w}"] = (levels_I[i] / y_BE.shape[-1]).detach()
+            self._level_errs.append(([0, *self.widths][i], w, err_IBE[i]))
+        out = self._finish(x_BD, x_hat_BD, levels_I.sum(), metrics, fired_N, dead_mask_N, aux, target_BE=target_BE)
         del self._level_errs
         return out
 
@@ -130,3 +123,44 @@ class MatryoshkaSAE(BatchTopKSAE):
             mask_N[lo:hi] = dead_mask_N[lo:hi]
             total = total + super().auxk_loss(x_BD, level_err_BD, mask_N)
         return total
+
+
+class _PrefixErrors(torch.autograd.Function):
+    """(levels_I, x̂, err_IBE) for L level decodes: x̂_l = base + Σ_{i≤l} dec_i, the inner
+    levels' (l < L−1) mean squared errors ‖y − x̂_l‖² (float32) and errors (detached),
+    and the whole x̂ (its loss is the base class's).
+
+    Autograd through the running sums holds and adds [B, E] tensors level by level; here
+    the backward is one suffix sum: dec_l's gradient is x̂'s plus −2·g_i/B·err_i for each
+    inner level i ≥ l, written into one [L, B, E] tensor."""
+
+    @staticmethod
+    def forward(ctx, y_BE: Tensor, base_BE: Tensor, dec_LBE: Tensor):  # type: ignore[override]
+        L = dec_LBE.shape[0]
+        x_hat_BE = base_BE + dec_LBE[0]
+        err_IBE = y_BE.new_empty(L - 1, *y_BE.shape)
+        for i in range(L - 1):
+            torch.sub(y_BE, x_hat_BE, out=err_IBE[i])
+            x_hat_BE += dec_LBE[i + 1]
+        levels_I = torch.linalg.vecdot(err_IBE, err_IBE).float().mean(-1)
+        ctx.save_for_backward(err_IBE)
+        ctx.mark_non_differentiable(err_IBE)
+        ctx.set_materialize_grads(False)
+        return levels_I, x_hat_BE, err_IBE
+
+    @staticmethod
+    def backward(ctx, g_I: Tensor | None, g_x_hat_BE: Tensor | None, _g_err: Tensor | None):  # type: ignore[override]
+        (err_IBE,) = ctx.saved_tensors
+        L, B = err_IBE.shape[0] + 1, err_IBE.shape[1]
+        grad_LBE = err_IBE.new_empty(L, *err_IBE.shape[1:])
+        run_BE = grad_LBE[L - 1]
+        if g_x_hat_BE is None:
+            run_BE.zero_()
+        else:
+            run_BE.copy_(g_x_hat_BE)
+        c_I = err_IBE.new_zeros(L - 1) if g_I is None else g_I.to(err_IBE.dtype) * (-2 / B)
+        for i in range(L - 2, -1, -1):  # no host sync: the coefficients stay tensors
+            torch.addcmul(run_BE, err_IBE[i], c_I[i], out=grad_LBE[i])
+            run_BE = grad_LBE[i]
+        grad_y = (g_x_hat_BE if g_x_hat_BE is not None else 0) - run_BE if ctx.needs_input_grad[0] else None
+        return grad_y, run_BE.clone() if ctx.needs_input_grad[1] else None, grad_LBE
