@@ -130,9 +130,11 @@ def _build_step(impl: str, a: argparse.Namespace, x_BD):  # noqa: C901 - one bra
         import sae_lens
         from sae_lens.saes.sae import TrainStepInput
 
-        name = {"topk": "TopK", "batchtopk": "BatchTopK"}[a.arch]
+        name = {"topk": "TopK", "batchtopk": "BatchTopK", "matryoshka": "MatryoshkaBatchTopK"}[a.arch]
         sae_cls, cfg_cls = getattr(sae_lens, f"{name}TrainingSAE"), getattr(sae_lens, f"{name}TrainingSAEConfig")
-        sae = sae_cls(cfg_cls(d_in=D, d_sae=N, k=K, device="cpu"))
+        # Matryoshka: our default widths (n/32, n/8, n/2, n), SAELens's aux loss per level.
+        extra = {"matryoshka_widths": [N // 32, N // 8, N // 2, N]} if a.arch == "matryoshka" else {}
+        sae = sae_cls(cfg_cls(d_in=D, d_sae=N, k=K, device="cpu", **extra))
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
         saelens_dead_N = torch.zeros(N, dtype=torch.bool) if dead_N is None else dead_N
 
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--archs", default="topk", help="comma-separated: topk, batchtopk")
+    p.add_argument("--archs", default="topk", help="comma-separated: topk, batchtopk, matryoshka")
     p.add_argument("--arch", default="topk", help=argparse.SUPPRESS)
     p.add_argument(
         "--clock", choices=("wall", "cpu"), default="wall",
@@ -358,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     print("state: 0 = no dead latents; 0.01 / 0.1 = that share kept dead (AuxK on); trained = after")
     print(f"{a.train_steps or 300} steps of training on planted features; x peer = peer step / ours\n")
     head = (
-        f"{'arch':9s} {'k':>4s} {'state':8s} {'impl':9s} {'step ms':>8s} {'of matmul':>9s} {'peak MB':>8s} "
-        f"{'/floor':>6s} {'fallback':>9s} {'x sparsify':>10s} {'x saelens':>9s}"
+        f"{'arch':10s} {'k':>4s} {'state':8s} {'impl':9s} {'step ms':>8s} {'of matmul':>9s} {'peak MB':>8s} "
+        f"{'/floor':>6s} {'fallback':>9s} {'x sparsify':>10s} {'x saelens':>9s} {'/ topk':>7s}"
     )
     print(head)
     print("-" * len(head))
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for r in rows:
         if "error" in r:
-            print(f"{r['arch']:9s} {r['k']:4d} {r['state']:8s} {r['impl']:9s} ERROR {r['error']}")
+            print(f"{r['arch']:10s} {r['k']:4d} {r['state']:8s} {r['impl']:9s} ERROR {r['error']}")
             continue
         s = r["step_s"]
         r.update(
@@ -383,10 +385,17 @@ def main(argv: list[str] | None = None) -> int:
                 ps = peer_step(r["arch"], r["k"], r["state"], peer)
                 if ps is not None:
                     x[peer] = r["speedup_" + peer] = ps / s
+        # Another architecture's step against TopK's at the same k, state and implementation
+        # (BatchTopK and Matryoshka keep k latents a token on average: the same mean L0).
+        topk_s = next((q["step_s"] for q in rows if q["arch"] == "topk" and "step_s" in q
+                       and (q["k"], q["state"], q["impl"]) == (r["k"], r["state"], r["impl"])), None)  # fmt: skip
+        if r["arch"] != "topk" and topk_s:
+            r["over_topk"] = s / topk_s
         print(
-            f"{r['arch']:9s} {r['k']:4d} {r['state']:8s} {r['impl']:9s} {s * 1e3:8.0f} {r['frac_of_matmul']:9.2f} "
+            f"{r['arch']:10s} {r['k']:4d} {r['state']:8s} {r['impl']:9s} {s * 1e3:8.0f} {r['frac_of_matmul']:9.2f} "
             f"{r['peak_rss_delta_mb']:8.0f} {r['mem_over_floor']:6.2f} {_screen_col(r):>9s} "
             + " ".join(f"{x[p]:9.2f}x" if p in x else f"{'':>10s}" for p in PEERS)
+            + (f" {r['over_topk']:6.2f}x" if "over_topk" in r else "")
         )
     out = {
         "shape": {"d_in": a.d_in, "n_latents": a.n_latents, "batch": a.batch},

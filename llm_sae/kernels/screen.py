@@ -324,6 +324,7 @@ def screened_candidates(
         _candidates(x_BD[s : s + rows], W_enc_ND, b_enc_N, Wa_ND2, consts, m, xa_CD2[: min(B, s + rows) - s], buf)
         for s in range(0, B, rows)
     ]
+    STATS["rows"] += B
     if not parts:
         return x_BD.new_empty(0, m), torch.empty(0, m, dtype=torch.long), x_BD.new_empty(0)
     return tuple(torch.cat(t) for t in zip(*parts, strict=True))  # type: ignore[return-value]
