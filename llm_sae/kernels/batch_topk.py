@@ -3,10 +3,11 @@
 BatchTopK keeps the k·B largest ReLU pre-activations of a whole batch, so a token gets a
 variable number of latents. Its dense form holds all B·N pre-activations (400 MB at
 B=4096, N=24576) and backpropagates through all of them. Here the selection runs on each
-row's top c candidates from the TopK encoder (screened in bf16 on CPUs that can), and the
-caller recomputes the kept pairs' values with a sparse backward (``pair_pre_acts``), so
-decode and backward cost what TopK's do at the same mean L0.
-"""
+row's top c candidates (from the bfloat16 screen on CPUs that can, with a bound on the
+rest; else the exact TopK encoder), the kept pairs keep the values the search computed,
+with ``pair_pre_acts``'s sparse backward, and they are folded into virtual rows of a few
+pairs (``fold_pairs``) rather than padded to the longest row, so decode and backward cost
+about what TopK's do at the same mean L0."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ from llm_sae.kernels.topk import pair_grads, pair_pre_acts, topk_decode, topk_en
 
 # Candidates per row, as a multiple of the mean count k: a row keeps more than k when its
 # pre-activations are larger than the batch's; rows that need more are widened alone.
-# The screened top-(c + margin) dominates the selection's cost: at n=24576, d=768, B=1024,
-# 1 thread, the step costs 1.6x TopK's with c = 4k, 1.31x with 2k (3 rows widened a
-# step), 1.22x with 1.5k (77 rows widened; more on real data, whose norms vary more).
-# The bfloat16 screen needs no margin here (``screened_candidates``): top-2k by the
-# screen costs what TopK's top-(k + margin) does.
+# With the exact top c (GPUs, float64): at n=24576, d=768, B=1024, 1 thread, the step
+# cost 1.6x TopK's with c = 4k, 1.31x with 2k (3 rows widened a step), 1.22x with 1.5k
+# (77 rows). The bfloat16 screen (``screened_candidates``) needs no margin of extra
+# candidates, so its top-2k costs what TopK's top-(k + margin) does; its bound adds the
+# bf16 error, so more rows are widened (226 of 2048 on a fresh SAE at k=32, through the
+# screen again, ~55 ms; c = 3k widens 7 but costs more than it saves).
 CANDIDATES_PER_K = 2
 
 
