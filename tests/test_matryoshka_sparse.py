@@ -125,3 +125,19 @@ def test_matryoshka_resumes_exactly(tmp_path):
         resumed.step(x_BD)
     for key, value in ref.sae.state_dict().items():
         assert torch.equal(resumed.sae.state_dict()[key], value), key
+
+
+def test_under_autocast_kept_values_are_float32_dot_products():
+    """Under autocast the candidate search runs in bfloat16: the kept pairs' values are
+    then recomputed in float32 (pair_pre_acts), not taken from the search."""
+    from llm_sae.kernels.batch_topk import batch_topk_decodes
+
+    torch.manual_seed(0)
+    x_BD, W_ND, b_N, Wd_ND = torch.randn(B, D), torch.randn(N, D), torch.randn(N) * 0.1, torch.randn(N, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, vals_VJ, idx_VJ = batch_topk_decodes(x_BD, W_ND, b_N, Wd_ND, K, [N])
+    assert vals_VJ.dtype == torch.float32 and int((vals_VJ > 0).sum()) > B
+    kept = vals_VJ > 0
+    pre_BN = x_BD @ W_ND.t() + b_N  # float32; bfloat16 values would be ~1e-2 off
+    gap_P = (pre_BN[:, idx_VJ[kept]] - vals_VJ[kept]).abs().min(0).values  # its own row's
+    assert float(gap_P.max()) < 1e-4
