@@ -121,7 +121,9 @@ def fold_pairs(idx_BK: Tensor, on_BK: Tensor, widths: list[int]) -> tuple[Tensor
     count_BL = torch.zeros(B, L + 1, dtype=torch.long, device=dev).scatter_add_(1, level_BK, torch.ones_like(level_BK))
     start_LB = (count_BL.cumsum(1) - count_BL)[:, :L].t().reshape(-1)
     count_LB = count_BL[:, :L].t().reshape(-1)
-    J = min(sorted({j for j in _WIDTHS if j < K} | {K}), key=lambda j: int(((count_LB + j - 1) // j).sum()) * (j + ROW_COST))
+    widths_W = torch.tensor(sorted({j for j in _WIDTHS if j < K} | {K}), device=dev)
+    rows_W = ((count_LB[None, :] + widths_W[:, None] - 1) // widths_W[:, None]).sum(1)
+    J = int(widths_W[int(torch.argmin(rows_W * (widths_W + ROW_COST)))])  # one read-back
     nv_LB = (count_LB + J - 1) // J
     lb_V = torch.repeat_interleave(torch.arange(L * B, device=dev), nv_LB)
     first_LB = nv_LB.cumsum(0) - nv_LB
