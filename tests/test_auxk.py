@@ -85,3 +85,27 @@ def test_pair_pre_acts_values_and_gradients_match_dense():
     g_ref = torch.autograd.grad(ref, [x_BD, W_ND, b_N], g_BK)
     for a, r in zip(g_got, g_ref, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
+def test_fitted_residual_loss_equals_the_plain_expression():
+    """AuxK's loss with the fitted scale s: the fused function gives the value and the ê
+    gradient of the expression it replaced, at rows where s is clamped to 0 or 1 too."""
+    from llm_sae.sae.ops import fitted_residual_loss
+
+    g = torch.Generator().manual_seed(2)
+    err_BD = torch.randn(B, D, generator=g, dtype=torch.float64)
+    e_hat_BD = torch.randn(B, D, generator=g, dtype=torch.float64)
+    e_hat_BD[:3] = -e_hat_BD[:3].abs() * err_BD[:3].sign()  # ⟨e, ê⟩ < 0: s = 0
+    e_hat_BD[3:6] = 0.1 * err_BD[3:6]  # s = 10, clamped to 1
+    e_hat_BD[6] = 0  # ‖ê‖ = 0
+    e_hat_BD.requires_grad_()
+    got = fitted_residual_loss(err_BD, e_hat_BD, 0.7)
+    (g_got,) = torch.autograd.grad(got, e_hat_BD)
+    with torch.no_grad():
+        fit_B1 = (err_BD * e_hat_BD).sum(-1, keepdim=True)
+        fit_B1 = (fit_B1 / e_hat_BD.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)).clamp_(0, 1)
+    want = 0.7 * (err_BD - e_hat_BD * fit_B1).pow(2).sum(-1).mean()
+    (g_want,) = torch.autograd.grad(want, e_hat_BD)
+    assert int(((fit_B1 > 0) & (fit_B1 < 1)).sum()) > 5 and float(fit_B1[:3].max()) == 0 and float(fit_B1[3:6].min()) == 1
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)

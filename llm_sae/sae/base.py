@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from llm_sae.config import to_dict
 from llm_sae.kernels.auxk import dead_decode
-from llm_sae.sae.ops import dead_rows
+from llm_sae.sae.ops import dead_rows, fitted_residual_loss
 
 if TYPE_CHECKING:
     from llm_sae.sae.config import SAEConfig
@@ -225,14 +225,9 @@ class SAE(nn.Module):
         e_hat_BD, n_dead, k_aux = self.aux_reconstruction(x_BD, dead_mask_N)
         if n_dead == 0:
             return x_BD.new_zeros(())
-        with torch.no_grad():
-            fit_B1 = (err_BD * e_hat_BD).sum(-1, keepdim=True)
-            fit_B1 = (fit_B1 / e_hat_BD.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)).clamp_(0, 1)
-        e_hat_BD = e_hat_BD * fit_B1
         # Scaled down when only a few latents are dead, as in sparsify, so a handful of
         # dead latents cannot dominate the loss.
-        scale = min(n_dead / k_aux, 1.0)
-        return scale * (err_BD - e_hat_BD).pow(2).sum(-1).mean()
+        return fitted_residual_loss(err_BD, e_hat_BD, min(n_dead / k_aux, 1.0))
 
     def aux_reconstruction(self, x_BD: Tensor, dead_mask_N: Tensor) -> tuple[Tensor, int, int]:
         """(ê_BD, n_dead, k_aux): the decode (no bias) of each row's top k_aux dead latents.

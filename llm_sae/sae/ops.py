@@ -58,3 +58,30 @@ def tune_log_coef(log_coef: Tensor, l0: Tensor, target: float, rate: float = 0.0
     the error clipped to [−1, 1] so a far-off start (a dense ReLU at step 0) moves c by at
     most e^rate a step. A buffer, so a resumed run continues with the same coefficient."""
     log_coef.add_(rate * (l0.detach().float() / target - 1.0).clamp(-1.0, 1.0))
+
+
+def fitted_residual_loss(err_BD: Tensor, e_hat_BD: Tensor, scale: float) -> Tensor:
+    """scale · mean over rows of ‖e − s·ê‖², with s = clamp(⟨e, ê⟩/‖ê‖², 0, 1) per row not
+    differentiated (AuxK's loss, ``SAE.auxk_loss``); the gradient reaches ê only.
+
+    The plain expression holds and differentiates five [B, D] temporaries (the products,
+    the scaled ê, the difference, its square and their gradients); here the forward keeps
+    one, the residual r = e − s·ê, and the backward is one product: −2·scale·s/B · r."""
+    return _FittedResidual.apply(err_BD.detach(), e_hat_BD, float(scale))
+
+
+class _FittedResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, err_BD: Tensor, e_hat_BD: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        fit_B1 = torch.linalg.vecdot(err_BD, e_hat_BD).unsqueeze(1)
+        fit_B1 = (fit_B1 / torch.linalg.vecdot(e_hat_BD, e_hat_BD).unsqueeze(1).clamp_min(1e-12)).clamp_(0, 1)
+        r_BD = torch.sub(err_BD, e_hat_BD * fit_B1)
+        ctx.save_for_backward(r_BD, fit_B1)
+        ctx.scale = scale
+        return scale * torch.linalg.vecdot(r_BD, r_BD).mean()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[None, Tensor, None]:  # type: ignore[override]
+        r_BD, fit_B1 = ctx.saved_tensors
+        coef_B1 = fit_B1 * (g * (-2 * ctx.scale / max(1, r_BD.shape[0])))
+        return None, r_BD * coef_B1, None
