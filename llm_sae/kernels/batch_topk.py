@@ -181,7 +181,7 @@ def batch_topk_decodes(
     # (and one gather in the backward) for all ranges.
     level_V = torch.repeat_interleave(torch.arange(len(sizes), device=rows_V.device), torch.tensor(sizes, device=rows_V.device))
     out_LBE = x_hat_VE.new_zeros(len(sizes) * B, W_dec_NE.shape[1]).index_add(0, level_V * B + rows_V, x_hat_VE)
-    return out_LBE.view(len(sizes), B, -1), vals_VJ, idx_VJ
+    return out_LBE.view(len(sizes), B, W_dec_NE.shape[1]), vals_VJ, idx_VJ
 
 
 class _KeptValues(torch.autograd.Function):
