@@ -28,3 +28,38 @@ def test_threshold_follows_the_last_batches_not_the_first():
             sae.train_activate(scale * torch.randn(128, 32, generator=g))
         cut = float(sae.train_activate(scale * torch.randn(4096, 32, generator=g)).flatten().topk(2 * 4096).values.min())
         assert abs(float(sae.threshold) - cut) < 0.05 * cut
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_encoder_starts_at_the_least_squares_scale_of_the_first_selection(arch):
+    """The trainer's initialisation scales the encoder so the first selection's decode best
+    reconstructs the sample: any other scale reconstructs it worse; a transcoder keeps its
+    start."""
+    from llm_sae.train.config import TrainConfig
+    from llm_sae.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    x_BD = torch.randn(2048, 16) * torch.rand(2048, 1) * 3  # rows of varied norm
+    cfg = TrainConfig(store="<mem>", out="<mem>", arch=arch, n_latents=128, k=4, tokens=4096, batch_size=256)
+    sae = REGISTRY[arch](SAEConfig(d_in=16, n_latents=128, k=4))
+    W0 = sae.W_enc.detach().clone()
+    trainer = Trainer(sae, cfg, total_steps=16)
+    trainer.init_from_sample(x_BD)
+    ratio = sae.W_enc.detach() / W0
+    assert torch.allclose(ratio, ratio.flatten()[0]) and abs(float(ratio.flatten()[0]) - 1) > 0.05
+    xs_BD = x_BD * trainer.input_scale
+    sae.train()
+    sae.set_progress(0.0)
+
+    def err(s: float) -> float:
+        with torch.no_grad():
+            sae._row_scale_B = sae.row_scale(sae.centered(xs_BD))  # the first step's selection
+            z = sae.activate(sae.pre_acts(xs_BD))
+            sae._row_scale_B = None
+            return float(((xs_BD - sae.b_dec) - s * (z @ sae.W_dec)).pow(2).sum())
+
+    assert err(1.0) < min(err(0.8), err(1.25))
+    tc = REGISTRY[arch](SAEConfig(d_in=16, d_out=8, n_latents=128, k=4))
+    W1 = tc.W_enc.detach().clone()
+    tc.init_from_sample(xs_BD)
+    assert torch.equal(tc.W_enc, W1)

@@ -42,10 +42,14 @@ def _candidates(
     return vals_BC, idx_BC, vals_BC.min(dim=1).values
 
 
-def batch_topk_pairs(xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def batch_topk_pairs(
+    xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int, row_scale_B: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(idx_BK, on_BK): the latents of the k·B largest ReLU(xin W_encᵀ + b_enc) entries of
     the batch, K = the most any row keeps; row b's kept latents first, ``on_BK`` (float 1/0)
-    marks them (the rest are padding, any valid index).
+    marks them (the rest are padding, any valid index). With ``row_scale_B`` (positive)
+    the entries are ranked as ReLU(·) / row_scale_B[b]: the selection relative to each
+    row's scale (BatchTopK's early training); the order within a row is unchanged.
 
     Exact: the selection from the c candidates of each row (c = 2k) equals the selection
     over all N unless some row's bound (its c-th value, or the screen's bound on every
@@ -53,24 +57,34 @@ def batch_topk_pairs(xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) 
     those rows alone are redone with the exact top 2c, up to c = N. (The threshold only
     rises as candidates are added, so a row once cleared stays cleared.)
     """
-    idx_BK, on_BK, _ = _select(xin_BD, W_enc_ND, b_enc_N, k)
+    idx_BK, on_BK, _, _ = _select(xin_BD, W_enc_ND, b_enc_N, k, row_scale_B)
     return idx_BK, on_BK
 
 
 @torch.no_grad()
-def _select(xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``batch_topk_pairs`` and the kept pairs' values (ReLU'd, 0 on padding) as the
-    candidate search computed them."""
+def _select(
+    xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int, row_scale_B: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``batch_topk_pairs``, the kept pairs' values (ReLU'd, 0 on padding) as the
+    candidate search computed them, and the batch's cut-off in raw (unscaled) units: the
+    smallest positive kept value when nothing is rescaled (0 if none); when rescaled, the
+    k·B-th largest raw candidate value, exact unless a row holds more of the batch's k·B
+    largest raw values than its candidates (then a lower bound: an estimate for the
+    inference threshold, which the plain phase at the end of training settles)."""
     B, N = xin_BD.shape[0], W_enc_ND.shape[0]
     n_keep = min(B * N, k * B)
     c = min(N, max(k, int(CANDIDATES_PER_K * k)))
     vals_BC, idx_BC, last_B = _candidates(xin_BD, W_enc_ND, b_enc_N, c)
+    inv_B1 = None if row_scale_B is None else (1.0 / row_scale_B.float()).view(B, 1)
     while True:
-        flat_vals, flat_pos = vals_BC.flatten().topk(n_keep, sorted=False)
+        # Ranked on the rescaled values; the bound scales with its row (scales are > 0).
+        rank_BC = vals_BC if inv_B1 is None else vals_BC * inv_B1
+        flat_vals, flat_pos = rank_BC.flatten().topk(n_keep, sorted=False)
         threshold = flat_vals.min() if n_keep else vals_BC.new_tensor(float("inf"))
         # A row whose bound is positive and not below the threshold may hold
         # non-candidates that belong in the selection.
-        bad_R = ((last_B >= threshold) & (last_B > 0)).nonzero().view(-1)
+        bound_B = last_B if inv_B1 is None else last_B * inv_B1[:, 0]
+        bad_R = ((bound_B >= threshold) & (bound_B > 0)).nonzero().view(-1)
         if c == N or bad_R.numel() == 0:
             break
         c = min(N, 2 * c)
@@ -90,7 +104,13 @@ def _select(xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int) -> tuple[
     K = max(1, int(on_BC.sum(dim=1).max())) if B else 1
     order_BK = order_BC[:, :K]
     on_BK = on_BC.gather(1, order_BK).to(xin_BD.dtype)
-    return idx_BC.gather(1, order_BK), on_BK, vals_BC.gather(1, order_BK).clamp_(min=0).mul_(on_BK)
+    vals_BK = vals_BC.gather(1, order_BK).clamp_(min=0).mul_(on_BK)
+    if inv_B1 is None:
+        kept = vals_BK[vals_BK > 0]
+        cut = kept.min() if kept.numel() else vals_BC.new_zeros(())
+    else:
+        cut = vals_BC.flatten().topk(n_keep, sorted=False).values.min() if n_keep else vals_BC.new_zeros(())
+    return idx_BC.gather(1, order_BK), on_BK, vals_BK, cut
 
 # What a virtual row (``fold_pairs``) costs beyond its pairs, in pairs: the gather of its
 # input row, the scatter of its decode and both in the backward, and the sparse kernels'
@@ -139,12 +159,13 @@ def fold_pairs(idx_BK: Tensor, on_BK: Tensor, widths: list[int]) -> tuple[Tensor
 
 
 def batch_topk_decodes(
-    xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, W_dec_NE: Tensor, k: int, widths: list[int]
-) -> tuple[Tensor, Tensor, Tensor]:
+    xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, W_dec_NE: Tensor, k: int, widths: list[int],
+    row_scale_B: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """BatchTopK's training forward on the sparse kernels, split by latent range: (dec_LBE,
-    vals_VJ, idx_VJ), dec_LBE[i] the decode (no bias) of the kept latents in
-    [widths[i-1], widths[i]), and the kept pairs as ``fold_pairs``'s virtual rows
-    (padding holds 0).
+    vals_VJ, idx_VJ, cut), dec_LBE[i] the decode (no bias) of the kept latents in
+    [widths[i-1], widths[i]), the kept pairs as ``fold_pairs``'s virtual rows (padding
+    holds 0), and the batch's raw cut-off (``_select``'s, for the inference threshold).
 
     The selection is ``batch_topk_pairs``'s; the values are the candidate search's
     (float32 dot products, as ``pair_pre_acts`` computes them; recomputed by it under
@@ -153,7 +174,7 @@ def batch_topk_decodes(
     BatchTopK's decode; Matryoshka's prefixes are running sums of the ranges' decodes.
     Same values and gradients as the dense [B, N] forms (tested)."""
     B = xin_BD.shape[0]
-    idx_BK, on_BK, vals_BK = _select(xin_BD.detach(), W_enc_ND, b_enc_N, k)
+    idx_BK, on_BK, vals_BK, cut = _select(xin_BD.detach(), W_enc_ND, b_enc_N, k, row_scale_B)
     # The encoder's pairs folded as one range (the least padding), the decoder's by range.
     rows_U, pos_UJ, on_UJ, _ = fold_pairs(idx_BK, on_BK, [W_enc_ND.shape[0]])
     idx_UJ = idx_BK[rows_U].gather(1, pos_UJ)
@@ -181,7 +202,7 @@ def batch_topk_decodes(
     # (and one gather in the backward) for all ranges.
     level_V = torch.repeat_interleave(torch.arange(len(sizes), device=rows_V.device), torch.tensor(sizes, device=rows_V.device))
     out_LBE = x_hat_VE.new_zeros(len(sizes) * B, W_dec_NE.shape[1]).index_add(0, level_V * B + rows_V, x_hat_VE)
-    return out_LBE.view(len(sizes), B, W_dec_NE.shape[1]), vals_VJ, idx_VJ
+    return out_LBE.view(len(sizes), B, W_dec_NE.shape[1]), vals_VJ, idx_VJ, cut
 
 
 class _KeptValues(torch.autograd.Function):

@@ -121,6 +121,9 @@ class SAE(nn.Module):
         assert self.cfg.n_latents is not None
         return self.cfg.n_latents
 
+    def init_from_sample(self, x_BD: Tensor) -> None:
+        """An architecture's own start from the (scaled) initialisation sample, after b_dec."""
+
     def set_progress(self, progress: float) -> None:
         """Fraction of training done, in [0, 1]; drives sparsity-coefficient warm-ups."""
         self.progress = float(progress)

@@ -141,8 +141,7 @@ class InitSample:
             self._rows[key] = pairs(cfg.init_rows, seed) if pairs else (self.source.sample(cfg.init_rows, seed),)
         scaled = (*key, trainer.input_scale, trainer.output_scale, str(trainer.device))
         if trainer.input_scale is not None and scaled in self._b_dec:
-            with torch.no_grad():
-                trainer.sae.b_dec.copy_(self._b_dec[scaled])
+            trainer.init_from_sample(*self._rows[key], b_dec_E=self._b_dec[scaled])
             return
         trainer.init_from_sample(*self._rows[key])
         if scaled[2] is not None:

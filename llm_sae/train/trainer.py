@@ -108,9 +108,12 @@ class Trainer:
         return self.input_scale if self.target_scale is None else self.target_scale
 
     @torch.no_grad()
-    def init_from_sample(self, x_sample_BD: Tensor, y_sample_BE: Tensor | None = None) -> None:
-        """Input scale (if not given) and b_dec at the geometric median of the sample (of
-        the targets ``y_sample_BE`` for a transcoder)."""
+    def init_from_sample(
+        self, x_sample_BD: Tensor, y_sample_BE: Tensor | None = None, b_dec_E: Tensor | None = None
+    ) -> None:
+        """Input scale (if not given), b_dec at the geometric median of the sample (of the
+        targets ``y_sample_BE`` for a transcoder; ``b_dec_E`` when already computed), then
+        the architecture's own start (``SAE.init_from_sample``)."""
         x_BD = x_sample_BD.to(self.device, torch.float32)
         y_BE = x_BD if y_sample_BE is None else y_sample_BE.to(self.device, torch.float32)
         ok_B = torch.isfinite(x_BD).all(-1) & torch.isfinite(y_BE).all(-1)
@@ -122,7 +125,11 @@ class Trainer:
         if self.target_scale is None and y_sample_BE is not None:
             self.target_scale = math.sqrt(y_BE.shape[1]) / float(y_BE.norm(dim=1).mean().clamp_min(1e-12))
         assert self.output_scale is not None
-        self.sae.b_dec.copy_(geometric_median(y_BE * self.output_scale).to(self.device))
+        if b_dec_E is None:
+            b_dec_E = geometric_median(y_BE * self.output_scale)
+        self.sae.b_dec.copy_(b_dec_E.to(self.device))
+        self.sae.set_progress(self.step_idx / max(1, self.total_steps))  # the first step's selection
+        self.sae.init_from_sample(x_BD * self.input_scale)
 
     # ---------------------------------------------------------------------- a step
     def step(

@@ -27,6 +27,14 @@ class BatchTopKParams:
     of each batch's cut-off. One batch's cut-off is already precise (a quantile of B·N
     values), so a short window that follows the end of training beats a long one that
     still remembers its start."""
+    relative_selection: float = 0.9
+    """batchtopk and matryoshka: for this fraction of training the batch-level top k·B
+    ranks each activation relative to its row's input norm, then plain BatchTopK to the
+    end (whose cut-off the inference threshold follows); 0 = plain throughout. Plainly
+    ranked, rows with large norms take most of the budget, latents that would align
+    with the features of the other rows never reach the cut-off, and learning stalls:
+    ``llm-sae bench recovery`` recovered 33% of the planted features at 1M tokens, 83%
+    this way (TopK: 88%; BENCHMARKS.md, issue 17)."""
 
 
 @register
@@ -36,7 +44,9 @@ class BatchTopKSAE(SAE):
     Tokens get a variable number of latents (k on average). Inference cannot depend on
     the batch, so it is a JumpReLU with one global threshold: a running average of each
     training batch's cut-off (its smallest kept activation), exported to SAELens as
-    ``jumprelu``.
+    ``jumprelu``. Two changes from the paper make it learn as TopK does (``relative_selection``):
+    for most of training the batch ranks activations relative to their row's norm, and
+    the encoder starts at the scale that best reconstructs the initialisation sample.
     """
 
     arch = "batchtopk"
@@ -45,43 +55,95 @@ class BatchTopKSAE(SAE):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not yet estimated
 
+    def row_scale(self, xin_BD: Tensor) -> Tensor | None:
+        """What the training selection divides each row's activations by: its input's
+        norm while ``progress`` < ``relative_selection``, else None (plain BatchTopK)."""
+        if not self.training or self.progress >= self.cfg.relative_selection:
+            return None
+        return xin_BD.detach().float().norm(dim=1).clamp_min(1e-6)
+
     def activate(self, pre_BN: Tensor) -> Tensor:
         z_BN = F.relu(pre_BN)
         if self.training:
             flat = z_BN.flatten()
-            vals, idx = flat.topk(min(flat.numel(), self.cfg.k * z_BN.shape[0]), sorted=False)
-            return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(z_BN)
+            scale_B = getattr(self, "_row_scale_B", None)
+            rank = flat if scale_B is None else (z_BN / scale_B[:, None]).flatten()
+            idx = rank.topk(min(flat.numel(), self.cfg.k * z_BN.shape[0]), sorted=False).indices
+            return torch.zeros_like(flat).scatter_(0, idx, flat[idx]).view_as(z_BN)
         return z_BN * (z_BN > self.threshold.clamp_min(0))
 
     def train_activate(self, pre_BN: Tensor) -> Tensor:
         z_BN = self.activate(pre_BN)
         with torch.no_grad():
-            kept = z_BN[z_BN > 0]
-            if kept.numel():
-                update_ema(self.threshold, kept.min(), self.cfg.threshold_momentum)
+            if getattr(self, "_row_scale_B", None) is not None:
+                flat = F.relu(pre_BN).flatten()
+                cut = flat.topk(min(flat.numel(), self.cfg.k * pre_BN.shape[0]), sorted=False).values.min()
+            else:
+                kept = z_BN[z_BN > 0]
+                cut = kept.min() if kept.numel() else z_BN.new_zeros(())
+            if cut > 0:
+                update_ema(self.threshold, cut, self.cfg.threshold_momentum)
         return z_BN
+
+    def forward_dense(
+        self, x_BD: Tensor, *, target_BE: Tensor | None = None,
+        dead_mask_N: Tensor | None = None, aux: bool = True,
+    ) -> ForwardOutput:
+        """The dense [B, N] reference of ``forward`` (the base class's, with the same
+        selection)."""
+        self._row_scale_B = self.row_scale(self.centered(x_BD))
+        try:
+            return SAE.forward(self, x_BD, target_BE=target_BE, dead_mask_N=dead_mask_N, aux=aux)
+        finally:
+            self._row_scale_B = None
+
+    @torch.no_grad()
+    def init_from_sample(self, x_BD: Tensor) -> None:
+        """Scale the encoder so the first selection's decode best reconstructs the
+        (scaled, b_dec-centred) sample in least squares. The selection does not depend on
+        the scale; at the initial scale (W_enc = W_decᵀ) the rows the batch gives many
+        latents are reconstructed several times over, and the first steps only shrink
+        the encoder (BENCHMARKS.md, issue 17). A transcoder keeps its start."""
+        if self.is_transcoder or x_BD.shape[0] == 0:
+            return
+        was = self.training
+        self.train()
+        xs_BD = x_BD[: max(64, min(4096, (1 << 26) // self.n_latents))].to(self.W_enc.dtype)
+        xin_BD = self.centered(xs_BD)
+        self._row_scale_B = self.row_scale(xin_BD)
+        try:
+            dec_BD = self.activate(self.pre_acts(xs_BD)) @ self.W_dec
+        finally:
+            self._row_scale_B = None
+            self.train(was)
+        den = (dec_BD * dec_BD).sum()
+        scale = float((xin_BD * dec_BD).sum() / den) if den > 0 else 0.0
+        if scale > 0:
+            self.W_enc.mul_(scale)
+            self.b_enc.mul_(scale)
 
     def forward(
         self, x_BD: Tensor, *, target_BE: Tensor | None = None,
         dead_mask_N: Tensor | None = None, aux: bool = True,
     ) -> ForwardOutput:
         """Training forward on the sparse kernels: the kept (token, latent) pairs from
-        ``batch_topk_pairs``, their values recomputed with a sparse backward, a sparse
-        decode; the same loss and gradients as the dense ``SAE.forward`` (tested)."""
+        ``batch_topk_decodes`` (as virtual rows of a few pairs), with a sparse backward and
+        a sparse decode; the same loss and gradients as ``forward_dense`` (tested)."""
         if not self.training:
             return super().forward(x_BD, target_BE=target_BE, dead_mask_N=dead_mask_N, aux=aux)
         xin_BD = self.centered(x_BD)
-        (dec_BE,), vals_BK, idx_BK = batch_topk_decodes(xin_BD, self.W_enc, self.b_enc, self.W_dec, self.cfg.k, [self.n_latents])
-        with torch.no_grad():
-            kept = vals_BK[vals_BK > 0]
-            if kept.numel():
-                update_ema(self.threshold, kept.min(), self.cfg.threshold_momentum)
-        x_hat_BD = self.add_skip(dec_BE + self.b_dec, x_BD)
-        fired_BK = (vals_BK > 0).float()
-        fired_N = torch.zeros(self.n_latents, device=x_BD.device).index_add_(
-            0, idx_BK.flatten(), fired_BK.flatten()
+        (dec_BE,), vals_VJ, idx_VJ, cut = batch_topk_decodes(
+            xin_BD, self.W_enc, self.b_enc, self.W_dec, self.cfg.k, [self.n_latents], self.row_scale(xin_BD)
         )
-        metrics = {"l0": (fired_BK.sum() / x_BD.shape[0]).detach()}
+        with torch.no_grad():
+            if cut > 0:
+                update_ema(self.threshold, cut, self.cfg.threshold_momentum)
+        x_hat_BD = self.add_skip(dec_BE + self.b_dec, x_BD)
+        fired_VJ = (vals_VJ > 0).float()
+        fired_N = torch.zeros(self.n_latents, device=x_BD.device).index_add_(
+            0, idx_VJ.flatten(), fired_VJ.flatten()
+        )
+        metrics = {"l0": (fired_VJ.sum() / x_BD.shape[0]).detach()}
         zero = x_BD.new_zeros(())
         return self._finish(x_BD, x_hat_BD, zero, metrics, fired_N, dead_mask_N, aux, target_BE=target_BE)
 

@@ -66,13 +66,13 @@ class MatryoshkaSAE(BatchTopKSAE):
         the same losses and gradients as ``forward_dense`` (tested)."""
         if not self.training:
             return self.forward_dense(x_BD, target_BE=target_BE, dead_mask_N=dead_mask_N, aux=aux)
-        dec_LBE, vals_VJ, idx_VJ = batch_topk_decodes(
-            self.centered(x_BD), self.W_enc, self.b_enc, self.W_dec, self.cfg.k, self.widths
+        xin_BD = self.centered(x_BD)
+        dec_LBE, vals_VJ, idx_VJ, cut = batch_topk_decodes(
+            xin_BD, self.W_enc, self.b_enc, self.W_dec, self.cfg.k, self.widths, self.row_scale(xin_BD)
         )
         with torch.no_grad():  # BatchTopK's running cut-off, as its train_activate keeps it
-            kept = vals_VJ[vals_VJ > 0]
-            if kept.numel():
-                update_ema(self.threshold, kept.min(), self.cfg.threshold_momentum)
+            if cut > 0:
+                update_ema(self.threshold, cut, self.cfg.threshold_momentum)
         fired_VJ = (vals_VJ > 0).float()
         fired_N = torch.zeros(self.n_latents, device=x_BD.device).index_add_(0, idx_VJ.flatten(), fired_VJ.flatten())
         l0 = fired_VJ.sum() / x_BD.shape[0]
@@ -84,7 +84,11 @@ class MatryoshkaSAE(BatchTopKSAE):
     ) -> ForwardOutput:
         """The reference path (and evaluation's): dense [B, N] latents, each level's
         decode a dense product with its slice of the dictionary."""
-        z_BN = self.train_activate(self.pre_acts(x_BD))
+        self._row_scale_B = self.row_scale(self.centered(x_BD))
+        try:
+            z_BN = self.train_activate(self.pre_acts(x_BD))
+        finally:
+            self._row_scale_B = None
         lo, decodes = 0, []
         for w in self.widths:
             decodes.append(z_BN[:, lo:w] @ self.W_dec[lo:w])
