@@ -48,6 +48,8 @@ class SAE(nn.Module):
     arch: ClassVar[str] = ""
     unit_norm_decoder: ClassVar[bool] = True
     """Keep dictionary rows at unit norm (gradient projection + renormalisation)."""
+    default_aux_coef: ClassVar[float] = 1 / 32
+    """The AuxK weight unless ``--aux-coef`` says otherwise."""
     default_dead_latents: ClassVar[str] = "auxk"
     """What the trainer does about dead latents unless told: auxk, resample or none."""
     homogeneous: ClassVar[bool] = True
@@ -198,9 +200,10 @@ class SAE(nn.Module):
             total_var = y_BE.var(0, correction=0).sum().clamp_min(1e-12)
         loss = recon + sparsity
         aux_loss = x_BD.new_zeros(())
-        if aux and dead_mask_N is not None and self.cfg.aux_coef > 0:
+        aux_coef = self.default_aux_coef if self.cfg.aux_coef is None else self.cfg.aux_coef
+        if aux and dead_mask_N is not None and aux_coef > 0:
             aux_loss = self.auxk_loss(x_BD, err_BD.detach(), dead_mask_N)  # err_BD is [B, E]
-            loss = loss + self.cfg.aux_coef * aux_loss
+            loss = loss + aux_coef * aux_loss
         metrics.update(
             mse=(recon / y_BE.shape[-1]).detach(),
             fvu=(recon / total_var).detach(),

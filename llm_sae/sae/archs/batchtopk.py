@@ -50,6 +50,7 @@ class BatchTopKSAE(SAE):
     """
 
     arch = "batchtopk"
+    default_aux_coef = 1.0
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
