@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from llm_sae.config import ConfigError
 from llm_sae.sae.base import SAE, ForwardOutput
-from llm_sae.sae.ops import tune_log_coef, warmup
+from llm_sae.sae.ops import control_l0, warmup
 from llm_sae.sae.registry import register
 
 if TYPE_CHECKING:
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
 
 SPARSITY_LOSSES = ("quadratic", "step", "tanh")
 _ALIASES = {"target": "quadratic", "l0": "step"}  # the names before the current recipe
+CONTROL_KI, CONTROL_KP, CONTROL_BOUND = 0.05, 2.0, 10.0
+"""The L0 controller's gains (``ops.control_l0``), per step on e = log(L0/target), and the
+bound on its integral."""
 
 
 @dataclass(kw_only=True)
@@ -27,7 +31,9 @@ class JumpReLUParams:
     """jumprelu: the sparsity loss. 'quadratic': l0_coef·(2/T)·(L0 − T)² on the batch L0,
     towards T = --target-l0 or k (Gemma Scope 2); 'step': l0_coef·L0 (Rajamanoharan et
     al. 2024); 'tanh': l0_coef·Σ tanh(tanh_scale·f·‖W_dec‖) (Anthropic, January 2025).
-    With --target-l0, step and tanh tune l0_coef until the L0 is the target."""
+    A controller (``ops.control_l0``) lands the trained L0 on T: quadratic's aim is
+    lowered until it does, and with --target-l0 step and tanh tune l0_coef (without it
+    they keep l0_coef, warmed up over --sparsity-warmup, as in their papers)."""
     l0_coef: float = 1.0
     """jumprelu: coefficient of the sparsity loss (the starting value when tuned)."""
     bandwidth: float = 0.1
@@ -106,8 +112,10 @@ class JumpReLUSAE(SAE):
         super().__init__(cfg)
         self.threshold = nn.Parameter(torch.full((self.n_latents,), float(self.cfg.init_threshold)))
         self.mode = _ALIASES.get(self.cfg.jumprelu_sparsity, self.cfg.jumprelu_sparsity)
-        if self.cfg.target_l0 is not None and self.mode != "quadratic":
-            self.register_buffer("log_l0_coef", torch.tensor(float(self.cfg.l0_coef)).log())
+        if self.controlled:
+            # The L0 controller's integral (ops.control_l0): log(coefficient / l0_coef) for
+            # step and tanh, log(target / aim) for quadratic. Saved, so a resume continues.
+            self.register_buffer("l0_control", torch.zeros(()))
 
     @property
     def target(self) -> float:
@@ -132,23 +140,39 @@ class JumpReLUSAE(SAE):
         return self._finish(x_BD, x_hat_BD, sparsity, metrics, fired_BN.sum(0).float(), None, False,
                             target_BE=target_BE)
 
+    @property
+    def controlled(self) -> bool:
+        """Whether a controller steers the trained L0 to ``target``: always for quadratic,
+        with --target-l0 for step and tanh (without it they keep a fixed l0_coef)."""
+        return self.mode == "quadratic" or self.cfg.target_l0 is not None
+
     def sparsity_loss(self, pre_BN: Tensor, z_BN: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         l0 = _Step.apply(pre_BN, self.threshold, self.cfg.bandwidth).sum(-1).mean()
+        T = self.target
         if self.mode == "quadratic":
-            T = self.target
+            # Quadratic alone settles above T (reconstruction pulls L0 up until the two
+            # gradients balance); the controller lowers its aim until the L0 is T.
             coef = self.cfg.l0_coef * warmup(self.progress, self.cfg.sparsity_warmup)
-            return coef * (2.0 / T) * (l0 - T).pow(2), {"l0": l0.detach()}
+            aim = T * (-self._control(l0)).exp()
+            return coef * (2.0 / T) * (l0 - aim).pow(2), {"l0": l0.detach(), "l0_aim": aim.detach()}
         if self.mode == "tanh":
             penalty = torch.tanh(self.cfg.tanh_scale * F.relu(z_BN) * self.W_dec.norm(dim=1)).sum(-1).mean()
         else:
             penalty = l0
-        if self.cfg.target_l0 is None:
-            coef: Tensor | float = self.cfg.l0_coef * warmup(self.progress, self.cfg.sparsity_warmup)
+        if self.controlled:
+            coef: Tensor | float = self.cfg.l0_coef * self._control(l0).exp()
         else:
-            with torch.no_grad():
-                tune_log_coef(self.log_l0_coef, l0, self.cfg.target_l0)
-            coef = self.log_l0_coef.exp()
+            coef = self.cfg.l0_coef * warmup(self.progress, self.cfg.sparsity_warmup)
         return coef * penalty, {"l0": l0.detach(), "l0_coef": torch.as_tensor(coef).detach()}
+
+    def _control(self, l0: Tensor) -> Tensor:
+        """The controller's knob for this batch; it learns only in training, and not
+        during the quadratic loss's warm-up (when nothing yet pulls the L0 down)."""
+        state = self.l0_control
+        if not self.training or (self.mode == "quadratic" and self.progress < self.cfg.sparsity_warmup):
+            return state.clone()
+        with torch.no_grad():
+            return control_l0(state, l0, self.target, ki=CONTROL_KI, kp=CONTROL_KP, bound=CONTROL_BOUND)
 
     def pre_act_loss(self, pre_BN: Tensor, dead_mask_N: Tensor) -> Tensor:
         """Anthropic's pre-activation loss (January 2025), on the dead latents only as in
@@ -181,4 +205,9 @@ class JumpReLUSAE(SAE):
         old = state.pop(prefix + "log_threshold", None)
         if old is not None and prefix + "threshold" not in state:
             state[prefix + "threshold"] = old.exp()
+        # The controller's state: log c under its old name, or none (older saves, peers).
+        log_coef = state.pop(prefix + "log_l0_coef", None)
+        if self.controlled and prefix + "l0_control" not in state:
+            start = 0.0 if log_coef is None else float(log_coef) - math.log(self.cfg.l0_coef)
+            state[prefix + "l0_control"] = torch.tensor(start)
         super()._load_from_state_dict(state, prefix, *args)
