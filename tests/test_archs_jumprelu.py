@@ -11,6 +11,7 @@ from archs_util import K, fit, l0
 from safetensors.torch import load_file, save_file
 
 from llm_sae.config import ConfigError
+from llm_sae.sae.archs import jumprelu
 from llm_sae.sae.config import SAEConfig
 from llm_sae.sae.formats.native import load_sae
 from llm_sae.sae.registry import REGISTRY
@@ -131,3 +132,56 @@ def test_saves_with_log_threshold_still_load(tmp_path):
     theta = state.pop("threshold")
     save_file({**state, "log_threshold": theta.log()}, str(path / "sae.safetensors"))
     assert torch.allclose(load_sae(path).threshold, theta, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["quadratic", "step", "tanh"])
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_sparse_training_forward_matches_the_dense_one_in_float64(mode, transcoder, monkeypatch):
+    """Loss, metrics and every gradient (θ's straight-through one included) of the sparse
+    path equal the dense reference's, with some latents dead (the pre-activation loss)."""
+    monkeypatch.setattr(jumprelu, "SPARSE_FRACTION", 1)  # sparse whatever the row counts
+    torch.manual_seed(1)
+    extra = {"d_out": 12, "skip": True} if transcoder else {}
+    sae = REGISTRY["jumprelu"](SAEConfig(arch="jumprelu", d_in=D, n_latents=256, k=K, jumprelu_sparsity=mode,
+                                         target_l0=3.0, bandwidth=0.4, init_threshold=1.5, **extra)).double()
+    with torch.no_grad():
+        sae.threshold.uniform_(1.0, 2.0)
+        if transcoder:
+            sae.W_skip.normal_()
+    x_BD = torch.randn(64, D, dtype=torch.float64)
+    y = {"target_BE": torch.randn(64, 12, dtype=torch.float64)} if transcoder else {}
+    dead_N = torch.zeros(256, dtype=torch.bool)
+    dead_N[::5] = True
+    names, params = zip(*sae.named_parameters(), strict=True)
+    outs, grads = [], []
+    for fwd in (sae.forward_dense, sae.forward):
+        with torch.no_grad():
+            sae.l0_control.zero_()
+        out = fwd(x_BD, dead_mask_N=dead_N, **y)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.loss, params, allow_unused=True))
+    dense, sparse = outs
+    l0 = float(dense.metrics["l0"])
+    assert 2 < l0 < 64  # the thresholds select
+    assert torch.allclose(sparse.loss, dense.loss, rtol=1e-10)
+    assert torch.allclose(sparse.x_hat_BD, dense.x_hat_BD, rtol=1e-10, atol=1e-12)
+    assert torch.equal(sparse.fired_N, dense.fired_N)
+    for key in dense.metrics:
+        assert torch.allclose(sparse.metrics[key].double(), dense.metrics[key].double(), rtol=1e-6), key
+    for name, g_dense, g_sparse in zip(names, *grads, strict=True):
+        assert g_dense is not None and g_sparse is not None, name
+        # θ's gradient is summed in float32 (it is a float32 parameter).
+        tol = 1e-5 if name == "threshold" else 1e-9
+        assert torch.allclose(g_sparse, g_dense, rtol=tol, atol=tol * 1e-3), name
+    assert float(grads[0][names.index("threshold")].abs().sum()) > 0
+
+
+def test_training_forward_is_sparse_only_while_rows_are_sparse(monkeypatch):
+    sae = make(init_threshold=0.0)  # every latent with pre > 0 fires: dense
+    calls = []
+    monkeypatch.setattr(sae, "forward_dense", lambda *a, **kw: calls.append(1))
+    sae(torch.randn(8, D))
+    assert calls == [1]
+    with torch.no_grad():
+        sae.threshold.fill_(3.0)  # a few pairs per row at most
+    assert sae(torch.randn(8, D)) is not None and calls == [1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -11,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm_sae.config import ConfigError
+from llm_sae.kernels.topk import pair_pre_acts
 from llm_sae.sae.base import SAE, ForwardOutput
-from llm_sae.sae.ops import control_l0, warmup
+from llm_sae.sae.ops import control_l0, dead_rows, decode_sparse, warmup
 from llm_sae.sae.registry import register
 
 if TYPE_CHECKING:
@@ -23,6 +25,8 @@ _ALIASES = {"target": "quadratic", "l0": "step"}  # the names before the current
 CONTROL_KI, CONTROL_KP, CONTROL_BOUND = 0.05, 2.0, 10.0
 """The L0 controller's gains (``ops.control_l0``), per step on e = log(L0/target), and the
 bound on its integral."""
+SPARSE_FRACTION = 8
+"""The training forward runs sparse while no row has more than N / SPARSE_FRACTION pairs."""
 
 
 @dataclass(kw_only=True)
@@ -128,12 +132,55 @@ class JumpReLUSAE(SAE):
         self, x_BD: Tensor, *, target_BE: Tensor | None = None,
         dead_mask_N: Tensor | None = None, aux: bool = True,
     ) -> ForwardOutput:
+        """Training forward. The dense pre-activations pick the pairs that matter: those
+        that fire (pre > θ) and those within ε/2 of θ (the threshold's straight-through
+        gradient). When they are few (at most N / SPARSE_FRACTION in the fullest row), the
+        decode and the backward run on them alone through the sparse kernels, with the
+        same loss and gradients as the dense path (``forward_dense``; tested)."""
+        if not self.training:
+            return self.forward_dense(x_BD, target_BE=target_BE, dead_mask_N=dead_mask_N, aux=aux)
+        xin_BD = self.centered(x_BD)
+        with torch.no_grad():
+            pre_BN = F.linear(xin_BD, self.W_enc, self.b_enc)
+            fired_BN = pre_BN > self.threshold
+            near_BN = (pre_BN - self.threshold).abs() < self.cfg.bandwidth / 2
+            pairs_BN = fired_BN | near_BN
+            K = int(pairs_BN.sum(-1).max())
+        if K * SPARSE_FRACTION > self.n_latents:
+            return self.forward_dense(x_BD, target_BE=target_BE, dead_mask_N=dead_mask_N, aux=aux)
+        # The pairs of each row first (topk of a 0/1 mask), then padding that neither
+        # fires nor is near.
+        idx_BK = pairs_BN.to(pre_BN.dtype).topk(max(K, 1), dim=-1, sorted=False).indices
+        fired_BK = fired_BN.gather(1, idx_BK).to(xin_BD.dtype)
+        near_BK = near_BN.gather(1, idx_BK).to(xin_BD.dtype)
+        theta_BK = self.threshold[idx_BK]
+        # pre·H(pre − θ), plus a term that is 0 with θ's straight-through gradient −θ/ε.
+        ste_BK = (theta_BK - theta_BK.detach()) * (-theta_BK.detach() / self.cfg.bandwidth) * near_BK
+        z_BK = pair_pre_acts(xin_BD, self.W_enc, self.b_enc, idx_BK) * fired_BK + ste_BK.to(xin_BD.dtype)
+        x_hat_BD = self.add_skip(decode_sparse(z_BK, idx_BK, self.W_dec) + self.b_dec, x_BD)
+        l0 = _Step.apply(pre_BN, self.threshold, self.cfg.bandwidth).sum(-1).mean()
+        sparsity, metrics = self.sparsity_terms(l0, lambda: self.tanh_penalty(z_BK, idx_BK))
+        if aux and dead_mask_N is not None and self.cfg.pre_act_coef > 0:
+            dead_M = dead_rows(dead_mask_N, self.W_enc.device)
+            pre_BM = F.linear(xin_BD, self.W_enc[dead_M], self.b_enc[dead_M])
+            pre_act = self.pre_act_loss(pre_BM, self.threshold[dead_M], self.W_dec[dead_M])
+            sparsity = sparsity + self.cfg.pre_act_coef * pre_act
+            metrics["pre_act"] = pre_act.detach()
+        return self._finish(x_BD, x_hat_BD, sparsity, metrics, fired_BN.sum(0).float(), None, False,
+                            target_BE=target_BE)
+
+    def forward_dense(
+        self, x_BD: Tensor, *, target_BE: Tensor | None = None,
+        dead_mask_N: Tensor | None = None, aux: bool = True,
+    ) -> ForwardOutput:
+        """The reference training forward, on the dense [B, N] latents."""
         pre_BN = self.pre_acts(x_BD)
         z_BN = _JumpReLU.apply(pre_BN, self.threshold, self.cfg.bandwidth)
         x_hat_BD = self.add_skip(self.decode(z_BN), x_BD)
         sparsity, metrics = self.sparsity_loss(pre_BN, z_BN)
         if aux and dead_mask_N is not None and self.cfg.pre_act_coef > 0:
-            pre_act = self.pre_act_loss(pre_BN, dead_mask_N)
+            dead_N = dead_mask_N.to(pre_BN.device, non_blocking=True)
+            pre_act = self.pre_act_loss(pre_BN, self.threshold, self.W_dec, dead_N)
             sparsity = sparsity + self.cfg.pre_act_coef * pre_act
             metrics["pre_act"] = pre_act.detach()
         fired_BN = z_BN != 0
@@ -148,6 +195,17 @@ class JumpReLUSAE(SAE):
 
     def sparsity_loss(self, pre_BN: Tensor, z_BN: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         l0 = _Step.apply(pre_BN, self.threshold, self.cfg.bandwidth).sum(-1).mean()
+        return self.sparsity_terms(l0, lambda: self.tanh_penalty(z_BN))
+
+    def tanh_penalty(self, z_BK: Tensor, idx_BK: Tensor | None = None) -> Tensor:
+        """Σ tanh(c·f·‖W_dec‖) per row, averaged: over the dense latents, or over the pairs
+        ``idx_BK`` (the others are 0 and add nothing, nor any gradient)."""
+        norm_N = self.W_dec.norm(dim=1)
+        norm = norm_N if idx_BK is None else norm_N[idx_BK]
+        return torch.tanh(self.cfg.tanh_scale * F.relu(z_BK) * norm).sum(-1).mean()
+
+    def sparsity_terms(self, l0: Tensor, tanh_penalty: Callable[[], Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted sparsity loss from the batch L0 (with its straight-through θ gradient)."""
         T = self.target
         if self.mode == "quadratic":
             # Quadratic alone settles above T (reconstruction pulls L0 up until the two
@@ -155,15 +213,12 @@ class JumpReLUSAE(SAE):
             coef = self.cfg.l0_coef * warmup(self.progress, self.cfg.sparsity_warmup)
             aim = T * (-self._control(l0)).exp()
             return coef * (2.0 / T) * (l0 - aim).pow(2), {"l0": l0.detach(), "l0_aim": aim.detach()}
-        if self.mode == "tanh":
-            penalty = torch.tanh(self.cfg.tanh_scale * F.relu(z_BN) * self.W_dec.norm(dim=1)).sum(-1).mean()
-        else:
-            penalty = l0
+        penalty = tanh_penalty() if self.mode == "tanh" else l0
         if self.controlled:
-            coef: Tensor | float = self.cfg.l0_coef * self._control(l0).exp()
+            c: Tensor | float = self.cfg.l0_coef * self._control(l0).exp()
         else:
-            coef = self.cfg.l0_coef * warmup(self.progress, self.cfg.sparsity_warmup)
-        return coef * penalty, {"l0": l0.detach(), "l0_coef": torch.as_tensor(coef).detach()}
+            c = self.cfg.l0_coef * warmup(self.progress, self.cfg.sparsity_warmup)
+        return c * penalty, {"l0": l0.detach(), "l0_coef": torch.as_tensor(c).detach()}
 
     def _control(self, l0: Tensor) -> Tensor:
         """The controller's knob for this batch; it learns only in training, and not
@@ -174,15 +229,15 @@ class JumpReLUSAE(SAE):
         with torch.no_grad():
             return control_l0(state, l0, self.target, ki=CONTROL_KI, kp=CONTROL_KP, bound=CONTROL_BOUND)
 
-    def pre_act_loss(self, pre_BN: Tensor, dead_mask_N: Tensor) -> Tensor:
+    def pre_act_loss(self, pre_BM: Tensor, theta_M: Tensor, W_dec_MD: Tensor, dead_M: Tensor | None = None) -> Tensor:
         """Anthropic's pre-activation loss (January 2025), on the dead latents only as in
         SAELens: Σ_dead relu(θ − pre)·‖W_dec‖, averaged over rows. It gives a latent that
-        never crosses its threshold a gradient that raises its pre-activations."""
-        dead_N = dead_mask_N.to(pre_BN.device, non_blocking=True)
-        if not bool(dead_N.any()):
-            return pre_BN.new_zeros((), dtype=torch.float32)
-        w_N = self.W_dec.norm(dim=1) * dead_N
-        return (F.relu(self.threshold - pre_BN) * w_N).sum(-1).mean()
+        never crosses its threshold a gradient that raises its pre-activations. Over the
+        dead latents' columns, or over all of them with the mask ``dead_M``."""
+        if dead_M is not None and not bool(dead_M.any()):
+            return pre_BM.new_zeros((), dtype=torch.float32)
+        w_M = W_dec_MD.norm(dim=1) if dead_M is None else W_dec_MD.norm(dim=1) * dead_M
+        return (F.relu(theta_M - pre_BM) * w_M).sum(-1).mean()
 
     @torch.no_grad()
     def constrain_weights(self) -> None:
