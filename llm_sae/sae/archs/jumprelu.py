@@ -22,9 +22,11 @@ if TYPE_CHECKING:
 
 SPARSITY_LOSSES = ("quadratic", "step", "tanh")
 _ALIASES = {"target": "quadratic", "l0": "step"}  # the names before the current recipe
-CONTROL_KI, CONTROL_KP, CONTROL_BOUND = 0.05, 2.0, 10.0
-"""The L0 controller's gains (``ops.control_l0``), per step on e = log(L0/target), and the
-bound on its integral."""
+CONTROL_KI, CONTROL_KP = 0.05, 2.0
+"""The L0 controller's gains (``ops.control_l0``), per step on e = log(L0/target)."""
+CONTROL_RANGE = (-2.0, 10.0)
+"""Its integral's range: step and tanh's coefficient stays within e^-2 to e^10 times
+l0_coef (tanh needs 50x on bench recovery; step ~1x), quadratic's aim within e^-10..e^2 T."""
 SPARSE_FRACTION = 8
 """The training forward runs sparse while no row has more than N / SPARSE_FRACTION pairs."""
 
@@ -227,7 +229,7 @@ class JumpReLUSAE(SAE):
         if not self.training or (self.mode == "quadratic" and self.progress < self.cfg.sparsity_warmup):
             return state.clone()
         with torch.no_grad():
-            return control_l0(state, l0, self.target, ki=CONTROL_KI, kp=CONTROL_KP, bound=CONTROL_BOUND)
+            return control_l0(state, l0, self.target, ki=CONTROL_KI, kp=CONTROL_KP, lo=CONTROL_RANGE[0], hi=CONTROL_RANGE[1])
 
     def pre_act_loss(self, pre_BM: Tensor, theta_M: Tensor, W_dec_MD: Tensor, dead_M: Tensor | None = None) -> Tensor:
         """Anthropic's pre-activation loss (January 2025), on the dead latents only as in
