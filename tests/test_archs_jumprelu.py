@@ -69,7 +69,7 @@ def test_unknown_sparsity_loss_fails_and_old_names_still_load():
 
 
 def test_pre_activation_loss_lifts_dead_latents_toward_their_threshold():
-    sae = make(init_threshold=5.0)  # nothing fires
+    sae = make(init_threshold=5.0, aux_coef=0.0)  # nothing fires; AuxK off
     dead_N = torch.ones(N, dtype=torch.bool)
     out = sae(torch.randn(64, D), dead_mask_N=dead_N)
     assert float(out.metrics["pre_act"]) > 0
