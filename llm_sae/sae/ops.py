@@ -85,3 +85,19 @@ class _FittedResidual(torch.autograd.Function):
         r_BD, fit_B1 = ctx.saved_tensors
         coef_B1 = fit_B1 * (g * (-2 * ctx.scale / max(1, r_BD.shape[0])))
         return None, r_BD * coef_B1, None
+
+
+def control_l0(state: Tensor, l0: Tensor, target: float, *, ki: float, kp: float, lo: float, hi: float) -> Tensor:
+    """One step of a PI controller on a log-scale knob u (a sparsity coefficient's log, or
+    how far below the target a quadratic loss aims) that lowers the batch L0 as u rises.
+
+    The error is e = log(L0/target), clipped to [−1, 1]: symmetric in ratio, so an L0 half
+    the target pulls as hard as one twice it. The integral ``state`` += ki·e is a buffer (a
+    resumed run continues from it), clamped to [lo, hi]: where the knob has lost its grip
+    (a coefficient so small that reconstruction alone moves the thresholds) it would
+    otherwise wind on, and take hundreds of steps to come back once the L0 turns. The
+    returned u = state + kp·e: the proportional part reacts within the step and damps the
+    overshoot an integral alone gives against thresholds that move about lr a step."""
+    e = (l0.detach().float() / target).clamp_min(1e-6).log().clamp(-1.0, 1.0)
+    state.add_(ki * e).clamp_(lo, hi)
+    return state + kp * e

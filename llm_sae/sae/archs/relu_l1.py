@@ -27,8 +27,8 @@ class ReLUL1Params:
     target_l0: float | None = None
     """relu_l1, and jumprelu with the step or tanh loss: tune the sparsity coefficient
     during training (starting from l1_coef / l0_coef) until the batch L0 is this, so every
-    architecture can be compared at one L0. jumprelu's quadratic loss aims at it directly
-    (default there: k)."""
+    architecture can be compared at one L0. jumprelu's quadratic loss aims at it directly,
+    its aim tuned likewise (default there: k)."""
 
 
 @register
