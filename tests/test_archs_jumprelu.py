@@ -136,9 +136,11 @@ def test_saves_with_log_threshold_still_load(tmp_path):
 
 @pytest.mark.parametrize("mode", ["quadratic", "step", "tanh"])
 @pytest.mark.parametrize("transcoder", [False, True])
-def test_sparse_training_forward_matches_the_dense_one_in_float64(mode, transcoder, monkeypatch):
+@pytest.mark.parametrize("relative", [False, True])
+def test_sparse_training_forward_matches_the_dense_one_in_float64(mode, transcoder, relative, monkeypatch):
     """Loss, metrics and every gradient (θ's straight-through one included) of the sparse
-    path equal the dense reference's, with some latents dead (the pre-activation loss)."""
+    path equal the dense reference's, with some latents dead (the pre-activation loss),
+    with the gate relative to the rows' norms (early training) and plain."""
     monkeypatch.setattr(jumprelu, "SPARSE_FRACTION", 1)  # sparse whatever the row counts
     torch.manual_seed(1)
     extra = {"d_out": 12, "skip": True} if transcoder else {}
@@ -148,7 +150,8 @@ def test_sparse_training_forward_matches_the_dense_one_in_float64(mode, transcod
         sae.threshold.uniform_(1.0, 2.0)
         if transcoder:
             sae.W_skip.normal_()
-    x_BD = torch.randn(64, D, dtype=torch.float64)
+    sae.set_progress(0.0 if relative else 1.0)
+    x_BD = torch.randn(64, D, dtype=torch.float64) * torch.linspace(0.3, 2.0, 64, dtype=torch.float64)[:, None]
     y = {"target_BE": torch.randn(64, 12, dtype=torch.float64)} if transcoder else {}
     dead_N = torch.zeros(256, dtype=torch.bool)
     dead_N[::5] = True
@@ -161,6 +164,9 @@ def test_sparse_training_forward_matches_the_dense_one_in_float64(mode, transcod
         outs.append(out)
         grads.append(torch.autograd.grad(out.loss, params, allow_unused=True))
     dense, sparse = outs
+    with torch.no_grad():  # the relative gate fires another set than the plain one
+        plain_N = (sae.pre_acts(x_BD) > sae.threshold).sum(0).float()
+    assert torch.equal(plain_N, dense.fired_N) != relative
     l0 = float(dense.metrics["l0"])
     assert 2 < l0 < 64  # the thresholds select
     assert torch.allclose(sparse.loss, dense.loss, rtol=1e-10)

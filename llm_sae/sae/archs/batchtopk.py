@@ -28,9 +28,10 @@ class BatchTopKParams:
     values), so a short window that follows the end of training beats a long one that
     still remembers its start."""
     relative_selection: float = 0.9
-    """batchtopk and matryoshka: for this fraction of training the batch-level top k·B
-    ranks each activation relative to its row's input norm, then plain BatchTopK to the
-    end (whose cut-off the inference threshold follows); 0 = plain throughout. Plainly
+    """batchtopk, matryoshka and jumprelu: for this fraction of training the batch-level
+    top k·B ranks each activation relative to its row's input norm (jumprelu: its gate
+    compares pre-activation / relative row norm with θ), then plain BatchTopK (JumpReLU)
+    to the end, which inference runs; 0 = plain throughout. Plainly
     ranked, rows with large norms take most of the budget, latents that would align
     with the features of the other rows never reach the cut-off, and learning stalls:
     ``llm-sae bench recovery`` recovered 33% of the planted features at 1M tokens, 83%
