@@ -110,6 +110,7 @@ class JumpReLUSAE(SAE):
     """
 
     arch = "jumprelu"
+    default_aux_coef = 1.0
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
