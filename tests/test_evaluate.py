@@ -244,3 +244,25 @@ def test_identity_reconstruction_is_perfect_on_store_tail(tiny_store):
     assert e["reconstruction"]["cosine"] == pytest.approx(1.0)
     assert e["reconstruction"]["shrinkage"] == pytest.approx(1.0)
     assert "amortization" not in e and "downstream" not in rep
+
+
+def test_transcoder_and_clt_runs_without_a_usable_train_cfg_are_one_line_errors(tmp_path):
+    """A folder with no train_cfg.json, or one naming no complete pairs / no stores, is an
+    EvalError naming the file and the fix, not a traceback."""
+    import json
+
+    from llm_sae.evaluate.clt import _pairs
+    from llm_sae.evaluate.config import EvalError
+    from llm_sae.evaluate.transcoders import _stores
+
+    for read, fix in ((_pairs, "train-clt trained into"), (_stores, "run folder llm-sae train wrote")):
+        with pytest.raises(EvalError, match=f"train_cfg.json.*{fix}") as e:
+            read(tmp_path)
+        assert "\n" not in str(e.value)
+    (tmp_path / "train_cfg.json").write_text(json.dumps({"pairs": [{"store": "a"}], "store": str(tmp_path / "none")}))
+    with pytest.raises(EvalError, match="no complete pairs"):
+        _pairs(tmp_path)
+    from llm_sae.errors import LlmSaeError
+
+    with pytest.raises(LlmSaeError, match="store"):  # the store it names is missing: the store's own error
+        _stores(tmp_path)

@@ -10,7 +10,6 @@ replacement model), with and without the clean run's error term.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 
 from llm_sae.config import to_dict
-from llm_sae.evaluate.config import EvalConfig, EvalError
+from llm_sae.evaluate.config import EvalConfig, EvalError, from_train_cfg
 from llm_sae.evaluate.downstream import eval_contexts
 from llm_sae.evaluate.replacement import CLTLayer, Splice, replacement_metrics
 from llm_sae.evaluate.stats import ReconstructionStats
@@ -32,16 +31,16 @@ def is_clt_dir(path: str | Path) -> bool:
 
 
 def _pairs(run_dir: str | Path) -> list[dict[str, str]]:
-    try:
-        pairs = json.loads((Path(run_dir) / "train_cfg.json").read_text())["pairs"]
+    def read(cfg: dict[str, Any]) -> list[dict[str, str]]:
+        pairs = cfg["pairs"]
         if not pairs or not all({"store", "target_store", "in_hook", "out_hook"} <= set(p) for p in pairs):
             raise ValueError("no complete pairs")
         return pairs
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise EvalError(
-            f"cross-layer transcoder {run_dir} needs the train_cfg.json llm-sae train-clt wrote, naming "
-            f"each layer's stores and hooks ({e}); evaluate the folder train-clt trained into"
-        ) from None
+
+    return from_train_cfg(
+        run_dir, read, "the cross-layer transcoder's train_cfg.json llm-sae train-clt wrote, naming "
+        "each layer's stores and hooks", "evaluate the folder train-clt trained into",
+    )
 
 
 @torch.no_grad()

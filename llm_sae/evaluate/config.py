@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 from llm_sae.errors import LlmSaeError
 
@@ -71,3 +75,16 @@ class EvalConfig:
     """Torch device: auto (cuda if available), cpu, cuda, ..."""
     progress: bool = True
     """Show progress bars."""
+
+
+T = TypeVar("T")
+
+
+def from_train_cfg(run_dir: str | Path, read: Callable[[dict[str, Any]], T], needs: str, fix: str) -> T:
+    """``read`` applied to the train_cfg.json of ``run_dir``; a missing or unusable file (or
+    what ``read`` raises on it: OSError, ValueError, KeyError, TypeError) is one EvalError
+    saying the run ``needs`` it, why, and the ``fix``."""
+    try:
+        return read(json.loads((Path(run_dir) / "train_cfg.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EvalError(f"{run_dir} needs {needs} ({e}); {fix}") from None

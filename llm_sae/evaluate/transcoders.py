@@ -8,15 +8,13 @@ Each run names its own pair of stores in its train_cfg.json, so no ``--store`` i
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from llm_sae.config import to_dict
-from llm_sae.evaluate.config import EvalConfig, EvalError
+from llm_sae.evaluate.config import EvalConfig, EvalError, from_train_cfg
 from llm_sae.evaluate.downstream import eval_contexts
 from llm_sae.evaluate.replacement import Replacement, replacement_from_run, replacement_metrics
 from llm_sae.evaluate.stats import ReconstructionStats
@@ -25,14 +23,11 @@ from llm_sae.evaluate.stats import ReconstructionStats
 def _stores(run_dir: str) -> tuple[Any, Any]:
     from llm_sae.store.store import open_store
 
-    try:
-        cfg = json.loads((Path(run_dir) / "train_cfg.json").read_text())
-        return open_store(cfg["store"]), open_store(cfg["target_store"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise EvalError(
-            f"transcoder {run_dir} needs its train_cfg.json naming --store and --target-store, "
-            f"and both stores ({e}); evaluate a transcoder from the run folder llm-sae train wrote"
-        ) from None
+    return from_train_cfg(
+        run_dir, lambda cfg: (open_store(cfg["store"]), open_store(cfg["target_store"])),
+        "the transcoder's train_cfg.json naming --store and --target-store, and both stores",
+        "evaluate a transcoder from the run folder llm-sae train wrote",
+    )
 
 
 @torch.no_grad()
