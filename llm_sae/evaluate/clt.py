@@ -18,8 +18,7 @@ import torch
 
 from llm_sae.config import to_dict
 from llm_sae.evaluate.config import EvalConfig, EvalError, from_train_cfg
-from llm_sae.evaluate.downstream import eval_contexts
-from llm_sae.evaluate.replacement import CLTLayer, Splice, replacement_metrics
+from llm_sae.evaluate.replacement import CLTLayer, Splice, add_replacement
 from llm_sae.evaluate.stats import ReconstructionStats
 
 CLT_FILE = "clt.safetensors"
@@ -92,10 +91,6 @@ def evaluate_clt(run_dir: str, cfg: EvalConfig, *, device: Any) -> dict[str, Any
         check_hooks(model, sorted({*in_hooks, *(p["out_hook"] for p in pairs)}), model_name)
         reps: dict[str, Splice] = {
             names[t]: CLTLayer(clt, t, in_hooks, pairs[t]["out_hook"]) for t in range(L)}
-        contexts_CL, info = eval_contexts(xs[0], model.tokenizer, cfg, getattr(model.cfg, "n_ctx", None))
-        rep = replacement_metrics(model, reps, contexts_CL, batch_size=cfg.model_batch_size)
-        report["replacement"] = {**rep, "text": info}
-        for nm in names:
-            report["saes"][nm]["replacement"] = rep["replaced"][nm]
+        add_replacement(report, model, reps, xs[0], cfg)
     report["per_feature"] = {}
     return report

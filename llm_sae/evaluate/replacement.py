@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from llm_sae.evaluate.config import EvalError
+from llm_sae.evaluate.downstream import eval_contexts
 
 
 class Splice(Protocol):
@@ -208,3 +209,13 @@ def _splice(pairs: list[tuple[Splice, Tensor | None]]) -> list[tuple[str, Any]]:
 
         fwd.append((rep.out_hook, put))
     return fwd
+
+
+def add_replacement(report: dict[str, Any], model: Any, reps: dict[str, Splice], store: Any, cfg: Any) -> None:
+    """The replacement model on ``cfg``'s evaluation contexts (the text after ``store``'s):
+    ``report["replacement"]`` and each replaced run's ``report["saes"][name]["replacement"]``."""
+    contexts_CL, info = eval_contexts(store, model.tokenizer, cfg, getattr(model.cfg, "n_ctx", None))
+    rep = replacement_metrics(model, reps, contexts_CL, batch_size=cfg.model_batch_size)
+    report["replacement"] = {**rep, "text": info}
+    for name in reps:
+        report["saes"][name]["replacement"] = rep["replaced"][name]

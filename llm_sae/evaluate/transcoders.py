@@ -15,8 +15,7 @@ import torch
 
 from llm_sae.config import to_dict
 from llm_sae.evaluate.config import EvalConfig, EvalError, from_train_cfg
-from llm_sae.evaluate.downstream import eval_contexts
-from llm_sae.evaluate.replacement import Replacement, replacement_from_run, replacement_metrics
+from llm_sae.evaluate.replacement import Replacement, add_replacement, replacement_from_run
 from llm_sae.evaluate.stats import ReconstructionStats
 
 
@@ -67,10 +66,6 @@ def evaluate_transcoders(saes: dict[str, tuple[str, Any]], cfg: EvalConfig, *, d
             raise EvalError(f"the store at {first_in.path} does not name its model; pass --model, or --no-downstream")
         model = load_model(model_name, device=str(device))
         check_hooks(model, sorted({h for r in reps.values() for h in (r.in_hook, r.out_hook)}), model_name)
-        contexts_CL, info = eval_contexts(first_in, model.tokenizer, cfg, getattr(model.cfg, "n_ctx", None))
-        rep = replacement_metrics(model, reps, contexts_CL, batch_size=cfg.model_batch_size)
-        report["replacement"] = {**rep, "text": info}
-        for name in saes:
-            report["saes"][name]["replacement"] = rep["replaced"][name]
+        add_replacement(report, model, reps, first_in, cfg)
     report["per_feature"] = {}
     return report
