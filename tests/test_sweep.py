@@ -4,9 +4,6 @@ after SIGKILL, name their folders from their specs, and refuse what cannot be on
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from llm_sae.config import ConfigError
 from llm_sae.train.config import TrainConfig
 from llm_sae.train.run import train
 from llm_sae.train.sweep import sweep_configs, sweep_names, train_sweep
-from tests.test_train import B, make_store, run_cli
+from tests.test_train import B, make_store, run_cli, sigkill_after
 from tests.test_transcoder import pair_dirs  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,14 +81,8 @@ def test_sweep_exact_resume_after_sigkill(store_dir, tmp_path):
     p = run_cli(argv(ref))
     assert p.wait(timeout=120) == 0, p.stderr.read()
     p = run_cli(argv(killed), {"LLM_SAE_TEST_STEP_SLEEP": "0.01"})
-    deadline = time.time() + 120
-    while not (killed / "topk-k8" / "checkpoint" / "meta.json").exists():
-        assert p.poll() is None, p.stderr.read()
-        assert time.time() < deadline
-        time.sleep(0.02)
-    time.sleep(0.25)  # somewhere after the first checkpoints, maybe inside the next ones
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    # Somewhere after the first checkpoints, maybe inside the next ones.
+    sigkill_after(p, killed / "topk-k8" / "checkpoint" / "meta.json", 0.25)
     assert not json.loads((killed / "sweep.json").read_text())["complete"]
     assert not (killed / "topk-k2" / "sae.safetensors").exists()
     p = run_cli(argv(killed))  # the same command resumes every SAE

@@ -185,6 +185,19 @@ def run_cli(argv: list[str], env_extra: dict[str, str] | None = None) -> subproc
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def sigkill_after(p: subprocess.Popen, marker: Path, settle: float) -> None:
+    """SIGKILL ``p`` ``settle`` seconds after ``marker`` appears (it must, within 120 s,
+    and ``p`` must still be running then)."""
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert p.poll() is None, p.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(settle)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+
+
 def test_train_from_store_saves_folded_sae(store_dir, tmp_path):
     cfg = TrainConfig(store=str(store_dir), out=str(tmp_path / "o"), arch="topk", n_latents=N, k=K,
                       tokens=200 * B, batch_size=B, log_every=50, device="cpu")
@@ -212,14 +225,7 @@ def test_exact_resume_after_sigkill(store_dir, tmp_path):
 
     # Slow the second run down so it is certainly mid-way when the kill lands.
     p = run_cli(train_args(store_dir, killed), {"LLM_SAE_TEST_STEP_SLEEP": "0.03"})
-    deadline = time.time() + 120
-    while not (killed / "checkpoint" / "meta.json").exists():
-        assert p.poll() is None, p.stderr.read()
-        assert time.time() < deadline
-        time.sleep(0.02)
-    time.sleep(0.3)  # land somewhere after the checkpoint, maybe inside the next one
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    sigkill_after(p, killed / "checkpoint" / "meta.json", 0.3)  # after the checkpoint, maybe inside the next
     assert not (killed / "sae.safetensors").exists()
     from llm_sae.train.checkpoint import find_checkpoint, read_checkpoint_meta
 
