@@ -101,3 +101,13 @@ def control_l0(state: Tensor, l0: Tensor, target: float, *, ki: float, kp: float
     e = (l0.detach().float() / target).clamp_min(1e-6).log().clamp(-1.0, 1.0)
     state.add_(ki * e).clamp_(lo, hi)
     return state + kp * e
+
+
+def relative_row_scale(sae: torch.nn.Module, xin_BD: Tensor) -> Tensor | None:
+    """[B]: each row's input norm over the batch's mean while ``sae`` trains with ``progress``
+    < ``cfg.relative_selection`` (BatchTopK's ranking and JumpReLU's gate divide each
+    row's pre-activations by it), else None: the plain rule inference runs."""
+    if not sae.training or sae.progress >= sae.cfg.relative_selection:
+        return None
+    n_B = xin_BD.detach().norm(dim=1)
+    return (n_B / n_B.mean().clamp_min(1e-12)).clamp_min(1e-3)

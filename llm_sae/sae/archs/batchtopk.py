@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -11,7 +13,7 @@ from torch import Tensor
 
 from llm_sae.kernels.batch_topk import batch_topk_decodes
 from llm_sae.sae.base import SAE, ForwardOutput
-from llm_sae.sae.ops import update_ema
+from llm_sae.sae.ops import relative_row_scale, update_ema
 from llm_sae.sae.registry import register
 
 if TYPE_CHECKING:
@@ -58,11 +60,26 @@ class BatchTopKSAE(SAE):
         self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not yet estimated
 
     def row_scale(self, xin_BD: Tensor) -> Tensor | None:
-        """What the training selection divides each row's activations by: its input's
-        norm while ``progress`` < ``relative_selection``, else None (plain BatchTopK)."""
-        if not self.training or self.progress >= self.cfg.relative_selection:
-            return None
-        return xin_BD.detach().float().norm(dim=1).clamp_min(1e-6)
+        """What the training selection divides each row's activations by (the relative
+        phase, in float32), else None (plain BatchTopK): ``ops.relative_row_scale``."""
+        s_B = relative_row_scale(self, xin_BD)
+        return None if s_B is None else s_B.float()
+
+    @contextlib.contextmanager
+    def dense_selection(self, xin_BD: Tensor) -> Iterator[None]:
+        """Within it, the dense ``activate`` selects as ``forward`` does on ``xin_BD``'s rows
+        (relative to their norms in the relative phase)."""
+        self._row_scale_B = self.row_scale(xin_BD)
+        try:
+            yield
+        finally:
+            self._row_scale_B = None
+
+    def follow_cut(self, cut: Tensor) -> None:
+        """The inference threshold's running average takes a batch's (positive) cut-off."""
+        with torch.no_grad():
+            if cut > 0:
+                update_ema(self.threshold, cut, self.cfg.threshold_momentum)
 
     def activate(self, pre_BN: Tensor) -> Tensor:
         z_BN = F.relu(pre_BN)
@@ -83,8 +100,7 @@ class BatchTopKSAE(SAE):
             else:
                 kept = z_BN[z_BN > 0]
                 cut = kept.min() if kept.numel() else z_BN.new_zeros(())
-            if cut > 0:
-                update_ema(self.threshold, cut, self.cfg.threshold_momentum)
+        self.follow_cut(cut)
         return z_BN
 
     def forward_dense(
@@ -93,11 +109,8 @@ class BatchTopKSAE(SAE):
     ) -> ForwardOutput:
         """The dense [B, N] reference of ``forward`` (the base class's, with the same
         selection)."""
-        self._row_scale_B = self.row_scale(self.centered(x_BD))
-        try:
+        with self.dense_selection(self.centered(x_BD)):
             return SAE.forward(self, x_BD, target_BE=target_BE, dead_mask_N=dead_mask_N, aux=aux)
-        finally:
-            self._row_scale_B = None
 
     @torch.no_grad()
     def init_from_sample(self, x_BD: Tensor) -> None:
@@ -112,11 +125,10 @@ class BatchTopKSAE(SAE):
         self.train()
         xs_BD = x_BD[: max(64, min(4096, (1 << 26) // self.n_latents))].to(self.W_enc.dtype)
         xin_BD = self.centered(xs_BD)
-        self._row_scale_B = self.row_scale(xin_BD)
         try:
-            dec_BD = self.activate(self.pre_acts(xs_BD)) @ self.W_dec
+            with self.dense_selection(xin_BD):
+                dec_BD = self.activate(self.pre_acts(xs_BD)) @ self.W_dec
         finally:
-            self._row_scale_B = None
             self.train(was)
         den = (dec_BD * dec_BD).sum()
         scale = float((xin_BD * dec_BD).sum() / den) if den > 0 else 0.0
@@ -137,9 +149,7 @@ class BatchTopKSAE(SAE):
         (dec_BE,), vals_VJ, idx_VJ, cut = batch_topk_decodes(
             xin_BD, self.W_enc, self.b_enc, self.W_dec, self.cfg.k, [self.n_latents], self.row_scale(xin_BD)
         )
-        with torch.no_grad():
-            if cut > 0:
-                update_ema(self.threshold, cut, self.cfg.threshold_momentum)
+        self.follow_cut(cut)
         x_hat_BD = self.add_skip(dec_BE + self.b_dec, x_BD)
         fired_VJ = (vals_VJ > 0).float()
         fired_N = torch.zeros(self.n_latents, device=x_BD.device).index_add_(

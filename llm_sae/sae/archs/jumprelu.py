@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from llm_sae.config import ConfigError
 from llm_sae.kernels.topk import pair_pre_acts
 from llm_sae.sae.base import SAE, ForwardOutput
-from llm_sae.sae.ops import control_l0, dead_rows, decode_sparse, warmup
+from llm_sae.sae.ops import control_l0, dead_rows, decode_sparse, relative_row_scale, warmup
 from llm_sae.sae.registry import register
 
 if TYPE_CHECKING:
@@ -201,16 +201,14 @@ class JumpReLUSAE(SAE):
                             target_BE=target_BE)
 
     def row_scale(self, xin_BD: Tensor) -> Tensor | None:
-        """[B, 1] or None: what a row's pre-activations are divided by before the gate. While
-        ``progress`` < ``relative_selection``, the row's input norm over the batch's mean
-        (θ keeps its units): the gate is relative to the row's norm, as BatchTopK's ranking
-        is, so the L0 target is not met by cutting the small rows' features while the
-        large rows' interference fires (``bench recovery``: 30% recovered, 25% dead at
-        1M tokens, against 81% and 0.7%). Then None: the plain JumpReLU that inference runs."""
-        if not self.training or self.progress >= self.cfg.relative_selection:
-            return None
-        n_B = xin_BD.detach().norm(dim=1)
-        return (n_B / n_B.mean().clamp_min(1e-12)).clamp_min(1e-3)[:, None]
+        """[B, 1] or None: what a row's pre-activations are divided by before the gate
+        (``ops.relative_row_scale``, θ keeps its units): early in training the gate is
+        relative to the row's norm, as BatchTopK's ranking is, so the L0 target is not met
+        by cutting the small rows' features while the large rows' interference fires
+        (``bench recovery``: 30% recovered, 25% dead at 1M tokens, against 81% and 0.7%).
+        Then None: the plain JumpReLU that inference runs."""
+        s_B = relative_row_scale(self, xin_BD)
+        return None if s_B is None else s_B[:, None]
 
     @property
     def controlled(self) -> bool:

@@ -12,7 +12,6 @@ from llm_sae.config import ConfigError
 from llm_sae.kernels.batch_topk import batch_topk_decodes
 from llm_sae.sae.archs.batchtopk import BatchTopKSAE
 from llm_sae.sae.base import ForwardOutput
-from llm_sae.sae.ops import update_ema
 from llm_sae.sae.registry import register
 
 if TYPE_CHECKING:
@@ -70,9 +69,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         dec_LBE, vals_VJ, idx_VJ, cut = batch_topk_decodes(
             xin_BD, self.W_enc, self.b_enc, self.W_dec, self.cfg.k, self.widths, self.row_scale(xin_BD)
         )
-        with torch.no_grad():  # BatchTopK's running cut-off, as its train_activate keeps it
-            if cut > 0:
-                update_ema(self.threshold, cut, self.cfg.threshold_momentum)
+        self.follow_cut(cut)  # BatchTopK's running cut-off, as its train_activate keeps it
         fired_VJ = (vals_VJ > 0).float()
         fired_N = torch.zeros(self.n_latents, device=x_BD.device).index_add_(0, idx_VJ.flatten(), fired_VJ.flatten())
         l0 = fired_VJ.sum() / x_BD.shape[0]
@@ -84,11 +81,8 @@ class MatryoshkaSAE(BatchTopKSAE):
     ) -> ForwardOutput:
         """The reference path (and evaluation's): dense [B, N] latents, each level's
         decode a dense product with its slice of the dictionary."""
-        self._row_scale_B = self.row_scale(self.centered(x_BD))
-        try:
+        with self.dense_selection(self.centered(x_BD)):
             z_BN = self.train_activate(self.pre_acts(x_BD))
-        finally:
-            self._row_scale_B = None
         lo, decodes = 0, []
         for w in self.widths:
             decodes.append(z_BN[:, lo:w] @ self.W_dec[lo:w])
