@@ -63,3 +63,34 @@ def test_encoder_starts_at_the_least_squares_scale_of_the_first_selection(arch):
     W1 = tc.W_enc.detach().clone()
     tc.init_from_sample(xs_BD)
     assert torch.equal(tc.W_enc, W1)
+
+
+def test_relative_power_fades_linearly_around_relative_selection():
+    from llm_sae.sae.ops import relative_power
+
+    assert [relative_power(p, 0.9, 0.2) for p in (0.0, 0.8, 0.85, 0.9, 0.95, 1.0)] == pytest.approx(
+        [1.0, 1.0, 0.75, 0.5, 0.25, 0.0])
+    assert [relative_power(p, 0.9, 0.0) for p in (0.0, 0.899, 0.9)] == [1.0, 1.0, 0.0]  # a switch
+    assert relative_power(0.0, 0.0, 0.2) == 0.0  # 0: plain throughout
+
+
+def test_row_scale_is_the_relative_norm_to_the_fading_power():
+    sae = REGISTRY["batchtopk"](SAEConfig(arch="batchtopk", d_in=8, n_latents=32, k=2).resolved()).train()
+    x_BD = torch.randn(16, 8) * torch.linspace(0.5, 3, 16)[:, None]
+    rel_B = x_BD.norm(dim=1) / x_BD.norm(dim=1).mean()
+    sae.set_progress(0.5)
+    torch.testing.assert_close(sae.row_scale(x_BD), rel_B)
+    sae.set_progress(0.95)  # 0.25 of the way from the fade's end
+    torch.testing.assert_close(sae.row_scale(x_BD), rel_B.pow(0.25))
+    sae.set_progress(1.0)
+    assert sae.row_scale(x_BD) is None
+    sae.eval().set_progress(0.5)
+    assert sae.row_scale(x_BD) is None  # inference is plain
+
+
+def test_bad_relative_settings_fail_with_config_error():
+    from llm_sae.config import ConfigError
+
+    for kw in ({"relative_selection": 1.5}, {"relative_fade": -0.1}):
+        with pytest.raises(ConfigError, match="relative_selection must be in"):
+            SAEConfig(arch="batchtopk", d_in=8, n_latents=32, k=2, **kw).resolved()

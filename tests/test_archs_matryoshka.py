@@ -31,17 +31,27 @@ def test_bad_widths_fail_with_config_error(widths):
         make(matryoshka_widths=widths)
 
 
-def test_loss_is_the_sum_of_every_prefix_reconstruction():
-    sae = make(matryoshka_widths=[8, 32])
+@pytest.mark.parametrize("weight", [None, 1.0, 0.0, 0.3])
+def test_loss_is_the_whole_reconstruction_plus_weighted_inner_prefixes(weight):
+    sae = make(matryoshka_widths=[8, 32], matryoshka_inner_weight=weight)
     x_BD = torch.randn(32, D)
     out = sae(x_BD)
     with torch.no_grad():
         z_BN = sae.train_activate(sae.pre_acts(x_BD))  # the same batch: the same selection
-        want = sum(
-            (x_BD - z_BN[:, :w] @ sae.W_dec[:w] - sae.b_dec).pow(2).sum(-1).mean() for w in (8, 32, 64)
-        )
-    assert torch.allclose(out.loss, want, rtol=1e-5)
+        err = [(x_BD - z_BN[:, :w] @ sae.W_dec[:w] - sae.b_dec).pow(2).sum(-1).mean() for w in (8, 32, 64)]
+    w = 0.5 if weight is None else weight  # the default
+    assert torch.allclose(out.loss, err[2] + w * (err[0] + err[1]), rtol=1e-5)
     assert torch.allclose(out.x_hat_BD, z_BN @ sae.W_dec + sae.b_dec, atol=1e-5)
+
+
+def test_inner_weight_default_is_written_and_negative_refused():
+    from llm_sae.sae.config import SAEConfig
+
+    cfg = SAEConfig(arch="matryoshka", d_in=D, n_latents=N, k=K).resolved()
+    assert cfg.matryoshka_inner_weight == 0.5  # so cfg.json and checkpoints record it
+    assert SAEConfig(arch="topk", d_in=D, n_latents=N, k=K).resolved().matryoshka_inner_weight is None
+    with pytest.raises(ConfigError, match="matryoshka_inner_weight"):
+        SAEConfig(arch="matryoshka", d_in=D, n_latents=N, k=K, matryoshka_inner_weight=-1.0).resolved()
 
 
 def test_each_levels_dead_latents_model_that_levels_residual():

@@ -86,10 +86,11 @@ def loss_and_grads(sae, x_BD, dead_N, forward):
     return out, grads
 
 
-@pytest.mark.parametrize("progress", [1.0, 0.0])
+@pytest.mark.parametrize("progress", [1.0, 0.0, 0.9])
 @pytest.mark.parametrize("n_dead", [0, 9])
 def test_sparse_batchtopk_equals_dense_in_float64(n_dead, progress):
-    """Both phases: the selection relative to the rows' norms (progress 0), then plain."""
+    """Every phase: the selection relative to the rows' norms (progress 0), half-way
+    through the fade to plain (0.9: the norm to the power 0.5), then plain."""
     torch.manual_seed(0)
     sae = REGISTRY["batchtopk"](SAEConfig(d_in=D, n_latents=N, k=K, aux_k=8)).double().train()
     sae.set_progress(progress)

@@ -309,3 +309,48 @@ def test_checkpoint_holds_no_pickle_and_a_pickled_one_cannot_run_code(store_dir,
     with pytest.raises(CheckpointError, match="cannot restore"):
         train(TrainConfig(**{**base, "tokens": 40 * B}))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(("arch", "key", "default"), [("matryoshka", "matryoshka_inner_weight", 0.5),
+                                                      ("batchtopk", "relative_fade", 0.2)])
+def test_checkpoint_from_before_a_setting_existed_resumes_only_at_its_old_value(tmp_path, arch, key, default):
+    """A checkpoint written before a training setting existed trained at the value the
+    setting names as legacy (LEGACY_DEFAULTS): resuming it under the new default would
+    change its training mid-run, so it is refused, naming both values."""
+    from llm_sae.train.checkpoint import LEGACY_DEFAULTS
+
+    def trainer(**kw):
+        cfg = TrainConfig(store="", out="", arch=arch, n_latents=64, k=4, tokens=64 * 4, batch_size=64, **kw)
+        torch.manual_seed(0)
+        return Trainer(build_sae(cfg, 16), cfg, total_steps=4)
+
+    old_value = LEGACY_DEFAULTS[key]
+    old = trainer(**{key: old_value})
+    old.step(torch.randn(64, 16))
+    old.save_checkpoint(tmp_path / "ckpt")
+    meta_path = tmp_path / "ckpt" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["sae"][key]  # as a release before the setting wrote it
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"{key}={old_value} but this run has {key}={default}"):
+        trainer().load_checkpoint(tmp_path / "ckpt")
+    resumed = trainer(**{key: old_value})
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    assert resumed.step_idx == 1
+
+
+def test_checkpoint_without_a_setting_its_architecture_does_not_use_resumes(tmp_path):
+    """TopK has no relative ranking (relative_fade None): its checkpoints from before the
+    setting existed resume as they are."""
+    cfg = TrainConfig(store="", out="", arch="topk", n_latents=64, k=4, tokens=64 * 4, batch_size=64)
+    torch.manual_seed(0)
+    old = Trainer(build_sae(cfg, 16), cfg, total_steps=4)
+    old.step(torch.randn(64, 16))
+    old.save_checkpoint(tmp_path / "ckpt")
+    meta_path = tmp_path / "ckpt" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["sae"].pop("relative_fade") is None
+    meta_path.write_text(json.dumps(meta))
+    resumed = Trainer(build_sae(cfg, 16), cfg, total_steps=4)
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    assert resumed.step_idx == 1

@@ -50,6 +50,9 @@ class SAE(nn.Module):
     """Keep dictionary rows at unit norm (gradient projection + renormalisation)."""
     default_aux_coef: ClassVar[float] = 1 / 32
     """The AuxK weight unless ``--aux-coef`` says otherwise."""
+    default_relative_fade: ClassVar[float | None] = None
+    """``relative_fade`` unless set: a number for the architectures whose training ranks
+    relative to the row norm (``ops.relative_row_scale``), else None (unused)."""
     default_dead_latents: ClassVar[str] = "auxk"
     """What the trainer does about dead latents unless told: auxk, resample or none."""
     homogeneous: ClassVar[bool] = True
@@ -84,7 +87,8 @@ class SAE(nn.Module):
     # ----------------------------------------------------------------- hooks for subclasses
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
-        """ConfigError for values of this architecture's parameters it cannot use."""
+        """ConfigError for values of this architecture's parameters it cannot use; may fill
+        in the architecture's defaults of parameters left None (``SAEConfig.resolved``)."""
 
     def activate(self, pre_BN: Tensor) -> Tensor:
         """Dense latents from pre-activations (batch-level rules only in training mode)."""

@@ -68,6 +68,13 @@ class SAEConfig(*reversed(PARAMS), CommonParams):  # type: ignore[misc]
             )
         if cfg.aux_coef is None:
             cfg.aux_coef = REGISTRY[cfg.arch].default_aux_coef
+        if cfg.relative_fade is None:
+            cfg.relative_fade = REGISTRY[cfg.arch].default_relative_fade
+        if not 0 <= cfg.relative_selection <= 1 or (cfg.relative_fade or 0) < 0:
+            raise ConfigError(
+                f"relative_selection must be in [0, 1] and relative_fade >= 0, got "
+                f"{cfg.relative_selection} and {cfg.relative_fade}"
+            )
         if cfg.d_out is not None and cfg.d_out <= 0:
             raise ConfigError(f"d_out must be positive, got {cfg.d_out}")
         if cfg.skip and cfg.d_out is None:

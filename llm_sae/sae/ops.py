@@ -103,11 +103,29 @@ def control_l0(state: Tensor, l0: Tensor, target: float, *, ki: float, kp: float
     return state + kp * e
 
 
+def relative_power(progress: float, middle: float, fade: float | None) -> float:
+    """The row norm's power in the relative ranking at ``progress`` (a fraction of
+    training): 1 until ``fade``/2 before ``middle``, 0 from ``fade``/2 after it, linear
+    between (``fade`` 0 or None: a switch at ``middle``); 0 throughout when ``middle`` is 0."""
+    if middle <= 0 or progress >= middle + (fade or 0) / 2:
+        return 0.0
+    if not fade:
+        return 1.0
+    return min(1.0, 0.5 + (middle - progress) / fade)
+
+
 def relative_row_scale(sae: torch.nn.Module, xin_BD: Tensor) -> Tensor | None:
-    """[B]: each row's input norm over the batch's mean while ``sae`` trains with ``progress``
-    < ``cfg.relative_selection`` (BatchTopK's ranking and JumpReLU's gate divide each
-    row's pre-activations by it), else None: the plain rule inference runs."""
-    if not sae.training or sae.progress >= sae.cfg.relative_selection:
+    """[B]: each row's input norm over the batch's mean, to the power ``relative_power``,
+    while ``sae`` trains and that power is positive (BatchTopK's ranking and JumpReLU's
+    gate divide each row's pre-activations by it), else None: the plain rule inference
+    runs."""
+    if not sae.training:
+        return None
+    fade = sae.cfg.relative_fade
+    alpha = relative_power(sae.progress, sae.cfg.relative_selection,
+                           type(sae).default_relative_fade if fade is None else fade)
+    if alpha <= 0:
         return None
     n_B = xin_BD.detach().norm(dim=1)
-    return (n_B / n_B.mean().clamp_min(1e-12)).clamp_min(1e-3)
+    s_B = (n_B / n_B.mean().clamp_min(1e-12)).clamp_min(1e-3)
+    return s_B if alpha == 1 else s_B.pow(alpha)

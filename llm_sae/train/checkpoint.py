@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 FORMAT = 2
 STATE = "state.safetensors"
+LEGACY_DEFAULTS = {"matryoshka_inner_weight": 1.0, "relative_fade": 0.0}
+"""SAE settings a checkpoint written before they existed trained with: resuming one
+under another value is refused like any other changed setting."""
 LEGACY_STATE = "state.pt"  # release 0.1: a pickle, read with weights_only=True
 COUNTERS = ("step_idx", "batches_seen", "tokens", "skipped_batches", "skipped_rows",
             "last_resample_tokens", "n_resampled", "input_scale", "target_scale")
@@ -198,10 +201,12 @@ def load_checkpoint(tr: Trainer, path: str | Path) -> None:
     # Every SAE setting, not only the widths: resuming (or rerunning a finished run) with
     # another --k would otherwise write cfg.json with the new k over weights trained with
     # the old one.
-    for key in ("arch", "d_in", "n_latents", *sorted(k for k in mine if k in saved)):
-        if saved.get(key) != mine[key]:
+    legacy_keys = sorted(k for k in LEGACY_DEFAULTS if k not in saved and mine.get(k) is not None)
+    for key in ("arch", "d_in", "n_latents", *sorted(k for k in mine if k in saved), *legacy_keys):
+        if saved.get(key, LEGACY_DEFAULTS.get(key)) != mine[key]:
             raise CheckpointError(
-                f"checkpoint {path} has {key}={saved.get(key)} but this run has {key}={mine[key]}; "
+                f"checkpoint {path} has {key}={saved.get(key, LEGACY_DEFAULTS.get(key))} but this run "
+                f"has {key}={mine[key]}; "
                 "use the original settings, another --out, or --no-resume to start over"
             )
     try:

@@ -111,6 +111,7 @@ class JumpReLUSAE(SAE):
 
     arch = "jumprelu"
     default_aux_coef = 1.0
+    default_relative_fade = 0.2
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
