@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,6 +224,31 @@ def test_cli_end_to_end_writes_report_table_and_png(tiny_store, tmp_path, capsys
     assert len(feats["sae_k2"]["lifetime_sparsity"]) == 64
     w, h, raw = _read_png((out / "frontier.png").read_bytes())
     assert w == 1000 and len(set(raw)) > 2  # something was drawn
+
+
+def test_without_store_evaluates_on_the_store_the_saes_record_else_one_line_error(tiny_store, tmp_path, capsys):
+    """A sweep trained from a store records it (train_cfg.json): eval needs no --store then.
+    SAEs that record none, different ones, or one that is gone are refused, naming why."""
+    from llm_sae.cli import main
+
+    def sae_dir(name, store):
+        d = _topk(d=32, n=64, k=2, seed=0).save(tmp_path / name)
+        if store is not None:
+            (d / "train_cfg.json").write_text(json.dumps({"store": str(store), "arch": "topk"}))
+        return str(d)
+
+    flags = ["--eval-rows", "100", "--no-amortization", "--no-downstream", "--no-progress"]
+    a, b = sae_dir("a", tiny_store), sae_dir("b", tiny_store)
+    assert main(["eval", "--sae", a, "--sae", b, "--out", str(tmp_path / "ev"), *flags]) == 0
+    assert "using the store the SAEs were trained on" in capsys.readouterr().err
+    rep = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert Path(rep["store"]) == Path(tiny_store) and set(rep["saes"]) == {"a", "b"}
+    for dirs, why in (([a, sae_dir("c", None)], "not every SAE records"),
+                      ([a, sae_dir("d", tmp_path / "elsewhere")], "trained on different stores"),
+                      ([sae_dir("e", tmp_path / "gone")], "no longer there")):
+        assert main(["eval", *[f for d in dirs for f in ("--sae", d)], "--out", str(tmp_path / why[:3]), *flags]) != 0
+        err = capsys.readouterr().err
+        assert "give --store DIR" in err and why in err and len(err.strip().splitlines()) == 1
 
 
 def test_frontier_png_without_downstream(tmp_path):

@@ -26,8 +26,9 @@ class EvalConfig:
     (the folder llm-sae train-clt wrote) is evaluated alone, one row per layer."""
     store: str | None = None
     """Activation store at the SAEs' hook; its last --eval-rows rows are evaluated, and its
-    manifest names the model, hook and dataset. Not for transcoders: each run's own pair of
-    stores is used, and the model with their MLPs replaced is evaluated."""
+    manifest names the model, hook and dataset (default: the store every SAE records in
+    its train_cfg.json, when they name the same one). Not for transcoders: each run's own
+    pair of stores is used, and the model with their MLPs replaced is evaluated."""
     out: str | None = None
     """Output directory for eval.json, eval.txt and frontier.png (default: FIRST_SAE/eval,
     or SWEEP/eval)."""

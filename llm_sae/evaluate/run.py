@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -117,6 +118,27 @@ def _n_latents(sae: Any, d_in: int) -> int:
         return int(sae.encode(torch.zeros(1, d_in, device=dev)).shape[-1])
 
 
+def _training_store(paths: list[str]) -> str:
+    """The one store every SAE in ``paths`` was trained on (train_cfg.json), for an eval
+    without --store; ConfigError naming what is missing otherwise."""
+    from llm_sae.sae.formats.meta import recorded_store
+
+    stores = {recorded_store(p) for p in paths}
+    if None in stores or len(stores) != 1:
+        named = sorted(s for s in stores if s)
+        why = (f"the SAEs were trained on different stores ({', '.join(named)})" if len(named) > 1
+               else "not every SAE records the store it was trained on (train_cfg.json)")
+        raise ConfigError(f"give --store DIR, a store at the SAEs' hook: {why}")
+    (store,) = stores
+    if not Path(store, "manifest.json").is_file():
+        raise ConfigError(f"the SAEs were trained on the store {store}, which is no longer there; "
+                          "give --store DIR, a store at the SAEs' hook")
+    print(f"eval: no --store given; using the store the SAEs were trained on, {store} (its last "
+          "--eval-rows rows, which training also sampled: harvest another store for held-out rows)",
+          file=sys.stderr)
+    return store
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Load the SAEs (and the model), evaluate, write eval.json/eval.txt/frontier.png."""
     from llm_sae.sae.formats.native import load_sae
@@ -154,7 +176,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             write_report(report, tmp)
         return report
     if not cfg.store:
-        raise ConfigError("give --store DIR, a store at the SAEs' hook (transcoder runs need none)")
+        cfg = dataclasses.replace(cfg, store=_training_store([p for p, _ in loaded.values()]))
     store = open_store(cfg.store)
     store.check_files()
     saes = {}

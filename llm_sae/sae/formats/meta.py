@@ -94,6 +94,13 @@ def recorded_source(sae_dir: str | Path) -> dict[str, Any]:
     return {k: v for k, v in src.items() if v not in (None, "")} if isinstance(src, dict) else {}
 
 
+def recorded_store(sae_dir: str | Path) -> str | None:
+    """The store `llm-sae train` read (train_cfg.json's ``store``, made absolute when it
+    ran); None for a run from a model (on the fly), another tool's SAE, or no record."""
+    store = _read_json(Path(sae_dir) / "train_cfg.json").get("store")
+    return store if isinstance(store, str) and store else None
+
+
 def _same_model(a: str, b: str) -> bool:
     pa, pb = Path(a), Path(b)
     return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
