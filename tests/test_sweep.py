@@ -59,6 +59,13 @@ def test_sweep_flags_and_yaml_specs(store_dir, tmp_path):
     assert json.loads((tmp_path / "s" / names[1] / "cfg.json").read_text())["n_latents"] == 4 * D
 
 
+def test_sweep_names_leave_out_fields_a_spec_does_not_set(store_dir, tmp_path):
+    """A field only some specs set is not named 'None' in the others' folders."""
+    specs = [{"arch": "matryoshka"}, {"arch": "matryoshka", "matryoshka_inner_weight": 1.0}, {"arch": "topk"}]
+    assert sweep_names(sweep_configs(base(store_dir, tmp_path / "o"), specs=specs)) == [
+        "matryoshka", "matryoshka-matryoshka_inner_weight1.0", "topk"]
+
+
 def test_sweep_refuses_shared_field_and_duplicates(store_dir, tmp_path):
     b = base(store_dir, tmp_path / "o")
     with pytest.raises(ConfigError, match="one for the whole sweep"):

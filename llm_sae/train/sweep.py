@@ -70,12 +70,13 @@ def sweep_configs(base: TrainConfig, axes: dict[str, list[str]] | None = None,
 
 
 def sweep_names(cfgs: list[TrainConfig]) -> list[str]:
-    """A folder name per SAE: its arch and the fields that vary (``topk-k16-x8``); unique."""
+    """A folder name per SAE: its arch and the fields that vary and it sets (``topk-k16-x8``;
+    a field left at its unset default, None, is not named); unique."""
     dicts = [to_dict(c) for c in cfgs]
     varying = _varying(cfgs)
     names = []
     for d in dicts:
-        parts = [d["arch"]] + [f"{SHORT.get(k, k)}{d[k]}" for k in varying if k != "arch"]
+        parts = [d["arch"]] + [f"{SHORT.get(k, k)}{d[k]}" for k in varying if k != "arch" and d[k] is not None]
         names.append(re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join(parts)))
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
