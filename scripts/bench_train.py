@@ -66,8 +66,11 @@ def _build_step(impl: str, a: argparse.Namespace, x_BD):  # noqa: C901 - one bra
         from llm_sae.train.trainer import Trainer
 
         return_large_blocks_to_os()
-        cfg = TrainConfig(store="-", out="-", d_in=D, n_latents=N, k=K, batch_size=a.batch)
-        trainer = Trainer(REGISTRY[a.arch](cfg), cfg, total_steps=10**6)
+        cfg = TrainConfig(store="-", out="-", arch=a.arch, d_in=D, n_latents=N, k=K, batch_size=a.batch)
+        trainer = Trainer(REGISTRY[a.arch](cfg.resolved()), cfg, total_steps=10**6)
+        # As `llm-sae train` starts every run: b_dec, and each architecture's own start
+        # (BatchTopK's encoder scale, JumpReLU's thresholds at the target L0).
+        trainer.init_from_sample(x_BD)
         if a.train_steps:  # real training first: the screen's fallback rate in a real run
             for _ in range(a.train_steps):
                 trainer.step(planted_batch(a, torch.Generator().manual_seed(a.seed + 1 + _)))
@@ -130,11 +133,18 @@ def _build_step(impl: str, a: argparse.Namespace, x_BD):  # noqa: C901 - one bra
         import sae_lens
         from sae_lens.saes.sae import TrainStepInput
 
-        name = {"topk": "TopK", "batchtopk": "BatchTopK", "matryoshka": "MatryoshkaBatchTopK"}[a.arch]
+        name = {"topk": "TopK", "batchtopk": "BatchTopK", "matryoshka": "MatryoshkaBatchTopK",
+                "jumprelu": "JumpReLU"}[a.arch]  # fmt: skip
         sae_cls, cfg_cls = getattr(sae_lens, f"{name}TrainingSAE"), getattr(sae_lens, f"{name}TrainingSAEConfig")
         # Matryoshka: our default widths (n/32, n/8, n/2, n), SAELens's aux loss per level.
-        extra = {"matryoshka_widths": [N // 32, N // 8, N // 2, N]} if a.arch == "matryoshka" else {}
-        sae = sae_cls(cfg_cls(d_in=D, d_sae=N, k=K, device="cpu", **extra))
+        # JumpReLU: its quadratic loss towards L0 = k with the pre-activation loss for dead
+        # latents, as ours (SAELens's step is dense whatever its L0).
+        extra = ({"matryoshka_widths": [N // 32, N // 8, N // 2, N]} if a.arch == "matryoshka"
+                 else {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": float(K),
+                       "pre_act_loss_coefficient": 3e-6} if a.arch == "jumprelu" else {"k": K})  # fmt: skip
+        if a.arch == "matryoshka":
+            extra["k"] = K
+        sae = sae_cls(cfg_cls(d_in=D, d_sae=N, device="cpu", **extra))
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
         saelens_dead_N = torch.zeros(N, dtype=torch.bool) if dead_N is None else dead_N
 
@@ -142,7 +152,7 @@ def _build_step(impl: str, a: argparse.Namespace, x_BD):  # noqa: C901 - one bra
             out = sae.training_forward_pass(
                 TrainStepInput(
                     sae_in=x_BD,
-                    coefficients={},
+                    coefficients={"l0": 1.0} if a.arch == "jumprelu" else {},
                     dead_neuron_mask=saelens_dead_N,
                     n_training_steps=0,
                     is_logging_step=False,
@@ -279,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--archs", default="topk", help="comma-separated: topk, batchtopk, matryoshka")
+    p.add_argument("--archs", default="topk", help="comma-separated: topk, batchtopk, matryoshka, jumprelu")
     p.add_argument("--arch", default="topk", help=argparse.SUPPRESS)
     p.add_argument(
         "--clock", choices=("wall", "cpu"), default="wall",
