@@ -109,3 +109,50 @@ def test_fitted_residual_loss_equals_the_plain_expression():
     assert int(((fit_B1 > 0) & (fit_B1 < 1)).sum()) > 5 and float(fit_B1[:3].max()) == 0 and float(fit_B1[3:6].min()) == 1
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)
+
+
+def per_level_auxk(sae, x_BD, err_BD, dead_mask_N):
+    """Matryoshka's AuxK as it was: ``SAE.auxk_loss`` once per level (four ``dead_decode``
+    passes), each on that level's dead latents and the residual of its prefix."""
+    from llm_sae.sae.base import SAE
+
+    total = x_BD.new_zeros((), dtype=torch.float32)
+    levels = [*sae._level_errs, (sae._level_errs[-1][1], sae.n_latents, err_BD)]
+    for lo, hi, level_err_BD in levels:
+        mask_N = torch.zeros_like(dead_mask_N)
+        mask_N[lo:hi] = dead_mask_N[lo:hi]
+        total = total + SAE.auxk_loss(sae, x_BD, level_err_BD, mask_N)
+    return total
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize("slab_rows", [None, 3])
+def test_matryoshka_one_pass_auxk_equals_the_per_level_auxk_in_float64(deferred, slab_rows, monkeypatch):
+    """Levels [0, 8) [8, 20) [20, 56) [56, 96) with aux_k = 6: no dead latent in the first,
+    fewer dead than k_aux in the second (all chosen, scale 1), a top-6 of 20 in the third,
+    exactly k_aux in the last."""
+    if slab_rows:  # several slabs of batch rows
+        monkeypatch.setattr(auxk, "SLAB_BYTES", 4 * D * slab_rows)
+    torch.manual_seed(0)
+    sae = REGISTRY["matryoshka"](SAEConfig(d_in=D, n_latents=N, k=K, aux_k=6, matryoshka_widths=[8, 20, 56])).double()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.3)
+    sae.set_progress(1.0)
+    x_BD = torch.randn(B, D, dtype=torch.float64)
+    dead_N = torch.zeros(N, dtype=torch.bool)
+    dead_N[[9, 12, 19]] = True
+    dead_N[torch.randperm(36)[:20] + 20] = True
+    dead_N[[60, 61, 70, 80, 90, 95]] = True
+    loss, aux, grads = loss_and_grads(sae, x_BD, dead_N, deferred)
+    assert float(aux) > 0
+    monkeypatch.setattr(sae, "auxk_loss", lambda x, e, m: per_level_auxk(sae, x, e, m))
+    ref_loss, ref_aux, ref_grads = loss_and_grads(sae, x_BD, dead_N, False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(aux, ref_aux, rtol=1e-12, atol=1e-12)
+    for name, g, ref in zip(("W_enc", "W_dec", "b_enc", "b_dec"), grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12, msg=name)
+    # Only the dead rows of the weights get AuxK's gradient.
+    _, _, no_aux = loss_and_grads(sae, x_BD, torch.zeros(N, dtype=torch.bool), False)
+    for g, g0 in zip(grads[:3], no_aux[:3], strict=True):
+        assert torch.equal(g[~dead_N], g0[~dead_N]) and not torch.equal(g[dead_N], g0[dead_N])

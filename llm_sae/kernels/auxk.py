@@ -16,6 +16,8 @@ elsewhere they are scattered into ordinary [N, D] gradients.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -94,3 +96,101 @@ def dead_decode(
     with torch.autocast(xin_BD.device.type, enabled=False):
         x_BD = xin_BD.detach().to(W_enc_ND.dtype).contiguous()
         return DeadDecode.apply(x_BD, W_enc_ND, b_enc_N, W_dec_ND, dead_M, k_aux)
+
+
+class DeadGroup(NamedTuple):
+    """One AuxK over a contiguous run ``dead_M[start:stop]`` of the dead latents: its top
+    ``k_aux`` per row model ``err_BD``, its loss weighted by ``scale``."""
+
+    start: int
+    stop: int
+    k_aux: int
+    err_BD: Tensor
+    scale: float
+
+
+def grouped_auxk_loss(
+    xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, W_dec_ND: Tensor, dead_M: Tensor, groups: list[DeadGroup]
+) -> Tensor:
+    """Σ over groups of scale · mean over rows of ‖e − s·ê‖² (``sae.ops.fitted_residual_loss``
+    of each group's ``dead_decode``), in one pass over the dead latents; the groups cover
+    ``dead_M`` (sorted, unique) in order, each with k_aux ≥ 1.
+
+    Matryoshka's AuxK: each level's dead latents model the residual of the prefix ending
+    with that level. Per level, ``dead_decode`` + ``fitted_residual_loss`` pay their fixed
+    costs (the [B, M] products, top-k, scatters, the [B, D] input and residual kept for the
+    backward) once per level; here the pre-activations of all dead latents are one product,
+    each group takes its top k_aux within its own columns (all of them, with no top-k, when
+    k_aux is the group's size), and the input-side gradient is one product. The gradients
+    of a scalar loss are the upstream scalar times those of the loss itself, so they are
+    computed here, a slab of rows at a time, and the backward only scales the [M, D] blocks:
+    nothing of size [B, D] is kept. Float32 even under autocast; same result as the groups
+    one by one (tested in float64)."""
+    stop = 0
+    for g in groups:
+        if g.start != stop or not 0 < g.k_aux <= g.stop - g.start:
+            raise ValueError(f"groups must cover dead_M in order, each with k_aux in 1..its size; got start="
+                             f"{g.start} (expected {stop}), stop={g.stop}, k_aux={g.k_aux}")
+        stop = g.stop
+    if stop != dead_M.numel():
+        raise ValueError(f"groups cover dead_M[:{stop}], not all {dead_M.numel()} dead latents")
+    grad = torch.is_grad_enabled()
+    needs = tuple(grad and t.requires_grad for t in (W_enc_ND, b_enc_N, W_dec_ND))
+    with torch.autocast(xin_BD.device.type, enabled=False):
+        x_BD = xin_BD.detach().to(W_enc_ND.dtype).contiguous()
+        return _GroupedAuxK.apply(x_BD, W_enc_ND, b_enc_N, W_dec_ND, dead_M, groups, needs)
+
+
+class _GroupedAuxK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, W_dec_ND: Tensor, dead_M: Tensor,  # type: ignore[override]
+                groups: list[DeadGroup], needs: tuple[bool, bool, bool]) -> Tensor:  # fmt: skip
+        (B, D), M = x_BD.shape, dead_M.numel()
+        We_MD, be_M, Wd_MD = W_enc_ND[dead_M], b_enc_N[dead_M], W_dec_ND[dead_M]
+        grads = any(needs)
+        gWe_MD, gWd_MD, gb_M = (x_BD.new_zeros(M, D), torch.zeros_like(Wd_MD), x_BD.new_zeros(M)) if grads else (None,) * 3
+        sq_GB = x_BD.new_empty(len(groups), B)
+        step = max(1, SLAB_BYTES // (4 * max(M, D)))
+        for s in range(0, B, step):
+            e = min(B, s + step)
+            z_CM = torch.addmm(be_M, x_BD[s:e], We_MD.t())  # pre-activations, then the codes
+            for g in groups:
+                pre_Cm = z_CM[:, g.start : g.stop]
+                if g.k_aux == g.stop - g.start:  # every dead latent of the group is chosen
+                    pre_Cm.clamp_(min=0)
+                else:  # top-k then ReLU equals ReLU then top-k (``DeadDecode``)
+                    vals_CK, pos_CK = torch.topk(pre_Cm, g.k_aux, dim=1, sorted=False)
+                    pre_Cm.zero_().scatter_(1, pos_CK, vals_CK.clamp_(min=0))
+            gpre_CM = torch.empty_like(z_CM) if grads else None
+            for i, g in enumerate(groups):
+                z_Cm, Wd_mD = z_CM[:, g.start : g.stop], Wd_MD[g.start : g.stop]
+                err_CD = g.err_BD[s:e].to(x_BD.dtype)
+                # The fitted residual r = e − s·ê, s = clamp(⟨e, ê⟩/‖ê‖², 0, 1) (not differentiated).
+                r_CD = torch.mm(z_Cm, Wd_mD)
+                fit_C1 = torch.linalg.vecdot(err_CD, r_CD).unsqueeze(1)
+                fit_C1 = (fit_C1 / torch.linalg.vecdot(r_CD, r_CD).unsqueeze(1).clamp_min(1e-12)).clamp_(0, 1)
+                r_CD = torch.sub(err_CD, r_CD.mul_(fit_C1), out=r_CD)
+                sq_GB[i, s:e] = torch.linalg.vecdot(r_CD, r_CD)
+                if grads:  # ∂loss/∂ê = −2·scale·s/B · r, then through the decode and the ReLU
+                    g_CD = r_CD.mul_(fit_C1 * (-2 * g.scale / max(1, B)))
+                    gWd_MD[g.start : g.stop].addmm_(z_Cm.t(), g_CD)
+                    torch.mul(torch.mm(g_CD, Wd_mD.t()), z_Cm > 0, out=gpre_CM[:, g.start : g.stop])
+            if grads:
+                gWe_MD.addmm_(gpre_CM.t(), x_BD[s:e])
+                gb_M += gpre_CM.sum(0)
+        ctx.grads = (gWe_MD, gb_M, gWd_MD)
+        ctx.dead_M, ctx.shapes = dead_M, (W_enc_ND, b_enc_N, W_dec_ND)
+        loss = x_BD.new_zeros(())
+        for i, g in enumerate(groups):  # as ``fitted_residual_loss`` sums them, group by group
+            loss = loss + g.scale * sq_GB[i].mean()
+        return loss
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        gWe_MD, gb_M, gWd_MD = ctx.grads
+        W_enc_ND, b_enc_N, W_dec_ND = ctx.shapes
+        needs, dead_M = ctx.needs_input_grad, ctx.dead_M
+        grad_b = torch.zeros_like(b_enc_N).index_add_(0, dead_M, gb_M * g) if needs[2] else None
+        grad_We = _rows_grad(W_enc_ND, dead_M, gWe_MD * g, True) if needs[1] else None
+        grad_Wd = _rows_grad(W_dec_ND, dead_M, gWd_MD * g, True) if needs[3] else None
+        return None, grad_We, grad_b, grad_Wd, None, None, None
