@@ -150,6 +150,7 @@ class _GroupedAuxK(torch.autograd.Function):
         grads = any(needs)
         gWe_MD, gWd_MD, gb_M = (x_BD.new_zeros(M, D), torch.zeros_like(Wd_MD), x_BD.new_zeros(M)) if grads else (None,) * 3
         sq_GB = x_BD.new_empty(len(groups), B)
+        # Slabs of rows: [C, M] codes and [C, D] residuals of up to SLAB_BYTES each.
         step = max(1, SLAB_BYTES // (4 * max(M, D)))
         for s in range(0, B, step):
             e = min(B, s + step)

@@ -99,7 +99,9 @@ class MatryoshkaSAE(BatchTopKSAE):
         fired_VJ = (vals_VJ > 0).float()
         fired_N = torch.zeros(self.n_latents, device=x_BD.device).index_add_(0, idx_VJ.flatten(), fired_VJ.flatten())
         l0 = fired_VJ.sum() / x_BD.shape[0]
-        return self._prefix_losses(x_BD, target_BE, dec_LBE, fired_N, l0, dead_mask_N, aux)
+        prefixes = _PrefixErrors.apply(self.target_of(x_BD, target_BE), self._base(x_BD, target_BE), dec_LBE)
+        del dec_LBE  # the backward does not need the L [B, E] decodes: freed before AuxK runs
+        return self._prefix_losses(x_BD, target_BE, prefixes, fired_N, l0, dead_mask_N, aux)
 
     def forward_dense(
         self, x_BD: Tensor, *, target_BE: Tensor | None = None,
@@ -114,23 +116,26 @@ class MatryoshkaSAE(BatchTopKSAE):
             decodes.append(z_BN[:, lo:w] @ self.W_dec[lo:w])
             lo = w
         fired_BN = z_BN > 0
-        return self._prefix_losses(x_BD, target_BE, torch.stack(decodes), fired_BN.sum(0).float(),
+        prefixes = _PrefixErrors.apply(self.target_of(x_BD, target_BE), self._base(x_BD, target_BE), torch.stack(decodes))
+        return self._prefix_losses(x_BD, target_BE, prefixes, fired_BN.sum(0).float(),
                                    fired_BN.sum(-1).float().mean(), dead_mask_N, aux)
 
+    def _base(self, x_BD: Tensor, target_BE: Tensor | None) -> Tensor:
+        """What every prefix decode is added to: b_dec, and a transcoder's skip path."""
+        return self.add_skip(self.b_dec.expand_as(self.target_of(x_BD, target_BE)), x_BD)
+
     def _prefix_losses(
-        self, x_BD: Tensor, target_BE: Tensor | None, dec_LBE: Tensor, fired_N: Tensor,
+        self, x_BD: Tensor, target_BE: Tensor | None, prefixes: tuple[Tensor, Tensor, Tensor], fired_N: Tensor,
         l0: Tensor, dead_mask_N: Tensor | None, aux: bool,
     ) -> ForwardOutput:
-        """Prefix decodes, each the previous plus the next level's decode (the whole
-        dictionary is read once), and the loss of every prefix. Each inner level's
-        residual is kept (detached) for its AuxK; the last level's is ``_finish``'s."""
-        y_BE = self.target_of(x_BD, target_BE)  # a transcoder's target, else x
-        base_BE = self.add_skip(self.b_dec.expand_as(y_BE), x_BD)
-        levels_I, x_hat_BD, err_IBE = _PrefixErrors.apply(y_BE, base_BE, dec_LBE)
+        """The loss of every prefix from ``_PrefixErrors``'s (levels_I, x̂, err_IBE): each
+        inner level's residual (detached) is kept for its AuxK; the last level's is
+        ``_finish``'s."""
+        levels_I, x_hat_BD, err_IBE = prefixes
         metrics: dict[str, Tensor] = {"l0": l0.detach()}
         self._level_errs: list[tuple[int, int, Tensor]] = []
         for i, w in enumerate(self.widths[:-1]):
-            metrics[f"mse_{w}"] = (levels_I[i] / y_BE.shape[-1]).detach()
+            metrics[f"mse_{w}"] = (levels_I[i] / x_hat_BD.shape[-1]).detach()
             self._level_errs.append(([0, *self.widths][i], w, err_IBE[i]))
         inner = levels_I.sum() * self.inner_weight
         out = self._finish(x_BD, x_hat_BD, inner, metrics, fired_N, dead_mask_N, aux, target_BE=target_BE)
@@ -177,7 +182,9 @@ class _PrefixErrors(torch.autograd.Function):
         for i in range(L - 1):
             torch.sub(y_BE, x_hat_BE, out=err_IBE[i])
             x_hat_BE += dec_LBE[i + 1]
-        levels_I = torch.linalg.vecdot(err_IBE, err_IBE).float().mean(-1)
+        # Level by level: vecdot's product is a temporary of its inputs' size.
+        sq_IB = [torch.linalg.vecdot(e_BE, e_BE) for e_BE in err_IBE]
+        levels_I = (torch.stack(sq_IB) if sq_IB else err_IBE.new_zeros(0, err_IBE.shape[1])).float().mean(-1)
         ctx.save_for_backward(err_IBE)
         ctx.mark_non_differentiable(err_IBE)
         ctx.set_materialize_grads(False)
