@@ -34,18 +34,18 @@ def make_sae(aux_k: int | None = None):
     return sae
 
 
-def loss_and_grads(sae, x_BD, dead_N, deferred: bool):
+def loss_and_grads(sae, x_BD, dead_N, deferred: bool, **kw):
     params = [sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec]
     for p in params:
         p.grad = None
     grads = DeferredWeightGrads([sae.W_enc, sae.W_dec] if deferred else [])
-    out = sae(x_BD, dead_mask_N=dead_N)
+    out = sae(x_BD, dead_mask_N=dead_N, **kw)
     with grads.collecting():
         out.loss.backward()
     if deferred:  # the sparse kernels deferred both weight gradients, AuxK's included
         assert sae.W_enc.grad is None and grads.pending(sae.W_enc)
         for W in (sae.W_enc, sae.W_dec):  # as the trainer does: slabs of rows (here 7)
-            W.grad = torch.cat([grads.materialize(W, torch.full((min(7, N - s), D), torch.nan, dtype=W.dtype), s)
+            W.grad = torch.cat([grads.materialize(W, torch.full((min(7, N - s), W.shape[1]), torch.nan, dtype=W.dtype), s)
                                 for s in range(0, N, 7)])  # fmt: skip
         grads.clear()
     return out.loss.detach(), out.metrics["aux"], [p.grad.clone() for p in params]
@@ -127,32 +127,35 @@ def per_level_auxk(sae, x_BD, err_BD, dead_mask_N):
 
 @pytest.mark.parametrize("deferred", [False, True])
 @pytest.mark.parametrize("slab_rows", [None, 3])
-def test_matryoshka_one_pass_auxk_equals_the_per_level_auxk_in_float64(deferred, slab_rows, monkeypatch):
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_matryoshka_one_pass_auxk_equals_the_per_level_auxk_in_float64(deferred, slab_rows, transcoder, monkeypatch):
     """Levels [0, 8) [8, 20) [20, 56) [56, 96) with aux_k = 6: no dead latent in the first,
     fewer dead than k_aux in the second (all chosen, scale 1), a top-6 of 20 in the third,
-    exactly k_aux in the last."""
+    exactly k_aux in the last; and a transcoder's (16 outputs, another width than the input)."""
     if slab_rows:  # several slabs of batch rows (3 a slab)
         monkeypatch.setattr(auxk, "SLAB_BYTES", 4 * D * slab_rows)
     torch.manual_seed(0)
-    sae = REGISTRY["matryoshka"](SAEConfig(d_in=D, n_latents=N, k=K, aux_k=6, matryoshka_widths=[8, 20, 56])).double()
+    extra = {"d_out": 16} if transcoder else {}
+    sae = REGISTRY["matryoshka"](SAEConfig(d_in=D, n_latents=N, k=K, aux_k=6, matryoshka_widths=[8, 20, 56], **extra)).double()
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3)
         sae.b_dec.normal_(0, 0.3)
     sae.set_progress(1.0)
     x_BD = torch.randn(B, D, dtype=torch.float64)
+    kw = {"target_BE": torch.randn(B, 16, dtype=torch.float64)} if transcoder else {}
     dead_N = torch.zeros(N, dtype=torch.bool)
     dead_N[[9, 12, 19]] = True
     dead_N[torch.randperm(36)[:20] + 20] = True
     dead_N[[60, 61, 70, 80, 90, 95]] = True
-    loss, aux, grads = loss_and_grads(sae, x_BD, dead_N, deferred)
+    loss, aux, grads = loss_and_grads(sae, x_BD, dead_N, deferred, **kw)
     assert float(aux) > 0
     monkeypatch.setattr(sae, "auxk_loss", lambda x, e, m: per_level_auxk(sae, x, e, m))
-    ref_loss, ref_aux, ref_grads = loss_and_grads(sae, x_BD, dead_N, False)
+    ref_loss, ref_aux, ref_grads = loss_and_grads(sae, x_BD, dead_N, False, **kw)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(aux, ref_aux, rtol=1e-12, atol=1e-12)
     for name, g, ref in zip(("W_enc", "W_dec", "b_enc", "b_dec"), grads, ref_grads, strict=True):
         torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12, msg=name)
     # Only the dead rows of the weights get AuxK's gradient.
-    _, _, no_aux = loss_and_grads(sae, x_BD, torch.zeros(N, dtype=torch.bool), False)
+    _, _, no_aux = loss_and_grads(sae, x_BD, torch.zeros(N, dtype=torch.bool), False, **kw)
     for g, g0 in zip(grads[:3], no_aux[:3], strict=True):
         assert torch.equal(g[~dead_N], g0[~dead_N]) and not torch.equal(g[dead_N], g0[dead_N])

@@ -150,11 +150,19 @@ class _GroupedAuxK(torch.autograd.Function):
         grads = any(needs)
         gWe_MD, gWd_MD, gb_M = (x_BD.new_zeros(M, D), torch.zeros_like(Wd_MD), x_BD.new_zeros(M)) if grads else (None,) * 3
         sq_GB = x_BD.new_empty(len(groups), B)
-        # Slabs of rows: [C, M] codes and [C, D] residuals of up to SLAB_BYTES each.
-        step = max(1, SLAB_BYTES // (4 * max(M, D)))
+        # Slabs of rows: [C, M] codes and [C, D] residuals of up to SLAB_BYTES each, the
+        # buffers reused by every slab and group (each fresh [B, D] block costs page faults).
+        E = W_dec_ND.shape[1]  # a transcoder's output width
+        step = min(B, max(1, SLAB_BYTES // (4 * max(M, D, E))))
+        z_SM, gpre_SM = x_BD.new_empty(step, M), x_BD.new_empty(step, M) if grads else None
+        r_SE, tmp_SE = x_BD.new_empty(step, E), x_BD.new_empty(step, E)
+
+        def row_dot(a_CE: Tensor, b_CE: Tensor) -> Tensor:  # vecdot's arithmetic, its product in tmp
+            return torch.mul(a_CE, b_CE, out=tmp_SE[: a_CE.shape[0]]).sum(-1)
+
         for s in range(0, B, step):
             e = min(B, s + step)
-            z_CM = torch.addmm(be_M, x_BD[s:e], We_MD.t())  # pre-activations, then the codes
+            z_CM = torch.addmm(be_M, x_BD[s:e], We_MD.t(), out=z_SM[: e - s])  # pre-activations, then codes
             for g in groups:
                 pre_Cm = z_CM[:, g.start : g.stop]
                 if g.k_aux == g.stop - g.start:  # every dead latent of the group is chosen
@@ -162,23 +170,22 @@ class _GroupedAuxK(torch.autograd.Function):
                 else:  # top-k then ReLU equals ReLU then top-k (``DeadDecode``)
                     vals_CK, pos_CK = torch.topk(pre_Cm, g.k_aux, dim=1, sorted=False)
                     pre_Cm.zero_().scatter_(1, pos_CK, vals_CK.clamp_(min=0))
-            gpre_CM = torch.empty_like(z_CM) if grads else None
             for i, g in enumerate(groups):
-                z_Cm, Wd_mD = z_CM[:, g.start : g.stop], Wd_MD[g.start : g.stop]
-                err_CD = g.err_BD[s:e].to(x_BD.dtype)
+                z_Cm, Wd_mE = z_CM[:, g.start : g.stop], Wd_MD[g.start : g.stop]
+                err_CE = g.err_BD[s:e].to(x_BD.dtype)
                 # The fitted residual r = e − s·ê, s = clamp(⟨e, ê⟩/‖ê‖², 0, 1) (not differentiated).
-                r_CD = torch.mm(z_Cm, Wd_mD)
-                fit_C1 = torch.linalg.vecdot(err_CD, r_CD).unsqueeze(1)
-                fit_C1 = (fit_C1 / torch.linalg.vecdot(r_CD, r_CD).unsqueeze(1).clamp_min(1e-12)).clamp_(0, 1)
-                r_CD = torch.sub(err_CD, r_CD.mul_(fit_C1), out=r_CD)
-                sq_GB[i, s:e] = torch.linalg.vecdot(r_CD, r_CD)
-                if grads:  # ∂loss/∂ê = −2·scale·s/B · r, then through the decode and the ReLU
-                    g_CD = r_CD.mul_(fit_C1 * (-2 * g.scale / max(1, B)))
-                    gWd_MD[g.start : g.stop].addmm_(z_Cm.t(), g_CD)
-                    torch.mul(torch.mm(g_CD, Wd_mD.t()), z_Cm > 0, out=gpre_CM[:, g.start : g.stop])
+                r_CE = torch.mm(z_Cm, Wd_mE, out=r_SE[: e - s])
+                fit_C1 = row_dot(err_CE, r_CE).unsqueeze(1)
+                fit_C1 = (fit_C1 / row_dot(r_CE, r_CE).unsqueeze(1).clamp_min(1e-12)).clamp_(0, 1)
+                r_CE = torch.addcmul(err_CE, r_CE, fit_C1, value=-1, out=r_CE)
+                sq_GB[i, s:e] = row_dot(r_CE, r_CE)
+                if grads:  # ∂loss/∂ê = c·r, c = −2·scale·s/B per row, through the decode and the ReLU
+                    c_C1 = fit_C1.mul_(-2 * g.scale / max(1, B))
+                    gWd_MD[g.start : g.stop].addmm_((z_Cm * c_C1).t(), r_CE)
+                    torch.mul(torch.mm(r_CE, Wd_mE.t()).mul_(c_C1), z_Cm > 0, out=gpre_SM[: e - s, g.start : g.stop])
             if grads:
-                gWe_MD.addmm_(gpre_CM.t(), x_BD[s:e])
-                gb_M += gpre_CM.sum(0)
+                gWe_MD.addmm_(gpre_SM[: e - s].t(), x_BD[s:e])
+                gb_M += gpre_SM[: e - s].sum(0)
         ctx.grads = (gWe_MD, gb_M, gWd_MD)
         ctx.dead_M, ctx.shapes = dead_M, (W_enc_ND, b_enc_N, W_dec_ND)
         loss = x_BD.new_zeros(())
