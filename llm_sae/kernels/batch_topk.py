@@ -166,13 +166,32 @@ def batch_topk_decodes(
     vals_VJ, idx_VJ, cut), dec_LBE[i] the decode (no bias) of the kept latents in
     [widths[i-1], widths[i]), the kept pairs as ``fold_pairs``'s virtual rows (padding
     holds 0), and the batch's raw cut-off (``_select``'s, for the inference threshold).
+    Each range's decode is the sum of its virtual rows' (``batch_topk_virtual_decodes``)."""
+    dec_VE, rows_V, sizes, vals_VJ, idx_VJ, cut = batch_topk_virtual_decodes(
+        xin_BD, W_enc_ND, b_enc_N, W_dec_NE, k, widths, row_scale_B
+    )
+    # Each virtual row's decode added to its row of its range's decode: one index_add
+    # (and one gather in the backward) for all ranges.
+    B, dev = xin_BD.shape[0], rows_V.device
+    level_V = torch.repeat_interleave(torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev))
+    out_LBE = _AddRows.apply(dec_VE, level_V * B + rows_V, len(sizes) * B)
+    return out_LBE.view(len(sizes), B, W_dec_NE.shape[1]), vals_VJ, idx_VJ, cut
+
+
+def batch_topk_virtual_decodes(
+    xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, W_dec_NE: Tensor, k: int, widths: list[int],
+    row_scale_B: Tensor | None = None,
+) -> tuple[Tensor, Tensor, list[int], Tensor, Tensor, Tensor]:
+    """``batch_topk_decodes`` before the sum over virtual rows: (dec_VE, rows_V, sizes,
+    vals_VJ, idx_VJ, cut), dec_VE[v] the decode (no bias) of virtual row v, a part of row
+    rows_V[v] of the batch; the first sizes[0] virtual rows hold range 0, the next sizes[1]
+    range 1, and so on. Matryoshka sums them into its running prefix decodes.
 
     The selection is ``batch_topk_pairs``'s; the values are the candidate search's
     (float32 dot products, as ``pair_pre_acts`` computes them; recomputed by it under
     autocast, where the search ran in low precision), with its sparse backward to xin,
     W_enc and b_enc, and decoded once by the sparse decode. With widths = [n] it is
-    BatchTopK's decode; Matryoshka's prefixes are running sums of the ranges' decodes.
-    Same values and gradients as the dense [B, N] forms (tested)."""
+    BatchTopK's decode. Same values and gradients as the dense [B, N] forms (tested)."""
     B = xin_BD.shape[0]
     idx_BK, on_BK, vals_BK, cut = _select(xin_BD.detach(), W_enc_ND, b_enc_N, k, row_scale_B)
     # The encoder's pairs folded as one range (the least padding), the decoder's by range.
@@ -197,12 +216,7 @@ def batch_topk_decodes(
         slot_VJ = (rows_V[:, None] * K + pos_VJ).flatten()
         vals_VJ = vals_UJ.flatten()[slot_BK[slot_VJ]].view(-1, pos_VJ.shape[1]) * on_VJ
         del J
-    x_hat_VE = topk_decode(vals_VJ, idx_VJ, W_dec_NE)
-    # Each virtual row's decode added to its row of its range's decode: one index_add
-    # (and one gather in the backward) for all ranges.
-    level_V = torch.repeat_interleave(torch.arange(len(sizes), device=rows_V.device), torch.tensor(sizes, device=rows_V.device))
-    out_LBE = _AddRows.apply(x_hat_VE, level_V * B + rows_V, len(sizes) * B)
-    return out_LBE.view(len(sizes), B, W_dec_NE.shape[1]), vals_VJ, idx_VJ, cut
+    return topk_decode(vals_VJ, idx_VJ, W_dec_NE), rows_V, sizes, vals_VJ, idx_VJ, cut
 
 
 class _AddRows(torch.autograd.Function):

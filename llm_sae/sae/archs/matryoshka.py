@@ -10,7 +10,7 @@ from torch import Tensor
 
 from llm_sae.config import ConfigError
 from llm_sae.kernels.auxk import DeadGroup, grouped_auxk_loss
-from llm_sae.kernels.batch_topk import batch_topk_decodes
+from llm_sae.kernels.batch_topk import batch_topk_virtual_decodes
 from llm_sae.sae.archs.batchtopk import BatchTopKSAE
 from llm_sae.sae.base import ForwardOutput
 from llm_sae.sae.ops import dead_rows
@@ -87,20 +87,21 @@ class MatryoshkaSAE(BatchTopKSAE):
         dead_mask_N: Tensor | None = None, aux: bool = True,
     ) -> ForwardOutput:
         """Training forward on the sparse kernels: BatchTopK's kept pairs decoded sparsely
-        and split by level (``batch_topk_decodes``), the prefix decodes their running sums;
-        the same losses and gradients as ``forward_dense`` (tested)."""
+        as virtual rows of one level each (``batch_topk_virtual_decodes``), the prefix
+        decodes their running sums; the same losses and gradients as ``forward_dense``
+        (tested)."""
         if not self.training:
             return self.forward_dense(x_BD, target_BE=target_BE, dead_mask_N=dead_mask_N, aux=aux)
         xin_BD = self.centered(x_BD)
-        dec_LBE, vals_VJ, idx_VJ, cut = batch_topk_decodes(
+        dec_VE, rows_V, sizes, vals_VJ, idx_VJ, cut = batch_topk_virtual_decodes(
             xin_BD, self.W_enc, self.b_enc, self.W_dec, self.cfg.k, self.widths, self.row_scale(xin_BD)
         )
         self.follow_cut(cut)  # BatchTopK's running cut-off, as its train_activate keeps it
         fired_VJ = (vals_VJ > 0).float()
         fired_N = torch.zeros(self.n_latents, device=x_BD.device).index_add_(0, idx_VJ.flatten(), fired_VJ.flatten())
         l0 = fired_VJ.sum() / x_BD.shape[0]
-        prefixes = _PrefixErrors.apply(self.target_of(x_BD, target_BE), self._base(x_BD, target_BE), dec_LBE)
-        del dec_LBE  # the backward does not need the L [B, E] decodes: freed before AuxK runs
+        prefixes = _PrefixErrors.apply(self.target_of(x_BD, target_BE), self._base(x_BD, target_BE), dec_VE, rows_V, sizes)
+        del dec_VE  # the backward does not need the [V, E] decodes: freed before AuxK runs
         return self._prefix_losses(x_BD, target_BE, prefixes, fired_N, l0, dead_mask_N, aux)
 
     def forward_dense(
@@ -116,7 +117,9 @@ class MatryoshkaSAE(BatchTopKSAE):
             decodes.append(z_BN[:, lo:w] @ self.W_dec[lo:w])
             lo = w
         fired_BN = z_BN > 0
-        prefixes = _PrefixErrors.apply(self.target_of(x_BD, target_BE), self._base(x_BD, target_BE), torch.stack(decodes))
+        rows_V = torch.arange(x_BD.shape[0], device=x_BD.device).repeat(len(decodes))  # a virtual row per row and level
+        prefixes = _PrefixErrors.apply(self.target_of(x_BD, target_BE), self._base(x_BD, target_BE), torch.cat(decodes),
+                                       rows_V, [x_BD.shape[0]] * len(decodes))  # fmt: skip
         return self._prefix_losses(x_BD, target_BE, prefixes, fired_BN.sum(0).float(),
                                    fired_BN.sum(-1).float().mean(), dead_mask_N, aux)
 
@@ -166,43 +169,48 @@ class MatryoshkaSAE(BatchTopKSAE):
 
 
 class _PrefixErrors(torch.autograd.Function):
-    """(levels_I, x̂, err_IBE) for L level decodes: x̂_l = base + Σ_{i≤l} dec_i, the inner
-    levels' (l < L−1) mean squared errors ‖y − x̂_l‖² (float32) and errors (detached),
-    and the whole x̂ (its loss is the base class's).
+    """(levels_I, x̂, err_IBE) for L levels' decodes given as virtual rows (dec_VE[v] adds
+    to row rows_V[v]; the first sizes[0] rows are level 0's, and so on): x̂_l = base +
+    Σ_{i≤l} dec_i, the inner levels' (l < L−1) mean squared errors ‖y − x̂_l‖² (float32)
+    and errors (detached), and the whole x̂ (its loss is the base class's).
 
-    Autograd through the running sums holds and adds [B, E] tensors level by level; here
-    the backward is one suffix sum: dec_l's gradient is x̂'s plus −2·g_i/B·err_i for each
-    inner level i ≥ l, written into one [L, B, E] tensor."""
+    Running forms both ways, so no [L, B, E] tensor exists: the forward adds each level's
+    virtual rows into one x̂ and keeps the inner errors; the backward holds one [B, E]
+    running gradient, dec_l's = x̂'s + Σ_{i≥l} −2·g_i/B·err_i over inner levels i (a
+    suffix sum), and gathers each level's virtual rows from it."""
 
     @staticmethod
-    def forward(ctx, y_BE: Tensor, base_BE: Tensor, dec_LBE: Tensor):  # type: ignore[override]
-        L = dec_LBE.shape[0]
-        x_hat_BE = base_BE + dec_LBE[0]
+    def forward(ctx, y_BE: Tensor, base_BE: Tensor, dec_VE: Tensor, rows_V: Tensor, sizes: list[int]):  # type: ignore[override]
+        L = len(sizes)
+        x_hat_BE = base_BE.clone(memory_format=torch.contiguous_format)
         err_IBE = y_BE.new_empty(L - 1, *y_BE.shape)
-        for i in range(L - 1):
-            torch.sub(y_BE, x_hat_BE, out=err_IBE[i])
-            x_hat_BE += dec_LBE[i + 1]
+        start = 0
+        for i, n in enumerate(sizes):
+            x_hat_BE.index_add_(0, rows_V[start : start + n], dec_VE[start : start + n])
+            start += n
+            if i < L - 1:
+                torch.sub(y_BE, x_hat_BE, out=err_IBE[i])
         # Level by level: vecdot's product is a temporary of its inputs' size.
         sq_IB = [torch.linalg.vecdot(e_BE, e_BE) for e_BE in err_IBE]
         levels_I = (torch.stack(sq_IB) if sq_IB else err_IBE.new_zeros(0, err_IBE.shape[1])).float().mean(-1)
-        ctx.save_for_backward(err_IBE)
+        ctx.save_for_backward(err_IBE, rows_V)
+        ctx.sizes = sizes
         ctx.mark_non_differentiable(err_IBE)
         ctx.set_materialize_grads(False)
         return levels_I, x_hat_BE, err_IBE
 
     @staticmethod
     def backward(ctx, g_I: Tensor | None, g_x_hat_BE: Tensor | None, _g_err: Tensor | None):  # type: ignore[override]
-        (err_IBE,) = ctx.saved_tensors
-        L, B = err_IBE.shape[0] + 1, err_IBE.shape[1]
-        grad_LBE = err_IBE.new_empty(L, *err_IBE.shape[1:])
-        run_BE = grad_LBE[L - 1]
-        if g_x_hat_BE is None:
-            run_BE.zero_()
-        else:
-            run_BE.copy_(g_x_hat_BE)
+        err_IBE, rows_V = ctx.saved_tensors
+        sizes, (L, B) = ctx.sizes, (len(ctx.sizes), err_IBE.shape[1])
+        run_BE = err_IBE.new_zeros(err_IBE.shape[1:]) if g_x_hat_BE is None else g_x_hat_BE.clone()
         c_I = err_IBE.new_zeros(L - 1) if g_I is None else g_I.to(err_IBE.dtype) * (-2 / B)
-        for i in range(L - 2, -1, -1):  # no host sync: the coefficients stay tensors
-            torch.addcmul(run_BE, err_IBE[i], c_I[i], out=grad_LBE[i])
-            run_BE = grad_LBE[i]
+        grad_VE = err_IBE.new_empty(rows_V.numel(), err_IBE.shape[2])
+        stop = rows_V.numel()
+        for i in range(L - 1, -1, -1):  # no host sync: the coefficients stay tensors
+            if i < L - 1:
+                run_BE.addcmul_(err_IBE[i], c_I[i])
+            torch.index_select(run_BE, 0, rows_V[stop - sizes[i] : stop], out=grad_VE[stop - sizes[i] : stop])
+            stop -= sizes[i]
         grad_y = (g_x_hat_BE if g_x_hat_BE is not None else 0) - run_BE if ctx.needs_input_grad[0] else None
-        return grad_y, run_BE.clone() if ctx.needs_input_grad[1] else None, grad_LBE
+        return grad_y, run_BE if ctx.needs_input_grad[1] else None, grad_VE, None, None
