@@ -5,6 +5,7 @@ torch's clip_grad_norm_ and torch's Adam give, and never hold a whole [N, D] gra
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -162,3 +163,38 @@ def test_sparse_t_dense_into_a_reused_buffer():
     torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sparse_t_dense(idx, coef, rows, N, 8, buf, accumulate=True), 2 * dense,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_matryoshka_step_keeps_no_level_stack_and_auxk_keeps_no_rows():
+    """Matryoshka's step: its L level decodes are running sums both ways (no [L, B, E]
+    tensor, forward or backward), and AuxK over the dead latents of every level keeps
+    nothing of the batch's size for the backward (its gradients are [M, D] blocks)."""
+    torch.manual_seed(0)
+    widths = [20, 60, 120]
+    cfg = TrainConfig(store="-", out="-", arch="matryoshka", d_in=D, n_latents=N, k=K, batch_size=B,
+                      matryoshka_widths=widths, dead_tokens=2 * B)  # fmt: skip
+    trainer = Trainer(REGISTRY["matryoshka"](cfg), cfg, total_steps=50, input_scale=1.0)
+    with torch.no_grad():
+        trainer.sae.b_enc[[*range(5, 15), *range(30, 40), *range(100, 110), *range(150, 160)]] = -4.0
+    x_BD = torch.randn(B, D)
+    for _ in range(3):
+        trainer.step(x_BD)
+    dead_N = trainer.dead_mask()
+    assert all(bool(dead_N[lo:hi].any()) for lo, hi in zip([0, *widths], [*widths, N], strict=True))
+
+    params = {p.data_ptr() for p in trainer.sae.parameters()}
+
+    def saved_batch_sized(mask):  # the shapes of what the backward keeps, [B, D] and up
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append((t.data_ptr(), tuple(t.shape))) or t,
+                                                      lambda t: t):  # fmt: skip
+            trainer.sae(x_BD, dead_mask_N=mask)
+        return sorted(s for p, s in shapes if p not in params and math.prod(s) >= B * D)
+
+    kept = saved_batch_sized(dead_N)
+    assert kept == saved_batch_sized(None) and (len(widths), B, D) in kept and (len(widths) + 1, B, D) not in kept
+    with _Shapes() as seen:
+        trainer.step(x_BD)
+    assert float(trainer.sae(x_BD, dead_mask_N=dead_N).metrics["aux"]) > 0
+    L = len(widths) + 1
+    assert not [s for s in seen.shapes if s in ((L, B, D), (L * B, D))]
