@@ -96,6 +96,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         dec_VE, rows_V, sizes, vals_VJ, idx_VJ, cut = batch_topk_virtual_decodes(
             xin_BD, self.W_enc, self.b_enc, self.W_dec, self.cfg.k, self.widths, self.row_scale(xin_BD)
         )
+        del xin_BD  # not saved by the backward (its virtual rows are): one [B, D] less while AuxK runs
         self.follow_cut(cut)  # BatchTopK's running cut-off, as its train_activate keeps it
         fired_VJ = (vals_VJ > 0).float()
         fired_N = torch.zeros(self.n_latents, device=x_BD.device).index_add_(0, idx_VJ.flatten(), fired_VJ.flatten())
