@@ -132,7 +132,7 @@ def test_matryoshka_one_pass_auxk_equals_the_per_level_auxk_in_float64(deferred,
     """Levels [0, 8) [8, 20) [20, 56) [56, 96) with aux_k = 6: no dead latent in the first,
     fewer dead than k_aux in the second (all chosen, scale 1), a top-6 of 20 in the third,
     exactly k_aux in the last; and a transcoder's (16 outputs, another width than the input)."""
-    if slab_rows:  # several slabs of batch rows (3 a slab)
+    if slab_rows:  # several slabs of a few batch rows
         monkeypatch.setattr(auxk, "SLAB_BYTES", 4 * D * slab_rows)
     torch.manual_seed(0)
     extra = {"d_out": 16} if transcoder else {}

@@ -150,10 +150,10 @@ class _GroupedAuxK(torch.autograd.Function):
         grads = any(needs)
         gWe_MD, gWd_MD, gb_M = (x_BD.new_zeros(M, D), torch.zeros_like(Wd_MD), x_BD.new_zeros(M)) if grads else (None,) * 3
         sq_GB = x_BD.new_empty(len(groups), B)
-        # Slabs of rows: [C, M] codes and [C, D] residuals of up to SLAB_BYTES each, the
+        # Slabs of rows: [C, M] codes and [C, E] residuals of up to SLAB_BYTES / 2 each, the
         # buffers reused by every slab and group (each fresh [B, D] block costs page faults).
         E = W_dec_ND.shape[1]  # a transcoder's output width
-        step = min(B, max(1, SLAB_BYTES // (4 * max(M, D, E))))
+        step = min(B, max(1, SLAB_BYTES // (8 * max(M, D, E))))
         z_SM, gpre_SM = x_BD.new_empty(step, M), x_BD.new_empty(step, M) if grads else None
         r_SE, tmp_SE = x_BD.new_empty(step, E), x_BD.new_empty(step, E)
 
