@@ -110,7 +110,8 @@ class DeadGroup(NamedTuple):
 
 
 def grouped_auxk_loss(
-    xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, W_dec_ND: Tensor, dead_M: Tensor, groups: list[DeadGroup]
+    xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, W_dec_ND: Tensor, dead_M: Tensor, groups: list[DeadGroup],
+    shift_D: Tensor | None = None,
 ) -> Tensor:
     """Σ over groups of scale · mean over rows of ‖e − s·ê‖² (``sae.ops.fitted_residual_loss``
     of each group's ``dead_decode``), in one pass over the dead latents; the groups cover
@@ -124,8 +125,9 @@ def grouped_auxk_loss(
     k_aux is the group's size), and the input-side gradient is one product. The gradients
     of a scalar loss are the upstream scalar times those of the loss itself, so they are
     computed here, a slab of rows at a time, and the backward only scales the [M, D] blocks:
-    nothing of size [B, D] is kept. Float32 even under autocast; same result as the groups
-    one by one (tested in float64)."""
+    nothing of size [B, D] is kept. The encoder reads xin + ``shift_D`` when given (an
+    SAE's x − b_dec, formed a slab at a time: no [B, D] copy). Float32 even under
+    autocast; same result as the groups one by one (tested in float64)."""
     stop = 0
     for g in groups:
         if g.start != stop or not 0 < g.k_aux <= g.stop - g.start:
@@ -138,13 +140,14 @@ def grouped_auxk_loss(
     needs = tuple(grad and t.requires_grad for t in (W_enc_ND, b_enc_N, W_dec_ND))
     with torch.autocast(xin_BD.device.type, enabled=False):
         x_BD = xin_BD.detach().to(W_enc_ND.dtype).contiguous()
-        return _GroupedAuxK.apply(x_BD, W_enc_ND, b_enc_N, W_dec_ND, dead_M, groups, needs)
+        shift = None if shift_D is None else shift_D.detach().to(W_enc_ND.dtype)
+        return _GroupedAuxK.apply(x_BD, W_enc_ND, b_enc_N, W_dec_ND, dead_M, groups, needs, shift)
 
 
 class _GroupedAuxK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, W_dec_ND: Tensor, dead_M: Tensor,  # type: ignore[override]
-                groups: list[DeadGroup], needs: tuple[bool, bool, bool]) -> Tensor:  # fmt: skip
+                groups: list[DeadGroup], needs: tuple[bool, bool, bool], shift_D: Tensor | None) -> Tensor:  # fmt: skip
         (B, D), M = x_BD.shape, dead_M.numel()
         We_MD, be_M, Wd_MD = W_enc_ND[dead_M], b_enc_N[dead_M], W_dec_ND[dead_M]
         grads = any(needs)
@@ -156,13 +159,15 @@ class _GroupedAuxK(torch.autograd.Function):
         step = min(B, max(1, SLAB_BYTES // (8 * max(M, D, E))))
         z_SM, gpre_SM = x_BD.new_empty(step, M), x_BD.new_empty(step, M) if grads else None
         r_SE, tmp_SE = x_BD.new_empty(step, E), x_BD.new_empty(step, E)
+        xs_SD = None if shift_D is None else x_BD.new_empty(step, D)
 
         def row_dot(a_CE: Tensor, b_CE: Tensor) -> Tensor:  # vecdot's arithmetic, its product in tmp
             return torch.mul(a_CE, b_CE, out=tmp_SE[: a_CE.shape[0]]).sum(-1)
 
         for s in range(0, B, step):
             e = min(B, s + step)
-            z_CM = torch.addmm(be_M, x_BD[s:e], We_MD.t(), out=z_SM[: e - s])  # pre-activations, then codes
+            x_CD = x_BD[s:e] if xs_SD is None else torch.add(x_BD[s:e], shift_D, out=xs_SD[: e - s])
+            z_CM = torch.addmm(be_M, x_CD, We_MD.t(), out=z_SM[: e - s])  # pre-activations, then codes
             for g in groups:
                 pre_Cm = z_CM[:, g.start : g.stop]
                 if g.k_aux == g.stop - g.start:  # every dead latent of the group is chosen
@@ -184,7 +189,7 @@ class _GroupedAuxK(torch.autograd.Function):
                     gWd_MD[g.start : g.stop].addmm_((z_Cm * c_C1).t(), r_CE)
                     torch.mul(torch.mm(r_CE, Wd_mE.t()).mul_(c_C1), z_Cm > 0, out=gpre_SM[: e - s, g.start : g.stop])
             if grads:
-                gWe_MD.addmm_(gpre_SM[: e - s].t(), x_BD[s:e])
+                gWe_MD.addmm_(gpre_SM[: e - s].t(), x_CD)
                 gb_M += gpre_SM[: e - s].sum(0)
         ctx.grads = (gWe_MD, gb_M, gWd_MD)
         ctx.dead_M, ctx.shapes = dead_M, (W_enc_ND, b_enc_N, W_dec_ND)
@@ -205,4 +210,4 @@ class _GroupedAuxK(torch.autograd.Function):
         grad_b = torch.zeros_like(b_enc_N).index_add_(0, dead_M, gb_M.mul_(g)) if needs[2] else None
         grad_We = _rows_grad(W_enc_ND, dead_M, gWe_MD.mul_(g), True) if needs[1] else None
         grad_Wd = _rows_grad(W_dec_ND, dead_M, gWd_MD.mul_(g), True) if needs[3] else None
-        return None, grad_We, grad_b, grad_Wd, None, None, None
+        return None, grad_We, grad_b, grad_Wd, None, None, None, None

@@ -165,8 +165,10 @@ class MatryoshkaSAE(BatchTopKSAE):
                 k_aux = min(self.aux_k, n_dead)
                 groups.append(DeadGroup(lo, hi, k_aux, level_err_BD, min(n_dead / k_aux, 1.0)))
             lo = hi
-        xin_BD = self.centered(x_BD).detach()  # AuxK trains only the dead latents
-        return grouped_auxk_loss(xin_BD, self.W_enc, self.b_enc, self.W_dec, dead_M, groups)
+        # The encoder's input, centred a slab at a time (``centered``: x + (−b_dec) for an
+        # SAE); detached: AuxK trains only the dead latents.
+        shift_D = None if self.is_transcoder else -self.b_dec
+        return grouped_auxk_loss(x_BD, self.W_enc, self.b_enc, self.W_dec, dead_M, groups, shift_D)
 
 
 class _PrefixErrors(torch.autograd.Function):
