@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from llm_sae.config import to_dict
 from llm_sae.kernels.auxk import dead_decode
-from llm_sae.sae.ops import dead_rows, fitted_residual_loss
+from llm_sae.sae.ops import aux_k_of, dead_rows, fitted_residual_loss
 
 if TYPE_CHECKING:
     from llm_sae.sae.config import SAEConfig
@@ -239,11 +239,6 @@ class SAE(nn.Module):
         # dead latents cannot dominate the loss.
         return fitted_residual_loss(err_BD, e_hat_BD, min(n_dead / k_aux, 1.0))
 
-    @property
-    def aux_k(self) -> int:
-        """AuxK's latents per row (at most the dead ones): ``aux_k``, default d/2 up to 512."""
-        return self.cfg.aux_k or min(512, max(1, self.d_in // 2))
-
     def aux_reconstruction(self, x_BD: Tensor, dead_mask_N: Tensor) -> tuple[Tensor, int, int]:
         """(ê_BD, n_dead, k_aux): the decode (no bias) of each row's top k_aux dead latents.
 
@@ -254,7 +249,7 @@ class SAE(nn.Module):
         n_dead = dead_M.numel()
         if n_dead == 0:
             return x_BD.new_zeros(()), 0, 0
-        k_aux = min(self.aux_k, n_dead)
+        k_aux = min(aux_k_of(self), n_dead)
         xin_BD = self.centered(x_BD).detach()  # AuxK trains only the dead latents
         return dead_decode(xin_BD, self.W_enc, self.b_enc, self.W_dec, dead_M, k_aux), n_dead, k_aux
 

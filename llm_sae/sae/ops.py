@@ -35,6 +35,12 @@ def dead_rows(dead_mask_N: Tensor, device: torch.device) -> Tensor:
     return dead_M
 
 
+def aux_k_of(sae: torch.nn.Module) -> int:
+    """AuxK's latents per row before the cap at the dead count: ``aux_k``, default d/2 up
+    to 512 (``SAE.auxk_loss``; Matryoshka's AuxK takes as many per level)."""
+    return sae.cfg.aux_k or min(512, max(1, sae.d_in // 2))
+
+
 def decode_sparse(vals_BK: Tensor, idx_BK: Tensor, W_dec_ND: Tensor) -> Tensor:
     """Σ_k vals·W_dec[idx] without a dense [B, N] intermediate (no bias)."""
     return topk_decode(vals_BK, idx_BK, W_dec_ND)

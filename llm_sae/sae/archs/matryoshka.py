@@ -13,7 +13,7 @@ from llm_sae.kernels.auxk import DeadGroup, grouped_auxk_loss
 from llm_sae.kernels.batch_topk import batch_topk_virtual_decodes
 from llm_sae.sae.archs.batchtopk import BatchTopKSAE
 from llm_sae.sae.base import ForwardOutput
-from llm_sae.sae.ops import dead_rows
+from llm_sae.sae.ops import aux_k_of, dead_rows
 from llm_sae.sae.registry import register
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         for hi, level_err_BD in zip(bounds, errs, strict=True):
             n_dead = hi - lo
             if n_dead:
-                k_aux = min(self.aux_k, n_dead)
+                k_aux = min(aux_k_of(self), n_dead)
                 groups.append(DeadGroup(lo, hi, k_aux, level_err_BD, min(n_dead / k_aux, 1.0)))
             lo = hi
         # The encoder's input, centred a slab at a time (``centered``: x + (−b_dec) for an
