@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         for st in states:
             torch.manual_seed(a.seed)  # the same initial weights for every state
             cfg = TrainConfig(store="-", out="-", arch=arch, d_in=D, n_latents=N, k=a.k, batch_size=B)
-            tr = Trainer(REGISTRY[arch](cfg), cfg, total_steps=10**6)
+            tr = Trainer(REGISTRY[arch](cfg.resolved()), cfg, total_steps=10**6)
+            # As `llm-sae train` starts a run (b_dec, BatchTopK's encoder scale, JumpReLU's
+            # thresholds at the target L0), so every architecture steps at its mean L0 of k.
+            tr.init_from_sample(x_BD)
             if st > 0:  # these latents stay dead, so AuxK acts at every step
                 dead_N = torch.zeros(N, dtype=torch.bool)
                 dead_N[order[: max(1, round(st * N))]] = True
@@ -62,24 +65,27 @@ def main(argv: list[str] | None = None) -> int:
             tr.step(x_BD)  # warm-up
             trainers[arch, st] = tr
     times: dict[tuple[str, float], list[float]] = {key: [] for key in trainers}
+    l0: dict[tuple[str, float], float] = {}
     for _ in range(a.rounds):
         for key, tr in trainers.items():
             t0 = time.process_time()
-            tr.step(x_BD)
+            out = tr.step(x_BD)
             times[key].append(time.process_time() - t0)
+            if out is not None:  # the mean L0 the step ran at (equal L0 is the comparison)
+                l0[key] = float(out.metrics["l0"])
     med = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
 
     print(f"training step, d={D} n={N} k={a.k} B={B}, 1 thread, CPU time, median of {a.rounds} "
           f"interleaved rounds (load {os.getloadavg()[0]:.1f})\n")  # fmt: skip
-    head = f"{'arch':11s} {'dead':>5s} {'step ms':>8s} {'/ ' + archs[0]:>9s} {'/ clean':>8s}  all ms"
+    head = f"{'arch':11s} {'dead':>5s} {'L0':>6s} {'step ms':>8s} {'/ ' + archs[0]:>9s} {'/ clean':>8s}  all ms"
     print(head)
     print("-" * len(head))
     rows = []
     for (arch, st), s in med.items():
-        row = {"arch": arch, "dead": st, "step_s": s, "all_s": times[arch, st],
+        row = {"arch": arch, "dead": st, "l0": l0.get((arch, st)), "step_s": s, "all_s": times[arch, st],
                "over_base": s / med[archs[0], st], "over_clean": s / med[arch, states[0]]}  # fmt: skip
         rows.append(row)
-        print(f"{arch:11s} {st:5.2f} {s * 1e3:8.0f} {row['over_base']:8.2f}x {row['over_clean']:7.2f}x  "
+        print(f"{arch:11s} {st:5.2f} {l0.get((arch, st), float('nan')):6.1f} {s * 1e3:8.0f} {row['over_base']:8.2f}x {row['over_clean']:7.2f}x  "
               + " ".join(f"{t * 1e3:.0f}" for t in times[arch, st]))  # fmt: skip
     if a.json_out:
         out = {"shape": {"d_in": D, "n_latents": N, "k": a.k, "batch": B}, "rounds": a.rounds,
