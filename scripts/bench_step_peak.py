@@ -55,7 +55,8 @@ def worker(arch: str, dead: float, a: argparse.Namespace) -> dict:
     x_BD = torch.randn(B, D, generator=torch.Generator().manual_seed(a.seed))
     torch.manual_seed(a.seed)
     cfg = TrainConfig(store="-", out="-", arch=arch, d_in=D, n_latents=N, k=a.k, batch_size=B)
-    trainer = Trainer(REGISTRY[arch](cfg), cfg, total_steps=10**6)
+    trainer = Trainer(REGISTRY[arch](cfg.resolved()), cfg, total_steps=10**6)
+    trainer.init_from_sample(x_BD)  # as `llm-sae train` starts a run (bench_arch_steps does too)
     if dead > 0:  # these latents stay dead, so AuxK acts at every step
         dead_N = torch.zeros(N, dtype=torch.bool)
         dead_N[torch.randperm(N, generator=torch.Generator().manual_seed(a.seed))[: round(dead * N)]] = True
