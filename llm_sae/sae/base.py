@@ -83,6 +83,7 @@ class SAE(nn.Module):
             # Starts at zero (as in SAELens and sparsify): the latents learn first.
             self.W_skip = nn.Parameter(torch.zeros(E, D))
         self.progress = 1.0
+        self.total_steps: int | None = None
 
     # ----------------------------------------------------------------- hooks for subclasses
     @classmethod
@@ -130,9 +131,12 @@ class SAE(nn.Module):
     def init_from_sample(self, x_BD: Tensor) -> None:
         """An architecture's own start from the (scaled) initialisation sample, after b_dec."""
 
-    def set_progress(self, progress: float) -> None:
-        """Fraction of training done, in [0, 1]; drives sparsity-coefficient warm-ups."""
+    def set_progress(self, progress: float, total_steps: int | None = None) -> None:
+        """Fraction of training done, in [0, 1]; drives sparsity-coefficient warm-ups. The
+        run's length in steps, when known, lets a controller scale its gains with it."""
         self.progress = float(progress)
+        if total_steps is not None:
+            self.total_steps = int(total_steps)
 
     def centered(self, x_BD: Tensor) -> Tensor:
         """What the encoder reads: x − b_dec for an SAE, x itself for a transcoder (whose

@@ -128,7 +128,7 @@ class Trainer:
         if b_dec_E is None:
             b_dec_E = geometric_median(y_BE * self.output_scale)
         self.sae.b_dec.copy_(b_dec_E.to(self.device))
-        self.sae.set_progress(self.step_idx / max(1, self.total_steps))  # the first step's selection
+        self.sae.set_progress(self.step_idx / max(1, self.total_steps), self.total_steps)  # the first step's selection
         self.sae.init_from_sample(x_BD * self.input_scale)
 
     # ---------------------------------------------------------------------- a step
@@ -164,7 +164,7 @@ class Trainer:
         ys_BE = None if y_BE is None else y_BE * self.output_scale
         sae = self.sae
         sae.train()
-        sae.set_progress(self.step_idx / max(1, self.total_steps))
+        sae.set_progress(self.step_idx / max(1, self.total_steps), self.total_steps)
         lr = self.base_lr * lr_factor(self.step_idx, self.total_steps, self.cfg)
         for group in self.opt.param_groups:
             group["lr"] = lr
