@@ -48,7 +48,10 @@ def test_topk_learns_with_exactly_k_active():
 
 @pytest.mark.parametrize("arch", ["batchtopk", "jumprelu", "wta"])
 def test_variable_sparsity_archs_learn_near_k(arch):
-    sae, trainer, x_BD, z_BN = fit(arch)
+    # JumpReLU starts on target and its thresholds, moved ~lr a step, lag this toy's fast
+    # encoder growth for a while: at 300 steps it is at L0 2.6 and FVU 0.25 (3.9 and 0.08
+    # at 600; BENCHMARKS.md, issue 17 fourth pass).
+    sae, trainer, x_BD, z_BN = fit(arch, steps=600 if arch == "jumprelu" else 300)
     l0 = float((z_BN > 0).sum(-1).float().mean())
     assert 0.5 * K < l0 < 2 * K, l0  # at inference, with learned thresholds
     assert fvu(sae, x_BD, z_BN) < (0.35 if arch == "wta" else 0.2)

@@ -13,6 +13,13 @@ from torch import Tensor, nn
 
 from llm_sae.config import ConfigError
 from llm_sae.kernels.topk import pair_pre_acts
+from llm_sae.sae.archs.jumprelu_gate import (
+    JumpReLUFn,
+    StepFn,
+    relative,
+    revival_thresholds,
+    start_thresholds,
+)
 from llm_sae.sae.base import SAE, ForwardOutput
 from llm_sae.sae.ops import control_l0, dead_rows, decode_sparse, relative_row_scale, warmup
 from llm_sae.sae.registry import register
@@ -24,6 +31,10 @@ SPARSITY_LOSSES = ("quadratic", "step", "tanh")
 _ALIASES = {"target": "quadratic", "l0": "step"}  # the names before the current recipe
 CONTROL_KI, CONTROL_KP = 0.05, 2.0
 """The L0 controller's gains (``ops.control_l0``), per step on e = log(L0/target)."""
+CONTROL_SPAN = 30.0
+"""Over a run of S steps the integral gain is at least CONTROL_SPAN / S: the knob's
+balance point drifts as the encoder learns, by about as much in a short run as in a long
+one, so a short run needs a faster integral to follow it (292 steps: 0.1, not 0.05)."""
 CONTROL_RANGE = (-2.0, 10.0)
 """Its integral's range: step and tanh's coefficient stays within e^-2 to e^10 times
 l0_coef (tanh needs 50x on bench recovery; step ~1x), quadratic's aim within e^-10..e^2 T."""
@@ -51,48 +62,6 @@ class JumpReLUParams:
     pre_act_coef: float = 3e-6
     """jumprelu: weight of Anthropic's pre-activation loss Σ_dead relu(θ − pre)·‖W_dec‖,
     which pulls dead latents up to their thresholds (0 turns it off)."""
-
-
-def _rel(t: Tensor, s_B1: Tensor | None) -> Tensor:
-    """Pre-activations relative to their row's scale (``JumpReLUSAE.row_scale``), if any."""
-    return t if s_B1 is None else t / s_B1
-
-
-class _JumpReLU(torch.autograd.Function):
-    """pre·H(pre − θ); θ's gradient through a rectangle kernel of width ε (straight-through),
-    pre's through the gate only (DeepMind's estimator)."""
-
-    @staticmethod
-    def forward(ctx: Any, pre_BN: Tensor, theta_N: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(pre_BN, theta_N)
-        ctx.eps = eps
-        return pre_BN * (pre_BN > theta_N)
-
-    @staticmethod
-    def backward(ctx: Any, g_BN: Tensor) -> tuple[Tensor, Tensor, None]:
-        pre_BN, theta_N = ctx.saved_tensors
-        eps = ctx.eps
-        g_pre = g_BN * (pre_BN > theta_N)
-        near_BN = ((pre_BN - theta_N).abs() < eps / 2).to(g_BN.dtype)
-        g_theta_N = (g_BN * near_BN).sum(0, dtype=torch.float32) * (-theta_N / eps)
-        return g_pre, g_theta_N, None
-
-
-class _Step(torch.autograd.Function):
-    """H(pre − θ) with a straight-through θ gradient; none to pre (as in the paper)."""
-
-    @staticmethod
-    def forward(ctx: Any, pre_BN: Tensor, theta_N: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(pre_BN, theta_N)
-        ctx.eps = eps
-        return (pre_BN > theta_N).to(pre_BN.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, g_BN: Tensor) -> tuple[None, Tensor, None]:
-        pre_BN, theta_N = ctx.saved_tensors
-        eps = ctx.eps
-        near_BN = ((pre_BN - theta_N).abs() < eps / 2).to(g_BN.dtype)
-        return None, (g_BN * near_BN).sum(0, dtype=torch.float32) * (-1.0 / eps), None
 
 
 @register
@@ -153,7 +122,8 @@ class JumpReLUSAE(SAE):
         xin_BD = self.centered(x_BD)
         s_B1 = self.row_scale(xin_BD)
         with torch.no_grad():
-            pre_BN = _rel(F.linear(xin_BD, self.W_enc, self.b_enc), s_B1)
+            pre_BN = relative(F.linear(xin_BD, self.W_enc, self.b_enc), s_B1)
+            self.revive(pre_BN, dead_mask_N)
             fired_BN = pre_BN > self.threshold
             near_BN = (pre_BN - self.threshold).abs() < self.cfg.bandwidth / 2
             pairs_BN = fired_BN | near_BN
@@ -171,11 +141,11 @@ class JumpReLUSAE(SAE):
         ste_BK = ste_BK if s_B1 is None else ste_BK * s_B1
         z_BK = pair_pre_acts(xin_BD, self.W_enc, self.b_enc, idx_BK) * fired_BK + ste_BK.to(xin_BD.dtype)
         x_hat_BD = self.add_skip(decode_sparse(z_BK, idx_BK, self.W_dec) + self.b_dec, x_BD)
-        l0 = _Step.apply(pre_BN, self.threshold, self.cfg.bandwidth).sum(-1).mean()
-        sparsity, metrics = self.sparsity_terms(l0, lambda: self.tanh_penalty(_rel(z_BK, s_B1), idx_BK))
+        l0 = StepFn.apply(pre_BN, self.threshold, self.cfg.bandwidth).sum(-1).mean()
+        sparsity, metrics = self.sparsity_terms(l0, lambda: self.tanh_penalty(relative(z_BK, s_B1), idx_BK))
         if aux and dead_mask_N is not None and self.cfg.pre_act_coef > 0:
             dead_M = dead_rows(dead_mask_N, self.W_enc.device)
-            pre_BM = _rel(F.linear(xin_BD, self.W_enc[dead_M], self.b_enc[dead_M]), s_B1)
+            pre_BM = relative(F.linear(xin_BD, self.W_enc[dead_M], self.b_enc[dead_M]), s_B1)
             pre_act = self.pre_act_loss(pre_BM, self.threshold[dead_M], self.W_dec[dead_M])
             sparsity = sparsity + self.cfg.pre_act_coef * pre_act
             metrics["pre_act"] = pre_act.detach()
@@ -188,8 +158,9 @@ class JumpReLUSAE(SAE):
     ) -> ForwardOutput:
         """The reference training forward, on the dense [B, N] latents."""
         s_B1 = self.row_scale(self.centered(x_BD))
-        pre_BN = _rel(self.pre_acts(x_BD), s_B1)  # relative to the row's norm early in training
-        z_BN = _JumpReLU.apply(pre_BN, self.threshold, self.cfg.bandwidth)
+        pre_BN = relative(self.pre_acts(x_BD), s_B1)  # relative to the row's norm early in training
+        self.revive(pre_BN.detach(), dead_mask_N)
+        z_BN = JumpReLUFn.apply(pre_BN, self.threshold, self.cfg.bandwidth)
         x_hat_BD = self.add_skip(self.decode(z_BN if s_B1 is None else z_BN * s_B1), x_BD)
         sparsity, metrics = self.sparsity_loss(pre_BN, z_BN)
         if aux and dead_mask_N is not None and self.cfg.pre_act_coef > 0:
@@ -211,6 +182,58 @@ class JumpReLUSAE(SAE):
         s_B = relative_row_scale(self, xin_BD)
         return None if s_B is None else s_B[:, None]
 
+    @torch.no_grad()
+    def init_from_sample(self, x_BD: Tensor) -> None:
+        """Start on target: θ where the sample's L0 through the first step's gate (relative
+        to the rows' norms) is ``target`` (``start_thresholds``), and the encoder at the
+        scale whose selection best reconstructs the sample in least squares (as
+        ``BatchTopKSAE.init_from_sample``). At the old start (θ = 1 for all) tiny-stdlib
+        fired 126 latents a row for a target of 32 and over-reconstructed 4x; the L0 fell
+        to 11, the controller wound up on the undershoot, and a 292-step run ended at 40
+        (BENCHMARKS.md, issue 17 fourth pass). A transcoder keeps its encoder's scale."""
+        if x_BD.shape[0] == 0:
+            return
+        was = self.training
+        self.train()
+        try:
+            xs_BD = x_BD[: max(64, min(16384, (1 << 25) // self.n_latents))].to(self.W_enc.dtype)
+            xin_BD = self.centered(xs_BD)
+            s_B1 = self.row_scale(xin_BD)
+            pre_BN = relative(F.linear(xin_BD, self.W_enc, self.b_enc), s_B1)
+        finally:
+            self.train(was)
+        theta_N = start_thresholds(pre_BN, self.target)
+        if not self.is_transcoder:
+            z_BN = pre_BN * (pre_BN > theta_N)
+            dec_BD = (z_BN if s_B1 is None else z_BN * s_B1) @ self.W_dec
+            den = (dec_BD * dec_BD).sum()
+            scale = float((xin_BD * dec_BD).sum() / den) if den > 0 else 0.0
+            if scale > 0:
+                self.W_enc.mul_(scale)
+                self.b_enc.mul_(scale)
+                theta_N = theta_N * scale
+        self.threshold.copy_(theta_N)
+
+    @torch.no_grad()
+    def revive(self, pre_BN: Tensor, dead_mask_N: Tensor | None) -> None:
+        """A dead latent's θ comes down to where it fires on this batch (``revival_thresholds``):
+        on target/N of its rows while the gate is relative, on one row in the plain tail.
+
+        A latent that stops firing gets no threshold gradient (none of its pre-activations
+        is within ε/2 of θ) and AuxK and the pre-activation loss turn its encoder row
+        without bringing θ back in reach; lowering θ lets it rejoin the reconstruction,
+        where its gradients decide whether it stays. In the plain tail one row each keeps
+        the L0 on target: target/N there took bench recovery's L0 from 8 to 9.9."""
+        if dead_mask_N is None or not self.training:
+            return
+        dead_M = dead_rows(dead_mask_N, pre_BN.device)
+        if dead_M.numel() == 0:
+            return
+        relative_phase = self.progress < self.cfg.relative_selection
+        n = round(self.target / self.n_latents * pre_BN.shape[0]) if relative_phase else 1
+        theta_M = revival_thresholds(pre_BN[:, dead_M], n)
+        self.threshold[dead_M] = torch.minimum(self.threshold[dead_M], theta_M)
+
     @property
     def controlled(self) -> bool:
         """Whether a controller steers the trained L0 to ``target``: always for quadratic,
@@ -218,7 +241,7 @@ class JumpReLUSAE(SAE):
         return self.mode == "quadratic" or self.cfg.target_l0 is not None
 
     def sparsity_loss(self, pre_BN: Tensor, z_BN: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        l0 = _Step.apply(pre_BN, self.threshold, self.cfg.bandwidth).sum(-1).mean()
+        l0 = StepFn.apply(pre_BN, self.threshold, self.cfg.bandwidth).sum(-1).mean()
         return self.sparsity_terms(l0, lambda: self.tanh_penalty(z_BN))
 
     def tanh_penalty(self, z_BK: Tensor, idx_BK: Tensor | None = None) -> Tensor:
@@ -244,6 +267,11 @@ class JumpReLUSAE(SAE):
             c = self.cfg.l0_coef * warmup(self.progress, self.cfg.sparsity_warmup)
         return c * penalty, {"l0": l0.detach(), "l0_coef": torch.as_tensor(c).detach()}
 
+    @property
+    def control_ki(self) -> float:
+        """The integral gain for this run's length (``CONTROL_SPAN``)."""
+        return max(CONTROL_KI, CONTROL_SPAN / self.total_steps) if self.total_steps else CONTROL_KI
+
     def _control(self, l0: Tensor) -> Tensor:
         """The controller's knob for this batch; it learns only in training, and not
         during the quadratic loss's warm-up (when nothing yet pulls the L0 down)."""
@@ -251,7 +279,7 @@ class JumpReLUSAE(SAE):
         if not self.training or (self.mode == "quadratic" and self.progress < self.cfg.sparsity_warmup):
             return state.clone()
         with torch.no_grad():
-            return control_l0(state, l0, self.target, ki=CONTROL_KI, kp=CONTROL_KP, lo=CONTROL_RANGE[0], hi=CONTROL_RANGE[1])
+            return control_l0(state, l0, self.target, ki=self.control_ki, kp=CONTROL_KP, lo=CONTROL_RANGE[0], hi=CONTROL_RANGE[1])
 
     def pre_act_loss(self, pre_BM: Tensor, theta_M: Tensor, W_dec_MD: Tensor, dead_M: Tensor | None = None) -> Tensor:
         """Anthropic's pre-activation loss (January 2025), on the dead latents only as in

@@ -1,0 +1,71 @@
+"""JumpReLU's gate: its straight-through autograd functions, and where its thresholds start
+and where a dead latent's comes back to (pure tensor functions, tested on their own)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def relative(t: Tensor, s_B1: Tensor | None) -> Tensor:
+    """Pre-activations relative to their row's scale (``JumpReLUSAE.row_scale``), if any."""
+    return t if s_B1 is None else t / s_B1
+
+
+class JumpReLUFn(torch.autograd.Function):
+    """pre·H(pre − θ); θ's gradient through a rectangle kernel of width ε (straight-through),
+    pre's through the gate only (DeepMind's estimator)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre_BN: Tensor, theta_N: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(pre_BN, theta_N)
+        ctx.eps = eps
+        return pre_BN * (pre_BN > theta_N)
+
+    @staticmethod
+    def backward(ctx: Any, g_BN: Tensor) -> tuple[Tensor, Tensor, None]:
+        pre_BN, theta_N = ctx.saved_tensors
+        eps = ctx.eps
+        g_pre = g_BN * (pre_BN > theta_N)
+        near_BN = ((pre_BN - theta_N).abs() < eps / 2).to(g_BN.dtype)
+        g_theta_N = (g_BN * near_BN).sum(0, dtype=torch.float32) * (-theta_N / eps)
+        return g_pre, g_theta_N, None
+
+
+class StepFn(torch.autograd.Function):
+    """H(pre − θ) with a straight-through θ gradient; none to pre (as in the paper)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre_BN: Tensor, theta_N: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(pre_BN, theta_N)
+        ctx.eps = eps
+        return (pre_BN > theta_N).to(pre_BN.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g_BN: Tensor) -> tuple[None, Tensor, None]:
+        pre_BN, theta_N = ctx.saved_tensors
+        eps = ctx.eps
+        near_BN = ((pre_BN - theta_N).abs() < eps / 2).to(g_BN.dtype)
+        return None, (g_BN * near_BN).sum(0, dtype=torch.float32) * (-1.0 / eps), None
+
+
+def start_thresholds(pre_BN: Tensor, target: float) -> Tensor:
+    """[N]: θ_i = c·rms_i, with one c for all latents such that the rows of ``pre_BN`` fire
+    ``target`` latents on average (pre > θ). In units of each latent's own spread, so every
+    latent starts on about the same share of rows and none starts dead where the data is
+    anisotropic (a residual stream's few large directions)."""
+    rms_N = pre_BN.float().pow(2).mean(0).sqrt().clamp_min(1e-6)
+    std_BN = pre_BN.float() / rms_N
+    n_fire = max(1, min(std_BN.numel() - 1, round(target * pre_BN.shape[0])))
+    # c halfway between the n_fire-th and the next largest standardised value.
+    top = std_BN.flatten().topk(n_fire + 1, sorted=True).values
+    return top[-2:].mean().clamp_min(0) * rms_N
+
+
+def revival_thresholds(pre_BM: Tensor, n: int) -> Tensor:
+    """[M]: for each column, a threshold just below its n-th largest value (≥ 0), so that
+    the latent fires on about n of these rows."""
+    n = max(1, min(n, pre_BM.shape[0]))
+    return pre_BM.float().topk(n, dim=0).values[-1].clamp_min(0) * (1 - 1e-3)
