@@ -56,7 +56,8 @@ class JumpReLUParams:
     bandwidth: float = 0.3
     """jumprelu: width ε of the rectangle kernel in the threshold's straight-through gradient."""
     init_threshold: float = 1.0
-    """jumprelu: initial threshold of every latent (inputs are scaled to E‖x‖ = √d_in)."""
+    """jumprelu: threshold of every latent at construction (inputs are scaled to E‖x‖ =
+    √d_in); the trainer then starts θ on target from its initialisation sample."""
     tanh_scale: float = 4.0
     """jumprelu with the tanh loss: the scale c in tanh(c·f·‖W_dec‖)."""
     pre_act_coef: float = 3e-6
@@ -188,7 +189,7 @@ class JumpReLUSAE(SAE):
         to the rows' norms) is ``target`` (``start_thresholds``), and the encoder at the
         scale whose selection best reconstructs the sample in least squares (as
         ``BatchTopKSAE.init_from_sample``). At the old start (θ = 1 for all) tiny-stdlib
-        fired 126 latents a row for a target of 32 and over-reconstructed 4x; the L0 fell
+        fired 126 latents a row for a target of 32 (training FVU 4.3 at step 10); the L0 fell
         to 11, the controller wound up on the undershoot, and a 292-step run ended at 40
         (BENCHMARKS.md, issue 17 fourth pass). A transcoder keeps its encoder's scale."""
         if x_BD.shape[0] == 0:
