@@ -82,8 +82,7 @@ class SAE(nn.Module):
         if self.cfg.skip:
             # Starts at zero (as in SAELens and sparsify): the latents learn first.
             self.W_skip = nn.Parameter(torch.zeros(E, D))
-        self.progress = 1.0
-        self.total_steps: int | None = None
+        self.progress, self.total_steps = 1.0, None  # set_progress
 
     # ----------------------------------------------------------------- hooks for subclasses
     @classmethod
@@ -132,11 +131,9 @@ class SAE(nn.Module):
         """An architecture's own start from the (scaled) initialisation sample, after b_dec."""
 
     def set_progress(self, progress: float, total_steps: int | None = None) -> None:
-        """Fraction of training done, in [0, 1]; drives sparsity-coefficient warm-ups. The
-        run's length in steps, when known, lets a controller scale its gains with it."""
-        self.progress = float(progress)
-        if total_steps is not None:
-            self.total_steps = int(total_steps)
+        """Fraction of training done, in [0, 1] (sparsity warm-ups), and the run's length in
+        steps when known (a controller scales its gains with it)."""
+        self.progress, self.total_steps = float(progress), total_steps or self.total_steps
 
     def centered(self, x_BD: Tensor) -> Tensor:
         """What the encoder reads: x − b_dec for an SAE, x itself for a transcoder (whose

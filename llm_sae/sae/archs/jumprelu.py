@@ -218,20 +218,21 @@ class JumpReLUSAE(SAE):
     @torch.no_grad()
     def revive(self, pre_BN: Tensor, dead_mask_N: Tensor | None) -> None:
         """A dead latent's θ comes down to where it fires on this batch (``revival_thresholds``):
-        on target/N of its rows while the gate is relative, on one row in the plain tail.
+        on target/N of its rows until --relative-selection, on one row from there on.
 
         A latent that stops firing gets no threshold gradient (none of its pre-activations
         is within ε/2 of θ) and AuxK and the pre-activation loss turn its encoder row
         without bringing θ back in reach; lowering θ lets it rejoin the reconstruction,
-        where its gradients decide whether it stays. In the plain tail one row each keeps
-        the L0 on target: target/N there took bench recovery's L0 from 8 to 9.9."""
+        where its gradients decide whether it stays. One row each at the end keeps the L0
+        on target: with a hard switch to the plain gate, target/N there took bench
+        recovery's L0 from 8 to 9.9."""
         if dead_mask_N is None or not self.training:
             return
         dead_M = dead_rows(dead_mask_N, pre_BN.device)
         if dead_M.numel() == 0:
             return
-        relative_phase = self.progress < self.cfg.relative_selection
-        n = round(self.target / self.n_latents * pre_BN.shape[0]) if relative_phase else 1
+        early = self.progress < self.cfg.relative_selection
+        n = round(self.target / self.n_latents * pre_BN.shape[0]) if early else 1
         theta_M = revival_thresholds(pre_BN[:, dead_M], n)
         self.threshold[dead_M] = torch.minimum(self.threshold[dead_M], theta_M)
 

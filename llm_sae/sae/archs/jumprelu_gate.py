@@ -65,7 +65,11 @@ def start_thresholds(pre_BN: Tensor, target: float) -> Tensor:
 
 
 def revival_thresholds(pre_BM: Tensor, n: int) -> Tensor:
-    """[M]: for each column, a threshold just below its n-th largest value (≥ 0), so that
-    the latent fires on about n of these rows."""
-    n = max(1, min(n, pre_BM.shape[0]))
-    return pre_BM.float().topk(n, dim=0).values[-1].clamp_min(0) * (1 - 1e-3)
+    """[M]: for each column, a threshold (≥ 0) halfway between its n-th and (n+1)-th largest
+    values, so that the latent fires on n of these rows (all of them when n ≥ the rows)."""
+    B = pre_BM.shape[0]
+    n = max(1, n)
+    if n >= B:
+        return pre_BM.float().min(0).values.clamp_min(0) * (1 - 1e-3)
+    top_KM = pre_BM.float().topk(n + 1, dim=0).values
+    return top_KM[-2:].mean(0).clamp_min(0)
