@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from llm_sae.config import to_dict
 from llm_sae.kernels.auxk import dead_decode
-from llm_sae.sae.ops import aux_k_of, dead_rows, fitted_residual_loss
+from llm_sae.sae.ops import arch_setting, aux_k_of, dead_rows, fitted_residual_loss
 
 if TYPE_CHECKING:
     from llm_sae.sae.config import SAEConfig
@@ -87,8 +87,7 @@ class SAE(nn.Module):
     # ----------------------------------------------------------------- hooks for subclasses
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
-        """ConfigError for values of this architecture's parameters it cannot use; may fill
-        in the architecture's defaults of parameters left None (``SAEConfig.resolved``)."""
+        """ConfigError for values of this architecture's parameters it cannot use."""
 
     def activate(self, pre_BN: Tensor) -> Tensor:
         """Dense latents from pre-activations (batch-level rules only in training mode)."""
@@ -205,7 +204,7 @@ class SAE(nn.Module):
             total_var = y_BE.var(0, correction=0).sum().clamp_min(1e-12)
         loss = recon + sparsity
         aux_loss = x_BD.new_zeros(())
-        aux_coef = self.default_aux_coef if self.cfg.aux_coef is None else self.cfg.aux_coef
+        aux_coef = arch_setting(self, "aux_coef")
         if aux and dead_mask_N is not None and aux_coef > 0:
             aux_loss = self.auxk_loss(x_BD, err_BD.detach(), dead_mask_N)  # err_BD is [B, E]
             loss = loss + aux_coef * aux_loss

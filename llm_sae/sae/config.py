@@ -10,6 +10,9 @@ from llm_sae.sae.archs import PARAMS
 from llm_sae.sae.registry import REGISTRY
 
 # The classic and modern architectures `llm-sae bench recovery` compares by default.
+ARCH_DEFAULTS = ("aux_coef", "relative_fade", "matryoshka_inner_weight")
+"""Fields whose default (None) is the architecture's ``default_<field>`` (``ops.arch_setting``)."""
+
 ARCHS = ("topk", "batchtopk", "matryoshka", "relu_l1", "jumprelu", "kl_sigmoid", "wta")
 
 
@@ -66,10 +69,9 @@ class SAEConfig(*reversed(PARAMS), CommonParams):  # type: ignore[misc]
                 f"k={cfg.k} must be at least 1 and below n_latents={cfg.n_latents}; "
                 "lower --k or raise --expansion/--n-latents"
             )
-        if cfg.aux_coef is None:
-            cfg.aux_coef = REGISTRY[cfg.arch].default_aux_coef
-        if cfg.relative_fade is None:
-            cfg.relative_fade = REGISTRY[cfg.arch].default_relative_fade
+        for name in ARCH_DEFAULTS:  # written out, so cfg.json and checkpoints record them
+            if getattr(cfg, name) is None:
+                setattr(cfg, name, getattr(REGISTRY[cfg.arch], f"default_{name}", None))
         if not 0 <= cfg.relative_selection <= 1 or (cfg.relative_fade or 0) < 0:
             raise ConfigError(
                 f"relative_selection must be in [0, 1] and relative_fade >= 0, got "

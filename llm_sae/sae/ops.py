@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -33,6 +35,14 @@ def dead_rows(dead_mask_N: Tensor, device: torch.device) -> Tensor:
     if dead_M.device != device:
         dead_M = (dead_M.pin_memory() if device.type == "cuda" else dead_M).to(device, non_blocking=True)
     return dead_M
+
+
+def arch_setting(sae: torch.nn.Module, name: str) -> Any:
+    """``sae.cfg.<name>``, or the architecture's ``default_<name>`` where the config leaves
+    it None (``SAEConfig.resolved`` writes these in, ``ARCH_DEFAULTS``; an SAE built from
+    an unresolved config reads the same value here)."""
+    value = getattr(sae.cfg, name)
+    return getattr(type(sae), f"default_{name}", None) if value is None else value
 
 
 def aux_k_of(sae: torch.nn.Module) -> int:
@@ -127,9 +137,7 @@ def relative_row_scale(sae: torch.nn.Module, xin_BD: Tensor) -> Tensor | None:
     runs."""
     if not sae.training:
         return None
-    fade = sae.cfg.relative_fade
-    alpha = relative_power(sae.progress, sae.cfg.relative_selection,
-                           type(sae).default_relative_fade if fade is None else fade)
+    alpha = relative_power(sae.progress, sae.cfg.relative_selection, arch_setting(sae, "relative_fade"))
     if alpha <= 0:
         return None
     n_B = xin_BD.detach().norm(dim=1)

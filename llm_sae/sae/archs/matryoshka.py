@@ -13,7 +13,7 @@ from llm_sae.kernels.auxk import DeadGroup, grouped_auxk_loss
 from llm_sae.kernels.batch_topk import batch_topk_virtual_decodes
 from llm_sae.sae.archs.batchtopk import BatchTopKSAE
 from llm_sae.sae.base import ForwardOutput
-from llm_sae.sae.ops import aux_k_of, dead_rows
+from llm_sae.sae.ops import arch_setting, aux_k_of, dead_rows
 from llm_sae.sae.registry import register
 
 if TYPE_CHECKING:
@@ -37,11 +37,6 @@ class MatryoshkaParams:
     issue 17, fourth pass)."""
 
 
-DEFAULT_INNER_WEIGHT = 0.5
-"""What ``matryoshka_inner_weight`` is unless set; checkpoints written before it existed
-trained with 1 (``LEGACY_DEFAULTS`` in ``train/checkpoint.py``)."""
-
-
 @register
 class MatryoshkaSAE(BatchTopKSAE):
     """Matryoshka BatchTopK: BatchTopK whose prefixes of latents are SAEs in their own right.
@@ -57,6 +52,9 @@ class MatryoshkaSAE(BatchTopKSAE):
     """
 
     arch = "matryoshka"
+    default_matryoshka_inner_weight = 0.5
+    """Checkpoints written before the setting existed trained with 1 (``LEGACY_DEFAULTS``
+    in ``train/checkpoint.py``)."""
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
@@ -66,9 +64,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             raise ConfigError(
                 f"matryoshka_widths must increase and lie in (0, n_latents={n}], got {widths}"
             )
-        if cfg.matryoshka_inner_weight is None:
-            cfg.matryoshka_inner_weight = DEFAULT_INNER_WEIGHT
-        if not cfg.matryoshka_inner_weight >= 0:
+        if cfg.matryoshka_inner_weight is not None and not cfg.matryoshka_inner_weight >= 0:
             raise ConfigError(
                 f"matryoshka_inner_weight must be >= 0, got {cfg.matryoshka_inner_weight}"
             )
@@ -78,11 +74,6 @@ class MatryoshkaSAE(BatchTopKSAE):
         n = self.n_latents
         widths = list(self.cfg.matryoshka_widths or [max(1, n // 32), max(1, n // 8), max(1, n // 2)])
         return sorted({w for w in widths if 0 < w < n}) + [n]
-
-    @property
-    def inner_weight(self) -> float:
-        w = self.cfg.matryoshka_inner_weight
-        return DEFAULT_INNER_WEIGHT if w is None else w
 
     def forward(
         self, x_BD: Tensor, *, target_BE: Tensor | None = None,
@@ -143,7 +134,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         for i, w in enumerate(self.widths[:-1]):
             metrics[f"mse_{w}"] = (levels_I[i] / x_hat_BD.shape[-1]).detach()
             self._level_errs.append(([0, *self.widths][i], w, err_IBE[i]))
-        inner = levels_I.sum() * self.inner_weight
+        inner = levels_I.sum() * arch_setting(self, "matryoshka_inner_weight")
         out = self._finish(x_BD, x_hat_BD, inner, metrics, fired_N, dead_mask_N, aux, target_BE=target_BE)
         del self._level_errs
         return out
