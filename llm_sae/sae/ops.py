@@ -45,6 +45,20 @@ def arch_setting(sae: torch.nn.Module, name: str) -> Any:
     return getattr(type(sae), f"default_{name}", None) if value is None else value
 
 
+@torch.no_grad()
+def fit_encoder_scale(sae: torch.nn.Module, xin_BD: Tensor, dec_BD: Tensor) -> float:
+    """Scale ``sae``'s encoder (W_enc, b_enc) by the s > 0 that best fits s·``dec_BD`` to
+    ``xin_BD`` in least squares (a selection's decode, which the scale does not change);
+    returns s, or 1 where there is none (nothing decoded, or no positive fit)."""
+    den = (dec_BD * dec_BD).sum()
+    scale = float((xin_BD * dec_BD).sum() / den) if den > 0 else 0.0
+    if scale <= 0:
+        return 1.0
+    sae.W_enc.mul_(scale)
+    sae.b_enc.mul_(scale)
+    return scale
+
+
 def aux_k_of(sae: torch.nn.Module) -> int:
     """AuxK's latents per row before the cap at the dead count: ``aux_k``, default d/2 up
     to 512 (``SAE.auxk_loss``; Matryoshka's AuxK takes as many per level)."""

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from llm_sae.kernels.batch_topk import batch_topk_decodes
 from llm_sae.sae.base import SAE, ForwardOutput
-from llm_sae.sae.ops import relative_row_scale, update_ema
+from llm_sae.sae.ops import fit_encoder_scale, relative_row_scale, update_ema
 from llm_sae.sae.registry import register
 
 if TYPE_CHECKING:
@@ -139,11 +139,7 @@ class BatchTopKSAE(SAE):
             )
         finally:
             self.train(was)
-        den = (dec_BD * dec_BD).sum()
-        scale = float((xin_BD * dec_BD).sum() / den) if den > 0 else 0.0
-        if scale > 0:
-            self.W_enc.mul_(scale)
-            self.b_enc.mul_(scale)
+        fit_encoder_scale(self, xin_BD, dec_BD)
 
     def forward(
         self, x_BD: Tensor, *, target_BE: Tensor | None = None,

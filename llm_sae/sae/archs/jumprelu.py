@@ -21,7 +21,14 @@ from llm_sae.sae.archs.jumprelu_gate import (
     start_thresholds,
 )
 from llm_sae.sae.base import SAE, ForwardOutput
-from llm_sae.sae.ops import control_l0, dead_rows, decode_sparse, relative_row_scale, warmup
+from llm_sae.sae.ops import (
+    control_l0,
+    dead_rows,
+    decode_sparse,
+    fit_encoder_scale,
+    relative_row_scale,
+    warmup,
+)
 from llm_sae.sae.registry import register
 
 if TYPE_CHECKING:
@@ -207,12 +214,7 @@ class JumpReLUSAE(SAE):
         if not self.is_transcoder:
             z_BN = pre_BN * (pre_BN > theta_N)
             dec_BD = (z_BN if s_B1 is None else z_BN * s_B1) @ self.W_dec
-            den = (dec_BD * dec_BD).sum()
-            scale = float((xin_BD * dec_BD).sum() / den) if den > 0 else 0.0
-            if scale > 0:
-                self.W_enc.mul_(scale)
-                self.b_enc.mul_(scale)
-                theta_N = theta_N * scale
+            theta_N = theta_N * fit_encoder_scale(self, xin_BD, dec_BD)
         self.threshold.copy_(theta_N)
 
     @torch.no_grad()
