@@ -209,13 +209,12 @@ def batch_topk_virtual_decodes(
         rows_V, pos_VJ, on_VJ, sizes = fold_pairs(idx_BK, on_BK, widths)
         idx_VJ = idx_BK[rows_V].gather(1, pos_VJ)
         # Each pair's slot in the encoder's layout, through its (row, position) in idx_BK.
-        K, J = idx_BK.shape[1], pos_UJ.shape[1]
+        K = idx_BK.shape[1]
         on_flat = on_UJ.flatten() > 0
         slot_BK = torch.zeros(B * K, dtype=torch.long, device=idx_BK.device)
         slot_BK[(rows_U[:, None] * K + pos_UJ).flatten()[on_flat]] = torch.arange(on_flat.numel(), device=idx_BK.device)[on_flat]
         slot_VJ = (rows_V[:, None] * K + pos_VJ).flatten()
         vals_VJ = vals_UJ.flatten()[slot_BK[slot_VJ]].view(-1, pos_VJ.shape[1]) * on_VJ
-        del J
     return topk_decode(vals_VJ, idx_VJ, W_dec_NE), rows_V, sizes, vals_VJ, idx_VJ, cut
 
 
