@@ -121,6 +121,15 @@ ROW_COST = 16
 _WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
+def choose_width(count: Tensor, K: int) -> int:
+    """The virtual rows' width J for runs of ``count`` pairs (any shape; the longest K): the
+    fewest slots plus ROW_COST per virtual row, over _WIDTHS below K and K itself."""
+    widths_W = torch.tensor(sorted({j for j in _WIDTHS if j < K} | {K}), device=count.device)
+    flat = count.reshape(1, -1)
+    rows_W = ((flat + widths_W[:, None] - 1) // widths_W[:, None]).sum(1)
+    return int(widths_W[int(torch.argmin(rows_W * (widths_W + ROW_COST)))])  # one read-back
+
+
 def fold_pairs(idx_BK: Tensor, on_BK: Tensor, widths: list[int]) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """(rows_V, pos_VJ, on_VJ, sizes): the kept pairs (``on_BK``) as V virtual rows of J
     pairs, each holding pairs of one row and one latent range [widths[i-1], widths[i]),
@@ -143,9 +152,7 @@ def fold_pairs(idx_BK: Tensor, on_BK: Tensor, widths: list[int]) -> tuple[Tensor
     count_BL = torch.zeros(B, L + 1, dtype=torch.long, device=dev).scatter_add_(1, level_BK, torch.ones_like(level_BK))
     start_LB = (count_BL.cumsum(1) - count_BL)[:, :L].t().reshape(-1)
     count_LB = count_BL[:, :L].t().reshape(-1)
-    widths_W = torch.tensor(sorted({j for j in _WIDTHS if j < K} | {K}), device=dev)
-    rows_W = ((count_LB[None, :] + widths_W[:, None] - 1) // widths_W[:, None]).sum(1)
-    J = int(widths_W[int(torch.argmin(rows_W * (widths_W + ROW_COST)))])  # one read-back
+    J = choose_width(count_LB, K)
     nv_LB = (count_LB + J - 1) // J
     lb_V = torch.repeat_interleave(torch.arange(L * B, device=dev), nv_LB)
     first_LB = nv_LB.cumsum(0) - nv_LB
@@ -249,3 +256,14 @@ class _KeptValues(torch.autograd.Function):
         # ReLU's derivative (and the padding's zero): only positive kept values pass.
         g_VJ = torch.where(vals_VJ > 0, grad_VJ, 0).to(W_enc_ND.dtype).contiguous()
         return None, *pair_grads(x_VD.to(W_enc_ND.dtype), W_enc_ND, g_VJ, idx_VJ, ctx.needs_input_grad[1:4]), None
+
+
+def add_rows(rows_VE: Tensor, dest_V: Tensor, R: int) -> Tensor:
+    """[R, E]: zeros with rows_VE[v] added to row dest_V[v] (the backward gathers)."""
+    return _AddRows.apply(rows_VE, dest_V, R)
+
+
+def kept_values(vals_VJ: Tensor, x_VD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, idx_VJ: Tensor) -> Tensor:
+    """The pairs' values already computed (0 on padding), with ``pair_pre_acts``'s sparse
+    backward where they are positive (ReLU's derivative) and none elsewhere."""
+    return _KeptValues.apply(vals_VJ, x_VD, W_enc_ND, b_enc_N, idx_VJ)

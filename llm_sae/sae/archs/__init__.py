@@ -8,7 +8,7 @@ dataclass at the end of ``PARAMS``, which ``SAEConfig`` is composed of: the orde
 
 from llm_sae.sae.archs import batchtopk, jumprelu, kl_sigmoid, lista, matryoshka, relu_l1, topk, wta  # noqa: F401
 from llm_sae.sae.archs.batchtopk import BatchTopKParams
-from llm_sae.sae.archs.jumprelu import JumpReLUParams
+from llm_sae.sae.archs.jumprelu_gate import JumpReLUParams
 from llm_sae.sae.archs.kl_sigmoid import KLSigmoidParams
 from llm_sae.sae.archs.lista import LISTAParams
 from llm_sae.sae.archs.matryoshka import MatryoshkaParams

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,7 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm_sae.config import ConfigError
-from llm_sae.kernels.topk import pair_pre_acts
+from llm_sae.kernels.batch_topk import add_rows, kept_values
+from llm_sae.kernels.dead_pre_act import dead_pre_act_loss, dead_pre_acts
+from llm_sae.kernels.threshold_pairs import fold_rows, near_probe, threshold_pairs
 from llm_sae.sae.archs.jumprelu_gate import (
     JumpReLUFn,
     StepFn,
@@ -47,29 +48,6 @@ CONTROL_RANGE = (-2.0, 10.0)
 l0_coef (tanh needs 50x on bench recovery; step ~1x), quadratic's aim within e^-10..e^2 T."""
 SPARSE_FRACTION = 8
 """The training forward runs sparse while no row has more than N / SPARSE_FRACTION pairs."""
-
-
-@dataclass(kw_only=True)
-class JumpReLUParams:
-    jumprelu_sparsity: str = "quadratic"
-    """jumprelu: the sparsity loss. 'quadratic': l0_coef·(2/T)·(L0 − T)² on the batch L0,
-    towards T = --target-l0 or k (Gemma Scope 2); 'step': l0_coef·L0 (Rajamanoharan et
-    al. 2024); 'tanh': l0_coef·Σ tanh(tanh_scale·f·‖W_dec‖) (Anthropic, January 2025).
-    A controller (``ops.control_l0``) lands the trained L0 on T: quadratic's aim is
-    lowered until it does, and with --target-l0 step and tanh tune l0_coef (without it
-    they keep l0_coef, warmed up over --sparsity-warmup, as in their papers)."""
-    l0_coef: float = 1.0
-    """jumprelu: coefficient of the sparsity loss (the starting value when tuned)."""
-    bandwidth: float = 0.3
-    """jumprelu: width ε of the rectangle kernel in the threshold's straight-through gradient."""
-    init_threshold: float = 1.0
-    """jumprelu: threshold of every latent at construction (inputs are scaled to E‖x‖ =
-    √d_in); the trainer then starts θ on target from its initialisation sample."""
-    tanh_scale: float = 4.0
-    """jumprelu with the tanh loss: the scale c in tanh(c·f·‖W_dec‖)."""
-    pre_act_coef: float = 3e-6
-    """jumprelu: weight of Anthropic's pre-activation loss Σ_dead relu(θ − pre)·‖W_dec‖,
-    which pulls dead latents up to their thresholds (0 turns it off)."""
 
 
 @register
@@ -120,45 +98,73 @@ class JumpReLUSAE(SAE):
         self, x_BD: Tensor, *, target_BE: Tensor | None = None,
         dead_mask_N: Tensor | None = None, aux: bool = True,
     ) -> ForwardOutput:
-        """Training forward. The dense pre-activations pick the pairs that matter: those
-        that fire (pre > θ) and those within ε/2 of θ (the threshold's straight-through
-        gradient). When they are few (at most N / SPARSE_FRACTION in the fullest row), the
-        decode and the backward run on them alone through the sparse kernels, with the
-        same loss and gradients as the dense path (``forward_dense``; tested)."""
+        """Training forward on the pairs that matter: those that fire (pre > θ) and those
+        within ε/2 of θ (the threshold's straight-through gradient), found without a dense
+        float32 [B, N] tensor (``threshold_pairs``) and folded into virtual rows. While no
+        row has more than N / SPARSE_FRACTION of them, decode and backward run on them
+        alone through the sparse kernels, with the same loss and gradients as the dense
+        path (``forward_dense``; tested)."""
         if not self.training:
             return self.forward_dense(x_BD, target_BE=target_BE, dead_mask_N=dead_mask_N, aux=aux)
+        B, eps = x_BD.shape[0], self.cfg.bandwidth
         xin_BD = self.centered(x_BD)
         s_B1 = self.row_scale(xin_BD)
+        s_B = None if s_B1 is None else s_B1[:, 0]
+        pre_act = self.dead_terms(x_BD, s_B, dead_mask_N, aux)  # revives θ first
         with torch.no_grad():
-            pre_BN = relative(F.linear(xin_BD, self.W_enc, self.b_enc), s_B1)
-            self.revive(pre_BN, dead_mask_N)
-            fired_BN = pre_BN > self.threshold
-            near_BN = (pre_BN - self.threshold).abs() < self.cfg.bandwidth / 2
-            pairs_BN = fired_BN | near_BN
-            K = int(pairs_BN.sum(-1).max())
-        if K * SPARSE_FRACTION > self.n_latents:
+            th_N = self.threshold
+            rows_P, cols_P, pre_P = threshold_pairs(xin_BD.detach(), self.W_enc, self.b_enc, th_N - eps / 2, s_B)
+            rel_P = relative(pre_P, None if s_B is None else s_B[rows_P])
+            fired_P = rel_P > th_N[cols_P]
+            near_P = (rel_P - th_N[cols_P]).abs() < eps / 2
+            count_B = torch.bincount(rows_P[fired_P | near_P], minlength=B)
+        if B and int(count_B.max()) * SPARSE_FRACTION > self.n_latents:
             return self.forward_dense(x_BD, target_BE=target_BE, dead_mask_N=dead_mask_N, aux=aux)
-        # The pairs of each row first (topk of a 0/1 mask), then padding that neither
-        # fires nor is near.
-        idx_BK = pairs_BN.to(pre_BN.dtype).topk(max(K, 1), dim=-1, sorted=False).indices
-        fired_BK = fired_BN.gather(1, idx_BK).to(xin_BD.dtype)
-        near_BK = near_BN.gather(1, idx_BK).to(xin_BD.dtype)
-        theta_BK = self.threshold[idx_BK]
+        with torch.no_grad():
+            # The firing pairs decode; those near θ without firing decode 0 and only feed
+            # θ's straight-through gradient (``near_probe``).
+            fire = fired_P.nonzero().view(-1)
+            rows_F, cols_F, pre_F, near_F = rows_P[fire], cols_P[fire], pre_P[fire], near_P[fire]
+            rows_V, v_P, j_P, J = fold_rows(rows_F, B)
+            idx_VJ = rows_V.new_zeros(rows_V.numel(), J).index_put_((v_P, j_P), cols_F)
+            at_VJ = xin_BD.new_zeros(2, rows_V.numel(), J)  # the value, near
+            at_VJ[:, v_P, j_P] = torch.stack([pre_F, near_F.to(pre_F.dtype)])
+            probe = (near_P & ~fired_P).nonzero().view(-1)
+            rows_Q, cols_Q = rows_P[probe], cols_P[probe]
+            coef_Q = -th_N[cols_Q] / eps * (1 if s_B is None else s_B[rows_Q])
+        vals_VJ = kept_values(at_VJ[0], xin_BD.index_select(0, rows_V), self.W_enc, self.b_enc, idx_VJ)
         # pre·H(pre − θ), plus a term that is 0 with θ's straight-through gradient −θ/ε.
-        ste_BK = (theta_BK - theta_BK.detach()) * (-theta_BK.detach() / self.cfg.bandwidth) * near_BK
-        ste_BK = ste_BK if s_B1 is None else ste_BK * s_B1
-        z_BK = pair_pre_acts(xin_BD, self.W_enc, self.b_enc, idx_BK) * fired_BK + ste_BK.to(xin_BD.dtype)
-        x_hat_BD = self.add_skip(decode_sparse(z_BK, idx_BK, self.W_dec) + self.b_dec, x_BD)
-        l0 = StepFn.apply(pre_BN, self.threshold, self.cfg.bandwidth).sum(-1).mean()
-        sparsity, metrics = self.sparsity_terms(l0, lambda: self.tanh_penalty(relative(z_BK, s_B1), idx_BK))
-        if aux and dead_mask_N is not None and self.cfg.pre_act_coef > 0:
-            dead_M = dead_rows(dead_mask_N, self.W_enc.device)
-            pre_BM = relative(F.linear(xin_BD, self.W_enc[dead_M], self.b_enc[dead_M]), s_B1)
-            pre_act = self.pre_act_loss(pre_BM, self.threshold[dead_M], self.W_dec[dead_M])
+        th_VJ = self.threshold[idx_VJ]
+        ste_VJ = (th_VJ - th_VJ.detach()) * (-th_VJ.detach() / eps) * at_VJ[1]
+        s_V1 = None if s_B is None else s_B[rows_V, None]
+        z_VJ = vals_VJ + (ste_VJ if s_V1 is None else ste_VJ * s_V1).to(vals_VJ.dtype)
+        dec_BE = add_rows(decode_sparse(z_VJ, idx_VJ, self.W_dec), rows_V, B) + self.b_dec
+        x_hat_BD = self.add_skip(near_probe(dec_BE, self.threshold, self.W_dec, rows_Q, cols_Q, coef_Q), x_BD)
+        # The batch L0 with StepFn's straight-through θ gradient, from the near pairs.
+        th_Q = self.threshold[cols_P[near_P]]
+        l0 = (rows_F.numel() + ((th_Q - th_Q.detach()) * (-1.0 / eps)).sum().to(pre_P.dtype)) / max(1, B)
+        sparsity, metrics = self.sparsity_terms(l0, lambda: self.tanh_penalty(relative(z_VJ, s_V1), idx_VJ, B))
+        if pre_act is not None:
             sparsity = sparsity + self.cfg.pre_act_coef * pre_act
             metrics["pre_act"] = pre_act.detach()
-        return self._finish(x_BD, x_hat_BD, sparsity, metrics, fired_BN.sum(0).float(), dead_mask_N, aux,
-                            target_BE=target_BE)
+        fired_N = torch.bincount(cols_F, minlength=self.n_latents).float()
+        return self._finish(x_BD, x_hat_BD, sparsity, metrics, fired_N, dead_mask_N, aux, target_BE=target_BE)
+
+    def dead_terms(self, x_BD: Tensor, s_B: Tensor | None, dead_mask_N: Tensor | None, aux: bool) -> Tensor | None:
+        """Revive the dead latents' thresholds (``revive``) and return their pre-activation
+        loss (None when off), both from the dead latents' pre-activations alone, with the
+        loss's gradients as [M, D] blocks of rows (``kernels.dead_pre_act``)."""
+        if dead_mask_N is None:
+            return None
+        dead_M = dead_rows(dead_mask_N, self.W_enc.device)
+        if dead_M.numel() == 0:
+            return None
+        shift_D = None if self.is_transcoder else -self.b_dec
+        pre_BM = dead_pre_acts(x_BD, shift_D, self.W_enc, self.b_enc, dead_M)
+        self.revive(relative(pre_BM, None if s_B is None else s_B[:, None]), dead_M)
+        if not (aux and self.cfg.pre_act_coef > 0):
+            return None
+        return dead_pre_act_loss(pre_BM, s_B, x_BD, shift_D, self.W_enc, self.b_enc, self.threshold, self.W_dec, dead_M)
 
     def forward_dense(
         self, x_BD: Tensor, *, target_BE: Tensor | None = None,
@@ -167,7 +173,9 @@ class JumpReLUSAE(SAE):
         """The reference training forward, on the dense [B, N] latents."""
         s_B1 = self.row_scale(self.centered(x_BD))
         pre_BN = relative(self.pre_acts(x_BD), s_B1)  # relative to the row's norm early in training
-        self.revive(pre_BN.detach(), dead_mask_N)
+        if dead_mask_N is not None:
+            dead_M = dead_rows(dead_mask_N, pre_BN.device)
+            self.revive(pre_BN.detach()[:, dead_M], dead_M)
         z_BN = JumpReLUFn.apply(pre_BN, self.threshold, self.cfg.bandwidth)
         x_hat_BD = self.add_skip(self.decode(z_BN if s_B1 is None else z_BN * s_B1), x_BD)
         sparsity, metrics = self.sparsity_loss(pre_BN, z_BN)
@@ -218,7 +226,7 @@ class JumpReLUSAE(SAE):
         self.threshold.copy_(theta_N)
 
     @torch.no_grad()
-    def revive(self, pre_BN: Tensor, dead_mask_N: Tensor | None) -> None:
+    def revive(self, pre_BM: Tensor, dead_M: Tensor) -> None:
         """A dead latent's θ comes down to where it fires on this batch (``revival_thresholds``):
         on target/N of its rows until --relative-selection, on one row from there on.
 
@@ -228,14 +236,11 @@ class JumpReLUSAE(SAE):
         where its gradients decide whether it stays. One row each at the end keeps the L0
         on target: with a hard switch to the plain gate, target/N there took bench
         recovery's L0 from 8 to 9.9."""
-        if dead_mask_N is None or not self.training:
-            return
-        dead_M = dead_rows(dead_mask_N, pre_BN.device)
-        if dead_M.numel() == 0:
+        if dead_M.numel() == 0 or not self.training:
             return
         early = self.progress < self.cfg.relative_selection
-        n = round(self.target / self.n_latents * pre_BN.shape[0]) if early else 1
-        theta_M = revival_thresholds(pre_BN[:, dead_M], n)
+        n = round(self.target / self.n_latents * pre_BM.shape[0]) if early else 1
+        theta_M = revival_thresholds(pre_BM, n)
         self.threshold[dead_M] = torch.minimum(self.threshold[dead_M], theta_M)
 
     @property
@@ -248,12 +253,13 @@ class JumpReLUSAE(SAE):
         l0 = StepFn.apply(pre_BN, self.threshold, self.cfg.bandwidth).sum(-1).mean()
         return self.sparsity_terms(l0, lambda: self.tanh_penalty(z_BN))
 
-    def tanh_penalty(self, z_BK: Tensor, idx_BK: Tensor | None = None) -> Tensor:
-        """Σ tanh(c·f·‖W_dec‖) per row, averaged: over the dense latents, or over the pairs
-        ``idx_BK`` (the others are 0 and add nothing, nor any gradient)."""
+    def tanh_penalty(self, z_BK: Tensor, idx_BK: Tensor | None = None, rows: int | None = None) -> Tensor:
+        """Σ tanh(c·f·‖W_dec‖) per row, averaged over ``rows`` (default z's rows): over the
+        dense latents, or over the pairs ``idx_BK`` (the others are 0 and add nothing, nor
+        any gradient), which may be virtual rows of the batch's ``rows`` rows."""
         norm_N = self.W_dec.norm(dim=1)
         norm = norm_N if idx_BK is None else norm_N[idx_BK]
-        return torch.tanh(self.cfg.tanh_scale * F.relu(z_BK) * norm).sum(-1).mean()
+        return torch.tanh(self.cfg.tanh_scale * F.relu(z_BK) * norm).sum() / max(1, rows or z_BK.shape[0])
 
     def sparsity_terms(self, l0: Tensor, tanh_penalty: Callable[[], Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The weighted sparsity loss from the batch L0 (with its straight-through θ gradient)."""

@@ -1,12 +1,37 @@
-"""JumpReLU's gate: its straight-through autograd functions, and where its thresholds start
-and where a dead latent's comes back to (pure tensor functions, tested on their own)."""
+"""JumpReLU's gate: its settings, its straight-through autograd functions, and where its
+thresholds start and where a dead latent's comes back to (pure tensor functions, tested
+on their own)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+
+@dataclass(kw_only=True)
+class JumpReLUParams:
+    jumprelu_sparsity: str = "quadratic"
+    """jumprelu: the sparsity loss. 'quadratic': l0_coef·(2/T)·(L0 − T)² on the batch L0,
+    towards T = --target-l0 or k (Gemma Scope 2); 'step': l0_coef·L0 (Rajamanoharan et
+    al. 2024); 'tanh': l0_coef·Σ tanh(tanh_scale·f·‖W_dec‖) (Anthropic, January 2025).
+    A controller (``ops.control_l0``) lands the trained L0 on T: quadratic's aim is
+    lowered until it does, and with --target-l0 step and tanh tune l0_coef (without it
+    they keep l0_coef, warmed up over --sparsity-warmup, as in their papers)."""
+    l0_coef: float = 1.0
+    """jumprelu: coefficient of the sparsity loss (the starting value when tuned)."""
+    bandwidth: float = 0.3
+    """jumprelu: width ε of the rectangle kernel in the threshold's straight-through gradient."""
+    init_threshold: float = 1.0
+    """jumprelu: threshold of every latent at construction (inputs are scaled to E‖x‖ =
+    √d_in); the trainer then starts θ on target from its initialisation sample."""
+    tanh_scale: float = 4.0
+    """jumprelu with the tanh loss: the scale c in tanh(c·f·‖W_dec‖)."""
+    pre_act_coef: float = 3e-6
+    """jumprelu: weight of Anthropic's pre-activation loss Σ_dead relu(θ − pre)·‖W_dec‖,
+    which pulls dead latents up to their thresholds (0 turns it off)."""
 
 
 def relative(t: Tensor, s_B1: Tensor | None) -> Tensor:

@@ -1,0 +1,94 @@
+"""Anthropic's pre-activation loss on the dead latents, in their subspace.
+
+JumpReLU's dead latents get Σ_dead relu(θ − pre)·‖W_dec‖ (January 2025; as in SAELens).
+Written as autograd through ``W_enc[dead]``, the indexing's backward makes a dense [N, D]
+gradient of W_enc and of W_dec (75 MB each at n=24576, d=768, zeroed and added every step),
+which also pushes the optimiser off its slab-by-slab path. Here the gradients are the
+[M, D] blocks of the dead rows, deferred like AuxK's (``kernels.auxk``), and the input
+side's gradient is that of the encoder's shift (−b_dec), a [D] vector; the one product left
+is the dead latents' pre-activations (which also set their revived thresholds).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llm_sae.kernels.sparse_ops import record_weight_rows
+
+
+def dead_pre_acts(x_BD: Tensor, shift_D: Tensor | None, W_enc_ND: Tensor, b_enc_N: Tensor, dead_M: Tensor) -> Tensor:
+    """[B, M]: (x + shift)·W_enc[dead]ᵀ + b_enc[dead], no gradient, in the weights' dtype
+    (float32 even under autocast: the dead latents' thresholds are set from them)."""
+    with torch.no_grad(), torch.autocast(x_BD.device.type, enabled=False):
+        xin_BD = _shifted(x_BD, shift_D, W_enc_ND.dtype)
+        return torch.addmm(b_enc_N[dead_M], xin_BD, W_enc_ND[dead_M].t())
+
+
+def dead_pre_act_loss(
+    pre_BM: Tensor, scale_B: Tensor | None, x_BD: Tensor, shift_D: Tensor | None,
+    W_enc_ND: Tensor, b_enc_N: Tensor, theta_N: Tensor, W_dec_NE: Tensor, dead_M: Tensor,
+) -> Tensor:  # fmt: skip
+    """mean over rows of Σ_m relu(θ_m − pre_bm / scale_b)·‖W_dec[m]‖ for the dead latents
+    ``dead_M`` (sorted, unique), given ``dead_pre_acts``'s pre_BM, with gradients to W_enc,
+    b_enc, θ and W_dec on the dead rows and to the shift (the encoder reads x + shift)."""
+    return _DeadPreActLoss.apply(pre_BM, scale_B, x_BD, shift_D, W_enc_ND, b_enc_N, theta_N, W_dec_NE, dead_M)
+
+
+def rows_grad(W_ND: Tensor, rows_M: Tensor, G_MD: Tensor) -> Tensor | None:
+    """The gradient that is G_MD on ``rows_M`` of W and zero elsewhere: deferred as a block
+    when a trainer collects (then None), else an ordinary [N, D] tensor."""
+    if record_weight_rows(W_ND, rows_M, G_MD):
+        return None
+    return torch.zeros_like(W_ND).index_add_(0, rows_M, G_MD.to(W_ND.dtype))
+
+
+def _shifted(x_BD: Tensor, shift_D: Tensor | None, dtype: torch.dtype) -> Tensor:
+    x_BD = x_BD.detach().to(dtype)
+    return x_BD if shift_D is None else x_BD + shift_D.detach().to(dtype)
+
+
+class _DeadPreActLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, pre_BM: Tensor, scale_B: Tensor | None, x_BD: Tensor, shift_D: Tensor | None,  # type: ignore[override]
+                W_enc_ND: Tensor, b_enc_N: Tensor, theta_N: Tensor, W_dec_NE: Tensor, dead_M: Tensor) -> Tensor:  # fmt: skip
+        rel_BM = pre_BM if scale_B is None else pre_BM / scale_B[:, None]
+        gap_BM = theta_N[dead_M].to(rel_BM.dtype) - rel_BM
+        norm_M = W_dec_NE[dead_M].norm(dim=1)
+        ctx.save_for_backward(gap_BM, scale_B, x_BD, shift_D, W_enc_ND, b_enc_N, theta_N, W_dec_NE, dead_M, norm_M)
+        return (gap_BM.clamp(min=0) * norm_M).sum() / max(1, pre_BM.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor):  # type: ignore[override]
+        gap_BM, scale_B, x_BD, shift_D, W_enc_ND, b_enc_N, theta_N, W_dec_NE, dead_M, norm_M = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        B = max(1, gap_BM.shape[0])
+        c = g.to(gap_BM.dtype) / B
+        g_shift = g_We = g_be = g_theta = g_Wd = None
+        if need[3] or need[4] or need[5]:
+            # ∂/∂pre_bm = −c·‖W_dec[m]‖·[θ_m > rel_bm] / scale_b. A dead latent is under its
+            # threshold on almost every row, so Σ_b ∂/∂pre_bm · xin_b is −c‖W_dec[m]‖ times
+            # (Σ_b xin_b / scale_b, one sum for all m) minus the same over the few rows where m
+            # is not under it: no [M, B] × [B, D] product.
+            inv_B = gap_BM.new_ones(gap_BM.shape[0]) if scale_B is None else 1 / scale_B.to(gap_BM.dtype)
+            off_b, off_m = (gap_BM <= 0).nonzero(as_tuple=True)
+            w_M = norm_M * -c
+            g_be_M = w_M * (inv_B.sum() - torch.zeros_like(w_M).index_add_(0, off_m, inv_B[off_b]))
+            if need[3]:
+                g_shift = (g_be_M @ W_enc_ND[dead_M]).to(shift_D.dtype)
+            if need[4]:
+                xs_BD = _shifted(x_BD, shift_D, gap_BM.dtype) * inv_B[:, None]
+                off_MD = xs_BD.new_zeros(w_M.shape[0], xs_BD.shape[1]).index_add_(0, off_m, xs_BD[off_b])
+                g_We = rows_grad(W_enc_ND, dead_M, (xs_BD.sum(0) - off_MD).mul_(w_M[:, None]))
+            if need[5]:
+                g_be = torch.zeros_like(b_enc_N).index_add_(0, dead_M, g_be_M.to(b_enc_N.dtype))
+        if need[6]:
+            on_M = (gap_BM > 0).sum(0).to(gap_BM.dtype)
+            g_theta = torch.zeros_like(theta_N).index_add_(0, dead_M, (on_M * norm_M * c).to(theta_N.dtype))
+        if need[7]:
+            Wd_ME = W_dec_NE[dead_M]
+            G_ME = Wd_ME * ((gap_BM.clamp(min=0).sum(0) * c) / norm_M.clamp_min(1e-12))[:, None]
+            g_Wd = rows_grad(W_dec_NE, dead_M, G_ME)
+        return None, None, None, g_shift, g_We, g_be, g_theta, g_Wd, None
