@@ -2,7 +2,9 @@
 
 ``sparse_ops`` is the leaf the others import; ``topk`` holds the autograd functions,
 ``screen`` the exact bfloat16-screened CPU encoder, ``triton`` the GPU kernels, ``auxk``
-AuxK's decode in the dead latents' subspace, ``batch_topk`` BatchTopK's kept pairs.
+AuxK's decode in the dead latents' subspace, ``batch_topk`` BatchTopK's kept pairs,
+``threshold_pairs`` JumpReLU's pairs above per-latent thresholds, ``dead_pre_act`` its
+pre-activation loss on the dead latents.
 """
 
 from llm_sae.kernels.sparse_ops import DeferredWeightGrads, latent_segments
