@@ -37,8 +37,9 @@ BOUND_SCALE = 1.0
 """Multiplies the screen's error bound: 1 is the proof, tests set 0 to see it matters."""
 EXTRA = 6
 """The screen's extra columns: b_hi, b_lo, three for σ_b·lo_j in bfloat16 pieces, the bound."""
-SLAB_BYTES = 32 * 2**20
-"""The bfloat16 [C, N] slab of screened values (slabs of a few rows run the matmul slower)."""
+SLAB_BYTES = 8 * 2**20
+"""The bfloat16 [R, C] block of screened values: R rows (at most ROWS) by C latents."""
+ROWS = 2048
 
 
 class _Copy(threading.local):
@@ -144,41 +145,52 @@ def _screened(x_BD: Tensor, W_ND: Tensor, b_N: Tensor, lo_N: Tensor, scale_B: Te
     _TINY, and its bfloat16 value is positive: its bits, read as int16, are > 0."""
     B, D = x_BD.shape
     N = W_ND.shape[0]
-    x_BD = x_BD.contiguous()
     Wa, (dw, wd, wa, b_max, lam_max) = _weights(W_ND, b_N, lo_N)
-    sig_B = x_BD.new_ones(B) if scale_B is None else scale_B.float()
-    rows = max(1, min(B, SLAB_BYTES // (2 * N)))
-    xa = torch.empty(rows, D + EXTRA, dtype=torch.bfloat16)
-    out = torch.empty(rows, N, dtype=torch.bfloat16)
-    mask = torch.empty(rows, N, dtype=torch.bool)
     g_acc = screen._gamma(D + EXTRA)
     if g_acc * wa > 0.1:
         raise ValueError(f"weights too large for the bfloat16 screen's bound (max row norm {wa:.3g})")
-    found_r, found_c = [], []
+    xa = _rows(x_BD.contiguous(), x_BD.new_ones(B) if scale_B is None else scale_B.float(),
+               (dw, wd, wa, b_max, lam_max), g_acc)  # fmt: skip
+    # Blocks of latents for all rows (a block of W is packed for the matmul once; row
+    # slabs repack all of W for each), of rows too for large batches.
+    rows = min(B, ROWS)
+    cols = max(1, min(N, SLAB_BYTES // (2 * max(1, rows))))
+    out = torch.empty(rows, cols, dtype=torch.bfloat16)
+    mask = torch.empty(rows, cols, dtype=torch.bool)
+    keys = []
     for s in range(0, B, rows):
         e = min(B, s + rows)
-        xa_C = xa[: e - s]
-        x_CD, sig_C = x_BD[s:e], sig_B[s:e]
-        xa_C[:, :D].copy_(x_CD)
-        xa_C[:, D : D + 2] = 1
-        sig_hi = sig_C.to(torch.bfloat16)
-        xa_C[:, D + 2], xa_C[:, D + 3] = sig_hi, sig_hi
-        xa_C[:, D + 4] = sig_C - sig_hi.float()
-        x_C = x_CD.norm(dim=1)
-        dx_C = (xa_C[:, :D].float() - x_CD).norm(dim=1)
-        base_C = xa_C[:, : D + 5].float().pow(2).sum(1).sqrt()
-        slack_C = (sig_C * (lam_max + 1)) * RELATIVE_SLACK
-        err_C = base_C * (wa * g_acc) + dx_C * wd + x_C * dw + 2 * _U * _U * b_max + 5 * _U * _U * sig_C * lam_max
-        E_C = (err_C * BOUND_SCALE + slack_C + 2 * _TINY) * (1 + 2**-10)
-        # E enters ‖x̃a‖ too: one more accumulation error of γ·wa·E (≤ 0.1·E) covers it.
-        E_C = (E_C * (1 + 2 * g_acc * wa)) * (1 + 2**-6)  # and bf16's round-to-nearest below
-        xa_C[:, D + 5] = E_C
-        s_CN = torch.mm(xa_C, Wa.t(), out=out[: e - s])
-        m_CN = torch.gt(s_CN.view(torch.int16), 0, out=mask[: e - s])
-        r, c = m_CN.nonzero(as_tuple=True)
-        found_r.append(r + s)
-        found_c.append(c)
-    return torch.cat(found_r), torch.cat(found_c)
+        for c in range(0, N, cols):
+            f = min(N, c + cols)
+            s_RC = torch.mm(xa[s:e], Wa[c:f].t(), out=out[: e - s, : f - c])
+            m_RC = torch.gt(s_RC.view(torch.int16), 0, out=mask[: e - s, : f - c])
+            r, j = m_RC.nonzero(as_tuple=True)
+            keys.append((r + s) * N + (j + c))
+    key_P = torch.cat(keys).sort().values if keys else torch.empty(0, dtype=torch.long)
+    return key_P // N, key_P % N
+
+
+def _rows(x_BD: Tensor, sig_B: Tensor, consts: tuple[float, float, float, float, float], g_acc: float) -> Tensor:
+    """[B, D + EXTRA] bfloat16 [x | 1 | 1 | σ_hi | σ_hi | σ_lo | E]: each row's side of the
+    screen, with E its bound (``_screened``)."""
+    B, D = x_BD.shape
+    dw, wd, wa, b_max, lam_max = consts
+    xa = torch.empty(B, D + EXTRA, dtype=torch.bfloat16)
+    xa[:, :D].copy_(x_BD)
+    xa[:, D : D + 2] = 1
+    sig_hi = sig_B.to(torch.bfloat16)
+    xa[:, D + 2], xa[:, D + 3] = sig_hi, sig_hi
+    xa[:, D + 4] = sig_B - sig_hi.float()
+    x_B = x_BD.norm(dim=1)
+    dx_B = (xa[:, :D].float() - x_BD).norm(dim=1)
+    base_B = xa[:, : D + 5].float().pow(2).sum(1).sqrt()
+    slack_B = (sig_B * (lam_max + 1)) * RELATIVE_SLACK
+    err_B = base_B * (wa * g_acc) + dx_B * wd + x_B * dw + 2 * _U * _U * b_max + 5 * _U * _U * sig_B * lam_max
+    E_B = (err_B * BOUND_SCALE + slack_B + 2 * _TINY) * (1 + 2**-10)
+    # E enters ‖x̃a‖ too: one more accumulation error of γ·wa·E (≤ 0.1·E) covers it; and
+    # bfloat16's round-to-nearest below.
+    xa[:, D + 5] = (E_B * (1 + 2 * g_acc * wa)) * (1 + 2**-6)
+    return xa
 
 
 def _weights(W_ND: Tensor, b_N: Tensor, lo_N: Tensor) -> tuple[Tensor, tuple[float, float, float, float, float]]:
