@@ -215,13 +215,14 @@ class JumpReLUSAE(SAE):
             xs_BD = x_BD[: max(64, min(16384, (1 << 25) // self.n_latents))].to(self.W_enc.dtype)
             xin_BD = self.centered(xs_BD)
             s_B1 = self.row_scale(xin_BD)
-            pre_BN = relative(F.linear(xin_BD, self.W_enc, self.b_enc), s_B1)
+            pre_BN = F.linear(xin_BD, self.W_enc, self.b_enc)
+            pre_BN = pre_BN if s_B1 is None else pre_BN.div_(s_B1)  # in place: [S, N] is large
         finally:
             self.train(was)
         theta_N = start_thresholds(pre_BN, self.target)
         if not self.is_transcoder:
-            z_BN = pre_BN * (pre_BN > theta_N)
-            dec_BD = (z_BN if s_B1 is None else z_BN * s_B1) @ self.W_dec
+            z_BN = pre_BN.masked_fill_(pre_BN <= theta_N, 0)
+            dec_BD = (z_BN if s_B1 is None else z_BN.mul_(s_B1)) @ self.W_dec
             theta_N = theta_N * fit_encoder_scale(self, xin_BD, dec_BD)
         self.threshold.copy_(theta_N)
 

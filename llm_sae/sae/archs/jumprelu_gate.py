@@ -81,12 +81,18 @@ def start_thresholds(pre_BN: Tensor, target: float) -> Tensor:
     ``target`` latents on average (pre > θ). In units of each latent's own spread, so every
     latent starts on about the same share of rows and none starts dead where the data is
     anisotropic (a residual stream's few large directions)."""
-    rms_N = pre_BN.float().pow(2).mean(0).sqrt().clamp_min(1e-6)
-    std_BN = pre_BN.float() / rms_N
-    n_fire = max(1, min(std_BN.numel() - 1, round(target * pre_BN.shape[0])))
-    # c halfway between the n_fire-th and the next largest standardised value.
-    top = std_BN.flatten().topk(n_fire + 1, sorted=True).values
-    return top[-2:].mean().clamp_min(0) * rms_N
+    B, N = pre_BN.shape
+    rms_N = (torch.linalg.vector_norm(pre_BN, dim=0, dtype=torch.float32) / max(1, B) ** 0.5).clamp_min(1e-6)
+    n_fire = max(1, min(B * N - 1, round(target * B)))
+    # c halfway between the n_fire-th and the next largest standardised value: the top
+    # n_fire + 1 kept as rows stream through (a top-k of all B·N values at once holds
+    # several copies of them; at B=1024, N=24576 it was a training run's peak memory).
+    top = pre_BN.new_empty(0, dtype=torch.float32)
+    step = max(1, 2**20 // max(1, N))
+    for s in range(0, B, step):
+        std = (pre_BN[s : s + step].float() / rms_N).flatten()
+        top = torch.cat([top, std]).topk(min(n_fire + 1, top.numel() + std.numel()), sorted=False).values
+    return top.topk(min(2, top.numel()), largest=False).values.mean().clamp_min(0) * rms_N
 
 
 def revival_thresholds(pre_BM: Tensor, n: int) -> Tensor:
