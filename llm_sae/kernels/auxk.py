@@ -12,15 +12,27 @@ gradients are written a slab of rows at a time, twice (BENCHMARKS.md).
 The weight gradients are [M, D] blocks of rows: a trainer that collects deferred
 gradients (``DeferredWeightGrads``) gets them as blocks, so no [N, D] gradient exists;
 elsewhere they are scattered into ordinary [N, D] gradients.
+
+On a CPU with bfloat16 units (``screen.cpu_has_fast_bf16``) the products run in bfloat16
+with float32 accumulation (``compute_dtype``): ~6× the float32 rate there, which takes a
+step with 10% of the latents dead from ~1.6× to ~1.2× a clean one (BENCHMARKS.md). AuxK
+is an auxiliary loss (weight 1/32) whose gradient only turns the dead latents towards the
+residual, and its fit scale is not differentiated, so ~2⁻⁸ relative error in its values,
+gradients and (near ties) in which dead latents are chosen does not change what it does
+(``bench recovery`` before and after, BENCHMARKS.md). The weight-gradient blocks, the
+loss and everything of size [B, D] stay float32. ``LLM_SAE_AUXK_BF16`` = 0 keeps every
+product in float32, = 1 forces bfloat16 where the CPU flags are missing (for tests).
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from llm_sae.kernels.screen import cpu_has_fast_bf16
 from llm_sae.kernels.sparse_ops import record_weight_rows
 
 # Rows of the batch per dense [C, M] slab: bounds the step's extra memory at 10% dead
@@ -28,48 +40,92 @@ from llm_sae.kernels.sparse_ops import record_weight_rows
 SLAB_BYTES = 8 * 2**20
 
 
+def compute_dtype(W_ND: Tensor) -> torch.dtype:
+    """The dtype of AuxK's products for weights ``W_ND``: bfloat16 for float32 weights on
+    a CPU with bfloat16 units (not on GPUs, whose float32 products are cheap beside the
+    step), else the weights' own (module docstring; ``LLM_SAE_AUXK_BF16``)."""
+    env = os.environ.get("LLM_SAE_AUXK_BF16", "")
+    if env == "0" or W_ND.device.type != "cpu" or W_ND.dtype != torch.float32:
+        return W_ND.dtype
+    return torch.bfloat16 if env == "1" or cpu_has_fast_bf16() else W_ND.dtype
+
+
+def _rows(W_ND: Tensor, rows_M: Tensor, dtype: torch.dtype) -> Tensor:
+    """W[rows] in ``dtype``, cast a block at a time (no float32 copy of all the rows)."""
+    if W_ND.dtype == dtype:
+        return W_ND[rows_M]
+    out_MD = torch.empty(rows_M.numel(), W_ND.shape[1], dtype=dtype, device=W_ND.device)
+    step = max(1, SLAB_BYTES // (4 * max(1, W_ND.shape[1])))
+    for s in range(0, rows_M.numel(), step):
+        out_MD[s : s + step] = W_ND[rows_M[s : s + step]]
+    return out_MD
+
+
+def _bits(t: Tensor) -> Tensor:
+    """A bfloat16 tensor as its int16 bits, else the tensor: torch's CPU scatter, clamp and
+    masking run 2-60× slower on bfloat16 than on int16, and for values ≥ 0 (and the
+    clamp at 0, and masking by 0/1) the bits give the same result."""
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def _add_mm(G_MD: Tensor, a: Tensor, b: Tensor) -> None:
+    """G += a·b, in place when the product's dtype is G's (else through one product block)."""
+    if a.dtype == G_MD.dtype:
+        G_MD.addmm_(a, b)
+    else:
+        G_MD += torch.mm(a, b)
+
+
 class DeadDecode(torch.autograd.Function):
     """ê[b] = Σ over b's top k_aux dead latents j of ReLU(pre[b, j]) · W_dec[j]."""
 
     @staticmethod
-    def forward(ctx, xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, W_dec_ND: Tensor, dead_M: Tensor, k_aux: int):  # type: ignore[override]
-        B, M = xin_BD.shape[0], dead_M.numel()
-        We_MD, be_M, Wd_MD = W_enc_ND[dead_M], b_enc_N[dead_M], W_dec_ND[dead_M]
-        e_BD = xin_BD.new_empty(B, W_dec_ND.shape[1])
-        vals_BK = xin_BD.new_empty(B, k_aux)
-        pos_BK = torch.empty(B, k_aux, dtype=torch.long, device=xin_BD.device)
+    def forward(ctx, x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, W_dec_ND: Tensor, dead_M: Tensor, k_aux: int):  # type: ignore[override]
+        B, M = x_BD.shape[0], dead_M.numel()
+        cd = x_BD.dtype  # the products' (``dead_decode``); ê and the gradients are W's
+        We_MD, be_M, Wd_MD = _rows(W_enc_ND, dead_M, cd), b_enc_N[dead_M].to(cd), _rows(W_dec_ND, dead_M, cd)
+        e_BD = W_dec_ND.new_empty(B, W_dec_ND.shape[1])
+        vals_BK = x_BD.new_empty(B, k_aux)
+        pos_BK = torch.empty(B, k_aux, dtype=torch.long, device=x_BD.device)
         step = max(1, SLAB_BYTES // max(1, 4 * M))
+        pre_SM = x_BD.new_empty(min(B, step), M)
         for s in range(0, B, step):
             e = min(B, s + step)
-            pre_CM = torch.addmm(be_M, xin_BD[s:e], We_MD.t())
+            pre_CM = torch.addmm(be_M, x_BD[s:e], We_MD.t(), out=pre_SM[: e - s])
             # top-k then ReLU equals ReLU then top-k; ties among ReLU's zeros decode to nothing.
             torch.topk(pre_CM, k_aux, dim=1, sorted=False, out=(vals_BK[s:e], pos_BK[s:e]))
-            vals_BK[s:e].clamp_(min=0)
-            z_CM = pre_CM.zero_().scatter_(1, pos_BK[s:e], vals_BK[s:e])
-            torch.mm(z_CM, Wd_MD, out=e_BD[s:e])
-        ctx.save_for_backward(xin_BD, Wd_MD, dead_M, vals_BK, pos_BK)
+            _bits(vals_BK[s:e]).clamp_(min=0)
+            _bits(pre_CM).zero_().scatter_(1, pos_BK[s:e], _bits(vals_BK[s:e]))
+            z_CM = pre_CM
+            if cd == e_BD.dtype:
+                torch.mm(z_CM, Wd_MD, out=e_BD[s:e])
+            else:
+                e_BD[s:e] = torch.mm(z_CM, Wd_MD)
+        ctx.save_for_backward(x_BD, Wd_MD, dead_M, vals_BK, pos_BK)
         ctx.shapes = (W_enc_ND, W_dec_ND)
         return e_BD
 
     @staticmethod
     def backward(ctx, g_BD: Tensor):  # type: ignore[override]
-        xin_BD, Wd_MD, dead_M, vals_BK, pos_BK = ctx.saved_tensors
+        x_BD, Wd_MD, dead_M, vals_BK, pos_BK = ctx.saved_tensors
         W_enc_ND, W_dec_ND = ctx.shapes
-        B, M = xin_BD.shape[0], dead_M.numel()
-        g_BD = g_BD.contiguous()
-        gWe_MD = xin_BD.new_zeros(M, xin_BD.shape[1])
-        gWd_MD = torch.zeros_like(Wd_MD)
-        gb_M = xin_BD.new_zeros(M)
+        (B, D), M = x_BD.shape, dead_M.numel()
+        g_BD = g_BD.to(x_BD.dtype).contiguous()
+        gWe_MD = W_enc_ND.new_zeros(M, D)
+        gWd_MD = W_dec_ND.new_zeros(M, W_dec_ND.shape[1])
+        gb_M = W_enc_ND.new_zeros(M)
         step = max(1, SLAB_BYTES // max(1, 4 * M))
-        z_CM = xin_BD.new_empty(min(B, step), M)
+        z_CM = x_BD.new_empty(min(B, step), M)
         for s in range(0, B, step):
             e = min(B, s + step)
-            z = z_CM[: e - s].zero_().scatter_(1, pos_BK[s:e], vals_BK[s:e])
-            gWd_MD.addmm_(z.t(), g_BD[s:e])
+            z = z_CM[: e - s]
+            _bits(z).zero_().scatter_(1, pos_BK[s:e], _bits(vals_BK[s:e]))
+            _add_mm(gWd_MD, z.t(), g_BD[s:e])
             # ∂/∂pre: the decode's gradient at the chosen, positive entries only.
-            g_pre = torch.mm(g_BD[s:e], Wd_MD.t()).mul_(z > 0)
-            gWe_MD.addmm_(g_pre.t(), xin_BD[s:e])
-            gb_M += g_pre.sum(0)
+            g_pre = torch.mm(g_BD[s:e], Wd_MD.t())
+            _bits(g_pre).mul_(_bits(z) > 0)
+            _add_mm(gWe_MD, g_pre.t(), x_BD[s:e])
+            gb_M += g_pre.sum(0, dtype=gb_M.dtype)
         needs = ctx.needs_input_grad
         grad_b = torch.zeros(W_enc_ND.shape[0], dtype=gb_M.dtype, device=gb_M.device).index_add_(0, dead_M, gb_M) if needs[2] else None
         return (None, _rows_grad(W_enc_ND, dead_M, gWe_MD, needs[1]), grad_b,
@@ -90,11 +146,12 @@ def dead_decode(
     """AuxK's ê (no bias): per row, the decode of its top ``k_aux`` ReLU pre-activations
     among the latents ``dead_M`` (sorted, unique). The input gets no gradient (AuxK trains
     only the dead latents); W_enc, b_enc and W_dec get theirs on the dead rows only.
-    Float32 even under autocast (the products are small)."""
+    W's dtype even under autocast (the products are small), or bfloat16 products where
+    ``compute_dtype`` says."""
     if not 0 < k_aux <= dead_M.numel():
         raise ValueError(f"k_aux={k_aux} must be in 1..{dead_M.numel()} (the dead latents)")
     with torch.autocast(xin_BD.device.type, enabled=False):
-        x_BD = xin_BD.detach().to(W_enc_ND.dtype).contiguous()
+        x_BD = xin_BD.detach().to(compute_dtype(W_enc_ND)).contiguous()
         return DeadDecode.apply(x_BD, W_enc_ND, b_enc_N, W_dec_ND, dead_M, k_aux)
 
 
@@ -126,8 +183,9 @@ def grouped_auxk_loss(
     of a scalar loss are the upstream scalar times those of the loss itself, so they are
     computed here, a slab of rows at a time, and the backward only scales the [M, D] blocks:
     nothing of size [B, D] is kept. The encoder reads xin + ``shift_D`` when given (an
-    SAE's x − b_dec, formed a slab at a time: no [B, D] copy). Float32 even under
-    autocast; same result as the groups one by one (tested in float64)."""
+    SAE's x − b_dec, formed a slab at a time: no [B, D] copy). W's dtype even under
+    autocast, or bfloat16 products where ``compute_dtype`` says; same result as the groups
+    one by one (tested in float64)."""
     stop = 0
     for g in groups:
         if g.start != stop or not 0 < g.k_aux <= g.stop - g.start:
@@ -149,48 +207,58 @@ class _GroupedAuxK(torch.autograd.Function):
     def forward(ctx, x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, W_dec_ND: Tensor, dead_M: Tensor,  # type: ignore[override]
                 groups: list[DeadGroup], needs: tuple[bool, bool, bool], shift_D: Tensor | None) -> Tensor:  # fmt: skip
         (B, D), M = x_BD.shape, dead_M.numel()
-        We_MD, be_M, Wd_MD = W_enc_ND[dead_M], b_enc_N[dead_M], W_dec_ND[dead_M]
+        cd = compute_dtype(W_enc_ND)  # the products' dtype; the residuals and gradients are W's
+        We_MD, be_M, Wd_MD = _rows(W_enc_ND, dead_M, cd), b_enc_N[dead_M].to(cd), _rows(W_dec_ND, dead_M, cd)
         grads = any(needs)
-        gWe_MD, gWd_MD, gb_M = (x_BD.new_zeros(M, D), torch.zeros_like(Wd_MD), x_BD.new_zeros(M)) if grads else (None,) * 3
+        E = W_dec_ND.shape[1]  # a transcoder's output width
+        gWe_MD, gWd_MD, gb_M = (x_BD.new_zeros(M, D), x_BD.new_zeros(M, E), x_BD.new_zeros(M)) if grads else (None,) * 3
         sq_GB = x_BD.new_empty(len(groups), B)
         # Slabs of rows: [C, M] codes and [C, E] residuals of up to SLAB_BYTES / 2 each, the
         # buffers reused by every slab and group (each fresh [B, D] block costs page faults).
-        E = W_dec_ND.shape[1]  # a transcoder's output width
         step = min(B, max(1, SLAB_BYTES // (8 * max(M, D, E))))
-        z_SM, gpre_SM = x_BD.new_empty(step, M), x_BD.new_empty(step, M) if grads else None
+        z_SM, gpre_SM = x_BD.new_empty(step, M, dtype=cd), x_BD.new_empty(step, M, dtype=cd) if grads else None
         r_SE, tmp_SE = x_BD.new_empty(step, E), x_BD.new_empty(step, E)
-        xs_SD = None if shift_D is None else x_BD.new_empty(step, D)
+        cr_SE = x_BD.new_empty(step, E, dtype=cd) if grads else None
+        xs_SD = None if shift_D is None and cd == x_BD.dtype else x_BD.new_empty(step, D, dtype=cd)
 
         def row_dot(a_CE: Tensor, b_CE: Tensor) -> Tensor:  # vecdot's arithmetic, its product in tmp
             return torch.mul(a_CE, b_CE, out=tmp_SE[: a_CE.shape[0]]).sum(-1)
 
         for s in range(0, B, step):
             e = min(B, s + step)
-            x_CD = x_BD[s:e] if xs_SD is None else torch.add(x_BD[s:e], shift_D, out=xs_SD[: e - s])
+            if xs_SD is None:
+                x_CD = x_BD[s:e]
+            elif shift_D is None:
+                x_CD = xs_SD[: e - s].copy_(x_BD[s:e])
+            else:  # added in W's dtype, rounded once to cd
+                x_CD = torch.add(x_BD[s:e], shift_D, out=xs_SD[: e - s])
             z_CM = torch.addmm(be_M, x_CD, We_MD.t(), out=z_SM[: e - s])  # pre-activations, then codes
             for g in groups:
                 pre_Cm = z_CM[:, g.start : g.stop]
                 if g.k_aux == g.stop - g.start:  # every dead latent of the group is chosen
-                    pre_Cm.clamp_(min=0)
+                    _bits(pre_Cm).clamp_(min=0)
                 else:  # top-k then ReLU equals ReLU then top-k (``DeadDecode``)
                     vals_CK, pos_CK = torch.topk(pre_Cm, g.k_aux, dim=1, sorted=False)
-                    pre_Cm.zero_().scatter_(1, pos_CK, vals_CK.clamp_(min=0))
+                    _bits(pre_Cm).zero_().scatter_(1, pos_CK, _bits(vals_CK).clamp_(min=0))
             for i, g in enumerate(groups):
                 z_Cm, Wd_mE = z_CM[:, g.start : g.stop], Wd_MD[g.start : g.stop]
                 err_CE = g.err_BD[s:e].to(x_BD.dtype)
                 # The fitted residual r = e − s·ê, s = clamp(⟨e, ê⟩/‖ê‖², 0, 1) (not differentiated).
-                r_CE = torch.mm(z_Cm, Wd_mE, out=r_SE[: e - s])
+                if cd == x_BD.dtype:
+                    r_CE = torch.mm(z_Cm, Wd_mE, out=r_SE[: e - s])
+                else:
+                    r_CE = r_SE[: e - s].copy_(torch.mm(z_Cm, Wd_mE))
                 fit_C1 = row_dot(err_CE, r_CE).unsqueeze(1)
                 fit_C1 = (fit_C1 / row_dot(r_CE, r_CE).unsqueeze(1).clamp_min(1e-12)).clamp_(0, 1)
                 r_CE = torch.addcmul(err_CE, r_CE, fit_C1, value=-1, out=r_CE)
                 sq_GB[i, s:e] = row_dot(r_CE, r_CE)
                 if grads:  # ∂loss/∂ê = c·r, c = −2·scale·s/B per row, through the decode and the ReLU
-                    c_C1 = fit_C1.mul_(-2 * g.scale / max(1, B))
-                    gWd_MD[g.start : g.stop].addmm_((z_Cm * c_C1).t(), r_CE)
-                    torch.mul(torch.mm(r_CE, Wd_mE.t()).mul_(c_C1), z_Cm > 0, out=gpre_SM[: e - s, g.start : g.stop])
+                    cr_CE = torch.mul(r_CE, fit_C1.mul_(-2 * g.scale / max(1, B)), out=cr_SE[: e - s])
+                    _add_mm(gWd_MD[g.start : g.stop], z_Cm.t(), cr_CE)
+                    torch.mul(_bits(torch.mm(cr_CE, Wd_mE.t())), _bits(z_Cm) > 0, out=_bits(gpre_SM[: e - s, g.start : g.stop]))
             if grads:
-                gWe_MD.addmm_(gpre_SM[: e - s].t(), x_CD)
-                gb_M += gpre_SM[: e - s].sum(0)
+                _add_mm(gWe_MD, gpre_SM[: e - s].t(), x_CD)
+                gb_M += gpre_SM[: e - s].sum(0, dtype=gb_M.dtype)
         ctx.grads = (gWe_MD, gb_M, gWd_MD)
         ctx.dead_M, ctx.shapes = dead_M, (W_enc_ND, b_enc_N, W_dec_ND)
         loss = x_BD.new_zeros(())
