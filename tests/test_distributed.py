@@ -236,7 +236,12 @@ def two_ranks(tmp_path_factory) -> Iterator[Path]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # module fixtures start before the tests' one_thread
     try:
-        yield _two_rank_session(tmp_path_factory.mktemp("dist"))
+        with pytest.MonkeyPatch.context() as mp:
+            # AuxK's products in float32 (the spawned ranks inherit it): these runs split
+            # the batch or the latents differently and must agree to float32 tolerances,
+            # and the latent-sharded AuxK decodes in float32.
+            mp.setenv("LLM_SAE_AUXK_BF16", "0")
+            yield _two_rank_session(tmp_path_factory.mktemp("dist"))
     finally:
         torch.set_num_threads(threads)
 
