@@ -56,7 +56,7 @@ def loss_and_grads(sae, x_BD, dead_N, deferred: bool, **kw):
 @pytest.mark.parametrize("slab_rows", [None, 3])
 def test_subspace_auxk_equals_dense_auxk_in_float64(n_dead, deferred, slab_rows, monkeypatch):
     if slab_rows:  # several slabs of batch rows in the forward and the backward
-        monkeypatch.setattr(auxk, "SLAB_BYTES", 4 * n_dead * slab_rows)
+        monkeypatch.setattr(auxk, "SLAB_BYTES", 8 * n_dead * slab_rows)
     sae = make_sae(aux_k=12)
     x_BD = torch.randn(B, D, dtype=torch.float64)
     dead_N = torch.zeros(N, dtype=torch.bool)
