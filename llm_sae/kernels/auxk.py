@@ -106,9 +106,9 @@ class DeadDecode(torch.autograd.Function):
         for s in range(0, B, step):
             e = min(B, s + step)
             z_CM = torch.addmm(be_M, x_BD[s:e], We_MD.t(), out=pre_SM[: e - s])
-            # top-k then ReLU equals ReLU then top-k; ties among ReLU's zeros decode to nothing.
-            torch.topk(z_CM, k_aux, dim=1, sorted=False, out=(vals_BK[s:e], pos_BK[s:e]))
-            _bits(vals_BK[s:e]).clamp_(min=0)
+            # ReLU then top-k (on the bits, whose order is the values' once all are ≥ 0):
+            # ties among ReLU's zeros decode to nothing and get no gradient.
+            torch.topk(_bits(z_CM).clamp_(min=0), k_aux, dim=1, sorted=False, out=(_bits(vals_BK[s:e]), pos_BK[s:e]))
             _bits(z_CM).zero_().scatter_(1, pos_BK[s:e], _bits(vals_BK[s:e]))
             if cd == e_BE.dtype:
                 torch.mm(z_CM, Wd_ME, out=e_BE[s:e])
@@ -133,14 +133,16 @@ class DeadDecode(torch.autograd.Function):
         gWe_MD, gWd_ME, gb_M = W_enc_ND.new_zeros(M, D), W_dec_ND.new_zeros(M, E), W_enc_ND.new_zeros(M)
         for s in range(0, B, step):
             e = min(B, s + step)
-            z_CM, g_CE = z_SM[: e - s], g_SE[: e - s].copy_(g_BE[s:e])
-            _bits(z_CM).zero_().scatter_(1, pos_BK[s:e], _bits(vals_BK[s:e]))
+            z_CM, g_CE, pos_CK = z_SM[: e - s], g_SE[: e - s].copy_(g_BE[s:e]), pos_BK[s:e]
+            _bits(z_CM).zero_().scatter_(1, pos_CK, _bits(vals_BK[s:e]))
             _add_mm(gWd_ME, z_CM.t(), g_CE, tmp)
-            # ∂/∂pre: the decode's gradient at the chosen, positive entries only.
-            g_pre = torch.mm(g_CE, Wd_ME.t(), out=gpre_SM[: e - s])
-            _bits(g_pre).mul_(_bits(z_CM) > 0)
+            # ∂/∂pre: the decode's gradient at the chosen, positive entries only (gathered
+            # and scattered back: cheaper than masking all M columns).
+            g_CK = torch.mm(g_CE, Wd_ME.t(), out=gpre_SM[: e - s]).gather(1, pos_CK)
+            _bits(g_CK).mul_(_bits(vals_BK[s:e]) > 0)
+            g_pre = _bits(z_CM).zero_().scatter_(1, pos_CK, _bits(g_CK)).view(cd)
             _add_mm(gWe_MD, g_pre.t(), x_BD[s:e], tmp)
-            gb_M += g_pre.sum(0, dtype=gb_M.dtype)
+            gb_M += g_pre.sum(0)  # in cd: a slab's sum rounded once
         needs = ctx.needs_input_grad
         grad_b = torch.zeros(W_enc_ND.shape[0], dtype=gb_M.dtype, device=gb_M.device).index_add_(0, dead_M, gb_M) if needs[2] else None
         return (None, _rows_grad(W_enc_ND, dead_M, gWe_MD, needs[1]), grad_b,
@@ -277,7 +279,7 @@ class _GroupedAuxK(torch.autograd.Function):
                     torch.mul(_bits(torch.mm(cr_CE, Wd_mE.t())), _bits(z_Cm) > 0, out=_bits(gpre_SM[: e - s, g.start : g.stop]))
             if grads:
                 _add_mm(gWe_MD, gpre_SM[: e - s].t(), x_CD, prod)
-                gb_M += gpre_SM[: e - s].sum(0, dtype=gb_M.dtype)
+                gb_M += gpre_SM[: e - s].sum(0)  # in cd: a slab's sum rounded once
         ctx.grads = (gWe_MD, gb_M, gWd_MD)
         ctx.dead_M, ctx.shapes = dead_M, (W_enc_ND, b_enc_N, W_dec_ND)
         loss = x_BD.new_zeros(())
