@@ -80,12 +80,23 @@ def _bits(t: Tensor) -> Tensor:
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
-def _add_mm(G_MD: Tensor, a: Tensor, b: Tensor, tmp: Tensor) -> None:
-    """G += a·b: in place when the product's dtype is G's, else through ``tmp`` (flat)."""
-    if a.dtype == G_MD.dtype:
-        G_MD.addmm_(a, b)
+def _acc_mm(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
+    """acc = a·b for the first slab, else acc += a·b, in acc's dtype (a bfloat16 block is
+    rounded once a slab and made float32 at the end: cheaper than adding each slab's
+    product to a float32 block)."""
+    if first:
+        torch.mm(a, b, out=acc)
     else:
-        G_MD += torch.mm(a, b, out=tmp[: G_MD.numel()].view(G_MD.shape))
+        acc.addmm_(a, b)
+
+
+def _grad_blocks(cd: torch.dtype, W_dtype: torch.dtype, ws: list[Tensor], shapes: list[tuple[int, int]]) -> list[Tensor]:
+    """The [M, ·] gradient accumulators: views of the workspace ``ws`` when the products
+    run in another dtype than W's (made W's at the end), else blocks of their own (they
+    outlive the pass as the deferred gradients; a view would keep the workspace)."""
+    if cd != W_dtype:
+        return ws
+    return [torch.empty(sh, dtype=W_dtype, device=ws[0].device) for sh in shapes]
 
 
 class DeadDecode(torch.autograd.Function):
@@ -127,22 +138,24 @@ class DeadDecode(torch.autograd.Function):
         cd = x_BD.dtype
         step = max(1, SLAB_BYTES // max(1, x_BD.element_size() * M))
         C = min(B, step)
-        Wd_ME, z_SM, gpre_SM, g_SE, tmp = _workspace(
-            cd, x_BD.device, (M, E), (C, M), (C, M), (C, E), (M * max(D, E) if cd != W_enc_ND.dtype else 0,))
+        m = M if cd != W_enc_ND.dtype else 0  # the accumulators' rows in the workspace
+        Wd_ME, z_SM, gpre_SM, g_SE, *acc = _workspace(cd, x_BD.device, (M, E), (C, M), (C, M), (C, E), (m, D), (m, E))
         _rows(W_dec_ND, dead_M, Wd_ME)
-        gWe_MD, gWd_ME, gb_M = W_enc_ND.new_zeros(M, D), W_dec_ND.new_zeros(M, E), W_enc_ND.new_zeros(M)
+        gWe_MD, gWd_ME = _grad_blocks(cd, W_enc_ND.dtype, acc, [(M, D), (M, E)])
+        gb_M = W_enc_ND.new_zeros(M)
         for s in range(0, B, step):
             e = min(B, s + step)
             z_CM, g_CE, pos_CK = z_SM[: e - s], g_SE[: e - s].copy_(g_BE[s:e]), pos_BK[s:e]
             _bits(z_CM).zero_().scatter_(1, pos_CK, _bits(vals_BK[s:e]))
-            _add_mm(gWd_ME, z_CM.t(), g_CE, tmp)
+            _acc_mm(gWd_ME, z_CM.t(), g_CE, s == 0)
             # ∂/∂pre: the decode's gradient at the chosen, positive entries only (gathered
             # and scattered back: cheaper than masking all M columns).
             g_CK = torch.mm(g_CE, Wd_ME.t(), out=gpre_SM[: e - s]).gather(1, pos_CK)
             _bits(g_CK).mul_(_bits(vals_BK[s:e]) > 0)
             g_pre = _bits(z_CM).zero_().scatter_(1, pos_CK, _bits(g_CK)).view(cd)
-            _add_mm(gWe_MD, g_pre.t(), x_BD[s:e], tmp)
+            _acc_mm(gWe_MD, g_pre.t(), x_BD[s:e], s == 0)
             gb_M += g_pre.sum(0)  # in cd: a slab's sum rounded once
+        gWe_MD, gWd_ME = gWe_MD.to(W_enc_ND.dtype), gWd_ME.to(W_dec_ND.dtype)
         needs = ctx.needs_input_grad
         grad_b = torch.zeros(W_enc_ND.shape[0], dtype=gb_M.dtype, device=gb_M.device).index_add_(0, dead_M, gb_M) if needs[2] else None
         return (None, _rows_grad(W_enc_ND, dead_M, gWe_MD, needs[1]), grad_b,
@@ -227,15 +240,18 @@ class _GroupedAuxK(torch.autograd.Function):
         cd = compute_dtype(W_enc_ND)  # the products' dtype; the residuals and gradients are W's
         grads = any(needs)
         E = W_dec_ND.shape[1]  # a transcoder's output width
-        gWe_MD, gWd_MD, gb_M = (x_BD.new_zeros(M, D), x_BD.new_zeros(M, E), x_BD.new_zeros(M)) if grads else (None,) * 3
         sq_GB = x_BD.new_empty(len(groups), B)
         # Slabs of rows: [C, M] codes and [C, E] residuals of up to SLAB_BYTES / 2 each, the
         # buffers reused by every slab and group (each fresh [B, D] block costs page faults).
         step = min(B, max(1, SLAB_BYTES // (8 * max(M, D, E))))
         r_SE, tmp_SE = x_BD.new_empty(step, E), x_BD.new_empty(step, E)
-        We_MD, Wd_MD, z_SM, gpre_SM, cr_SE, xs_SD, prod = _workspace(
-            cd, x_BD.device, (M, D), (M, E), (step, M), (step, M), (step, E), (step, D),
-            (max(M, step) * max(D, E) if cd != x_BD.dtype else 0,))  # fmt: skip
+        # The gradient accumulators and the decode's bf16 output live in the workspace only
+        # when the products run in another dtype than W's.
+        c, m = (step, M if grads else 0) if cd != x_BD.dtype else (0, 0)
+        We_MD, Wd_MD, z_SM, gpre_SM, cr_SE, xs_SD, rc_SE, *acc = _workspace(
+            cd, x_BD.device, (M, D), (M, E), (step, M), (step, M), (step, E), (step, D), (c, E), (m, D), (m, E))
+        gWe_MD, gWd_MD = _grad_blocks(cd, x_BD.dtype, acc, [(M, D), (M, E)]) if grads else (None, None)
+        gb_M = x_BD.new_zeros(M) if grads else None
         _rows(W_enc_ND, dead_M, We_MD)
         _rows(W_dec_ND, dead_M, Wd_MD)
         be_M = b_enc_N[dead_M].to(cd)
@@ -268,19 +284,19 @@ class _GroupedAuxK(torch.autograd.Function):
                 if cd == x_BD.dtype:
                     r_CE = torch.mm(z_Cm, Wd_mE, out=r_SE[: e - s])
                 else:
-                    r_CE = r_SE[: e - s].copy_(torch.mm(z_Cm, Wd_mE, out=prod[: (e - s) * E].view(e - s, E)))
+                    r_CE = r_SE[: e - s].copy_(torch.mm(z_Cm, Wd_mE, out=rc_SE[: e - s]))
                 fit_C1 = row_dot(err_CE, r_CE).unsqueeze(1)
                 fit_C1 = (fit_C1 / row_dot(r_CE, r_CE).unsqueeze(1).clamp_min(1e-12)).clamp_(0, 1)
                 r_CE = torch.addcmul(err_CE, r_CE, fit_C1, value=-1, out=r_CE)
                 sq_GB[i, s:e] = row_dot(r_CE, r_CE)
                 if grads:  # ∂loss/∂ê = c·r, c = −2·scale·s/B per row, through the decode and the ReLU
                     cr_CE = torch.mul(r_CE, fit_C1.mul_(-2 * g.scale / max(1, B)), out=cr_SE[: e - s])
-                    _add_mm(gWd_MD[g.start : g.stop], z_Cm.t(), cr_CE, prod)
+                    _acc_mm(gWd_MD[g.start : g.stop], z_Cm.t(), cr_CE, s == 0)
                     torch.mul(_bits(torch.mm(cr_CE, Wd_mE.t())), _bits(z_Cm) > 0, out=_bits(gpre_SM[: e - s, g.start : g.stop]))
             if grads:
-                _add_mm(gWe_MD, gpre_SM[: e - s].t(), x_CD, prod)
+                _acc_mm(gWe_MD, gpre_SM[: e - s].t(), x_CD, s == 0)
                 gb_M += gpre_SM[: e - s].sum(0)  # in cd: a slab's sum rounded once
-        ctx.grads = (gWe_MD, gb_M, gWd_MD)
+        ctx.grads = (gWe_MD.to(x_BD.dtype), gb_M, gWd_MD.to(x_BD.dtype)) if grads else (None,) * 3
         ctx.dead_M, ctx.shapes = dead_M, (W_enc_ND, b_enc_N, W_dec_ND)
         loss = x_BD.new_zeros(())
         for i, g in enumerate(groups):  # as ``fitted_residual_loss`` sums them, group by group
