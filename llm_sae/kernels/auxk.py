@@ -15,13 +15,15 @@ elsewhere they are scattered into ordinary [N, D] gradients.
 
 On a CPU with bfloat16 units (``screen.cpu_has_fast_bf16``) the products run in bfloat16
 with float32 accumulation (``compute_dtype``): ~6× the float32 rate there, which takes a
-step with 10% of the latents dead from ~1.6× to ~1.2× a clean one (BENCHMARKS.md). AuxK
-is an auxiliary loss (weight 1/32) whose gradient only turns the dead latents towards the
-residual, and its fit scale is not differentiated, so ~2⁻⁸ relative error in its values,
-gradients and (near ties) in which dead latents are chosen does not change what it does
-(``bench recovery`` before and after, BENCHMARKS.md). The weight-gradient blocks, the
-loss and everything of size [B, D] stay float32. ``LLM_SAE_AUXK_BF16`` = 0 keeps every
-product in float32, = 1 forces bfloat16 where the CPU flags are missing (for tests).
+step with 10% of the latents dead from ~1.6× to ~1.25× a clean one (BENCHMARKS.md). AuxK
+is an auxiliary loss (default weight 1/32) whose gradient only turns the dead latents
+towards the residual, and its fit scale is not differentiated, so ~2⁻⁸ relative error in
+its values and gradients, and another choice between dead latents whose pre-activations
+lie within that error of each other, do not change what it does (``bench recovery``
+before and after, BENCHMARKS.md). ê, the loss, the fit scale, the residuals and the
+[M, D] gradient blocks stay float32 (the input is kept in bfloat16 for the backward).
+``LLM_SAE_AUXK_BF16`` = 0 keeps every product in float32, = 1 forces bfloat16 where the
+CPU flags are missing (for tests).
 """
 
 from __future__ import annotations
