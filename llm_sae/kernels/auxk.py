@@ -289,12 +289,12 @@ class _GroupedAuxK(torch.autograd.Function):
                 x_CD = torch.add(x_BD[s:e], shift_D, out=xs_SD[: e - s])
             z_CM = torch.addmm(be_M, x_CD, We_MD.t(), out=z_SM[: e - s])  # pre-activations, then codes
             for g in groups:
-                pre_Cm = z_CM[:, g.start : g.stop]
-                if g.k_aux == g.stop - g.start:  # every dead latent of the group is chosen
-                    _bits(pre_Cm).clamp_(min=0)
-                else:  # top-k then ReLU equals ReLU then top-k (``DeadDecode``)
-                    vals_CK, pos_CK = torch.topk(pre_Cm, g.k_aux, dim=1, sorted=False)
-                    _bits(pre_Cm).zero_().scatter_(1, pos_CK, _bits(vals_CK).clamp_(min=0))
+                # ReLU, then (unless every dead latent of the group is chosen) the top-k on
+                # the bits, as ``DeadDecode`` does.
+                bits_Cm = _bits(z_CM[:, g.start : g.stop]).clamp_(min=0)
+                if g.k_aux < g.stop - g.start:
+                    vals_CK, pos_CK = torch.topk(bits_Cm, g.k_aux, dim=1, sorted=False)
+                    bits_Cm.zero_().scatter_(1, pos_CK, vals_CK)
             for i, g in enumerate(groups):
                 z_Cm, Wd_mE = z_CM[:, g.start : g.stop], Wd_MD[g.start : g.stop]
                 err_CE = g.err_BD[s:e].to(x_BD.dtype)
