@@ -77,7 +77,7 @@ def _workspace(dtype: torch.dtype, device: torch.device, *shapes: tuple[int, ...
     return [t[: math.prod(sh)].view(sh) for t, sh in zip(parts, shapes, strict=True)]
 
 
-def _rows(W_ND: Tensor, rows_M: Tensor, out_MD: Tensor) -> Tensor:
+def gather_rows(W_ND: Tensor, rows_M: Tensor, out_MD: Tensor) -> Tensor:
     """out = W[rows], cast to out's dtype through a cache-sized buffer of rows in W's
     dtype (0.9 ms for 2458 rows of 768 floats, against 6 ms through one [M, D] float32
     gather: its fresh pages, then a second pass from memory)."""
@@ -126,8 +126,8 @@ class DeadDecode(torch.autograd.Function):
         cd = x_BD.dtype  # the products' (``dead_decode``); ê and the gradients are W's
         step = _slab_rows(B, SLAB_BYTES // max(1, x_BD.element_size() * M))
         We_MD, Wd_ME, pre_SM, dec_SE = _workspace(cd, x_BD.device, (M, D), (M, E), (step, M), (step, E))
-        _rows(W_enc_ND, dead_M, We_MD)
-        _rows(W_dec_ND, dead_M, Wd_ME)
+        gather_rows(W_enc_ND, dead_M, We_MD)
+        gather_rows(W_dec_ND, dead_M, Wd_ME)
         be_M = b_enc_N[dead_M].to(cd)
         e_BE = W_dec_ND.new_empty(B, E)
         vals_BK = x_BD.new_empty(B, k_aux)
@@ -158,7 +158,7 @@ class DeadDecode(torch.autograd.Function):
         C = step
         m = M if cd != W_enc_ND.dtype else 0  # the accumulators' rows in the workspace
         Wd_ME, z_SM, gpre_SM, g_SE, *acc = _workspace(cd, x_BD.device, (M, E), (C, M), (C, M), (C, E), (m, D), (m, E))
-        _rows(W_dec_ND, dead_M, Wd_ME)
+        gather_rows(W_dec_ND, dead_M, Wd_ME)
         gWe_MD, gWd_ME = _grad_blocks(cd, W_enc_ND.dtype, acc, [(M, D), (M, E)])
         gb_M = W_enc_ND.new_zeros(M)
         for s in range(0, B, step):
@@ -176,11 +176,11 @@ class DeadDecode(torch.autograd.Function):
         gWe_MD, gWd_ME = gWe_MD.to(W_enc_ND.dtype), gWd_ME.to(W_dec_ND.dtype)
         needs = ctx.needs_input_grad
         grad_b = torch.zeros(W_enc_ND.shape[0], dtype=gb_M.dtype, device=gb_M.device).index_add_(0, dead_M, gb_M) if needs[2] else None
-        return (None, _rows_grad(W_enc_ND, dead_M, gWe_MD, needs[1]), grad_b,
-                _rows_grad(W_dec_ND, dead_M, gWd_ME, needs[3]), None, None)  # fmt: skip
+        return (None, rows_grad(W_enc_ND, dead_M, gWe_MD, needs[1]), grad_b,
+                rows_grad(W_dec_ND, dead_M, gWd_ME, needs[3]), None, None)  # fmt: skip
 
 
-def _rows_grad(W_ND: Tensor, rows_M: Tensor, G_MD: Tensor, need: bool) -> Tensor | None:
+def rows_grad(W_ND: Tensor, rows_M: Tensor, G_MD: Tensor, need: bool) -> Tensor | None:
     """The gradient that is G on ``rows_M`` and zero elsewhere: deferred as a block when a
     trainer collects, else an ordinary [N, D] tensor."""
     if not need or record_weight_rows(W_ND, rows_M, G_MD):
@@ -270,8 +270,8 @@ class _GroupedAuxK(torch.autograd.Function):
             cd, x_BD.device, (M, D), (M, E), (step, M), (step, M), (step, E), (step, D), (c, E), (m, D), (m, E))
         gWe_MD, gWd_MD = _grad_blocks(cd, x_BD.dtype, acc, [(M, D), (M, E)]) if grads else (None, None)
         gb_M = x_BD.new_zeros(M) if grads else None
-        _rows(W_enc_ND, dead_M, We_MD)
-        _rows(W_dec_ND, dead_M, Wd_MD)
+        gather_rows(W_enc_ND, dead_M, We_MD)
+        gather_rows(W_dec_ND, dead_M, Wd_MD)
         be_M = b_enc_N[dead_M].to(cd)
         if shift_D is None and cd == x_BD.dtype:
             xs_SD = None
@@ -331,6 +331,6 @@ class _GroupedAuxK(torch.autograd.Function):
         W_enc_ND, b_enc_N, W_dec_ND = ctx.shapes
         needs, dead_M = ctx.needs_input_grad, ctx.dead_M
         grad_b = torch.zeros_like(b_enc_N).index_add_(0, dead_M, gb_M.mul_(g)) if needs[2] else None
-        grad_We = _rows_grad(W_enc_ND, dead_M, gWe_MD.mul_(g), True) if needs[1] else None
-        grad_Wd = _rows_grad(W_dec_ND, dead_M, gWd_MD.mul_(g), True) if needs[3] else None
+        grad_We = rows_grad(W_enc_ND, dead_M, gWe_MD.mul_(g), True) if needs[1] else None
+        grad_Wd = rows_grad(W_dec_ND, dead_M, gWd_MD.mul_(g), True) if needs[3] else None
         return None, grad_We, grad_b, grad_Wd, None, None, None, None

@@ -16,15 +16,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llm_sae.kernels.sparse_ops import record_weight_rows
+from llm_sae.kernels.auxk import compute_dtype, gather_rows, rows_grad
 
 
 def dead_pre_acts(x_BD: Tensor, shift_D: Tensor | None, W_enc_ND: Tensor, b_enc_N: Tensor, dead_M: Tensor) -> Tensor:
-    """[B, M]: (x + shift)·W_enc[dead]ᵀ + b_enc[dead], no gradient, in the weights' dtype
-    (float32 even under autocast: the dead latents' thresholds are set from them)."""
+    """[B, M]: (x + shift)·W_enc[dead]ᵀ + b_enc[dead], no gradient, in the weights' dtype,
+    its product in AuxK's (``auxk.compute_dtype``: bfloat16 on CPUs with bfloat16 units,
+    as AuxK's own products over the same latents; they only move the dead latents'
+    thresholds and the pre-activation loss's gradient, weight 3e-6), not autocast's."""
+    dt = compute_dtype(W_enc_ND)
     with torch.no_grad(), torch.autocast(x_BD.device.type, enabled=False):
-        xin_BD = _shifted(x_BD, shift_D, W_enc_ND.dtype)
-        return torch.addmm(b_enc_N[dead_M], xin_BD, W_enc_ND[dead_M].t())
+        xin_BD = _shifted(x_BD, shift_D, W_enc_ND.dtype).to(dt)
+        We_MD = gather_rows(W_enc_ND, dead_M, W_enc_ND.new_empty(dead_M.numel(), W_enc_ND.shape[1], dtype=dt))
+        return torch.addmm(b_enc_N[dead_M].to(dt), xin_BD, We_MD.t()).to(W_enc_ND.dtype)
 
 
 def dead_pre_act_loss(
@@ -37,58 +41,57 @@ def dead_pre_act_loss(
     return _DeadPreActLoss.apply(pre_BM, scale_B, x_BD, shift_D, W_enc_ND, b_enc_N, theta_N, W_dec_NE, dead_M)
 
 
-def rows_grad(W_ND: Tensor, rows_M: Tensor, G_MD: Tensor) -> Tensor | None:
-    """The gradient that is G_MD on ``rows_M`` of W and zero elsewhere: deferred as a block
-    when a trainer collects (then None), else an ordinary [N, D] tensor."""
-    if record_weight_rows(W_ND, rows_M, G_MD):
-        return None
-    return torch.zeros_like(W_ND).index_add_(0, rows_M, G_MD.to(W_ND.dtype))
-
-
 def _shifted(x_BD: Tensor, shift_D: Tensor | None, dtype: torch.dtype) -> Tensor:
     x_BD = x_BD.detach().to(dtype)
     return x_BD if shift_D is None else x_BD + shift_D.detach().to(dtype)
 
 
 class _DeadPreActLoss(torch.autograd.Function):
+    """Everything the backward needs is reduced in the forward: per dead latent, Σ_b of
+    relu(gap) and the rows where it is not under its threshold (a dead latent's few), so
+    no [B, M] tensor outlives the forward."""
+
     @staticmethod
     def forward(ctx: Any, pre_BM: Tensor, scale_B: Tensor | None, x_BD: Tensor, shift_D: Tensor | None,  # type: ignore[override]
                 W_enc_ND: Tensor, b_enc_N: Tensor, theta_N: Tensor, W_dec_NE: Tensor, dead_M: Tensor) -> Tensor:  # fmt: skip
+        B, M = pre_BM.shape
         rel_BM = pre_BM if scale_B is None else pre_BM / scale_B[:, None]
-        gap_BM = theta_N[dead_M].to(rel_BM.dtype) - rel_BM
+        gap_BM = torch.sub(theta_N[dead_M].to(rel_BM.dtype), rel_BM, out=None if scale_B is None else rel_BM)
+        off_b, off_m = (gap_BM <= 0).nonzero(as_tuple=True)
+        relu_M = gap_BM.clamp_(min=0).sum(0)
+        on_M = B - torch.bincount(off_m, minlength=M).to(relu_M.dtype)
         norm_M = W_dec_NE[dead_M].norm(dim=1)
-        ctx.save_for_backward(gap_BM, scale_B, x_BD, shift_D, W_enc_ND, b_enc_N, theta_N, W_dec_NE, dead_M, norm_M)
-        return (gap_BM.clamp(min=0) * norm_M).sum() / max(1, pre_BM.shape[0])
+        ctx.save_for_backward(off_b, off_m, relu_M, on_M, scale_B, x_BD, shift_D, W_enc_ND, b_enc_N, theta_N,
+                              W_dec_NE, dead_M, norm_M)  # fmt: skip
+        ctx.B = B
+        return (relu_M * norm_M).sum() / max(1, B)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor):  # type: ignore[override]
-        gap_BM, scale_B, x_BD, shift_D, W_enc_ND, b_enc_N, theta_N, W_dec_NE, dead_M, norm_M = ctx.saved_tensors
+        (off_b, off_m, relu_M, on_M, scale_B, x_BD, shift_D, W_enc_ND, b_enc_N, theta_N, W_dec_NE, dead_M,
+         norm_M) = ctx.saved_tensors  # fmt: skip
         need = ctx.needs_input_grad
-        B = max(1, gap_BM.shape[0])
-        c = g.to(gap_BM.dtype) / B
+        c = g.to(relu_M.dtype) / max(1, ctx.B)
         g_shift = g_We = g_be = g_theta = g_Wd = None
         if need[3] or need[4] or need[5]:
             # ∂/∂pre_bm = −c·‖W_dec[m]‖·[θ_m > rel_bm] / scale_b. A dead latent is under its
             # threshold on almost every row, so Σ_b ∂/∂pre_bm · xin_b is −c‖W_dec[m]‖ times
             # (Σ_b xin_b / scale_b, one sum for all m) minus the same over the few rows where m
             # is not under it: no [M, B] × [B, D] product.
-            inv_B = gap_BM.new_ones(gap_BM.shape[0]) if scale_B is None else 1 / scale_B.to(gap_BM.dtype)
-            off_b, off_m = (gap_BM <= 0).nonzero(as_tuple=True)
+            inv_B = relu_M.new_ones(ctx.B) if scale_B is None else 1 / scale_B.to(relu_M.dtype)
             w_M = norm_M * -c
             g_be_M = w_M * (inv_B.sum() - torch.zeros_like(w_M).index_add_(0, off_m, inv_B[off_b]))
             if need[3]:
                 g_shift = (g_be_M @ W_enc_ND[dead_M]).to(shift_D.dtype)
             if need[4]:
-                xs_BD = _shifted(x_BD, shift_D, gap_BM.dtype) * inv_B[:, None]
+                xs_BD = _shifted(x_BD, shift_D, relu_M.dtype) * inv_B[:, None]
                 off_MD = xs_BD.new_zeros(w_M.shape[0], xs_BD.shape[1]).index_add_(0, off_m, xs_BD[off_b])
-                g_We = rows_grad(W_enc_ND, dead_M, (xs_BD.sum(0) - off_MD).mul_(w_M[:, None]))
+                g_We = rows_grad(W_enc_ND, dead_M, (xs_BD.sum(0) - off_MD).mul_(w_M[:, None]), True)
             if need[5]:
                 g_be = torch.zeros_like(b_enc_N).index_add_(0, dead_M, g_be_M.to(b_enc_N.dtype))
         if need[6]:
-            on_M = (gap_BM > 0).sum(0).to(gap_BM.dtype)
             g_theta = torch.zeros_like(theta_N).index_add_(0, dead_M, (on_M * norm_M * c).to(theta_N.dtype))
         if need[7]:
-            Wd_ME = W_dec_NE[dead_M]
-            G_ME = Wd_ME * ((gap_BM.clamp(min=0).sum(0) * c) / norm_M.clamp_min(1e-12))[:, None]
-            g_Wd = rows_grad(W_dec_NE, dead_M, G_ME)
+            G_ME = W_dec_NE[dead_M] * ((relu_M * c) / norm_M.clamp_min(1e-12))[:, None]
+            g_Wd = rows_grad(W_dec_NE, dead_M, G_ME, True)
         return None, None, None, g_shift, g_We, g_be, g_theta, g_Wd, None
