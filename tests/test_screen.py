@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_sae.kernels import screen, sparse_ops
+from llm_sae.kernels import screen, screen_buffers, sparse_ops
 from llm_sae.kernels.topk import dense_topk_decode, dense_topk_encode, topk_decode, topk_encode
 
 
@@ -53,13 +53,15 @@ def test_screened_equals_dense(screen_on, B, D, N, k):
     _assert_same_topk(got, dense_topk_encode(x, W, b, k))
     assert screen.STATS["rows"] == B
     assert screen.STATS["fallback_rows"] < max(1, B // 10)  # the screen did the work
+    assert B * k <= screen.STATS["exact"] < B * (k + screen.margin(k))  # not every candidate
 
 
-def _near_ties(seed: int = 0):
-    """Rows r < D see x = e_r, so their pre-activations are column r of W: 256 latents at
+def _near_ties(seed: int = 0, N: int = 1024, S: int = 256):
+    """Rows r < D see x = e_r, so their pre-activations are column r of W: S latents at
     3.0039 + j·1e-5 (a random j per latent), all rounding to 3.0 in bfloat16, so the
-    screen cannot order them, and the rest well below."""
-    D, N, S, k = 16, 1024, 256, 8
+    screen cannot order them, and the rest well below. N = 4096 selects through group
+    maxima (``screen_select``), 1024 through a plain topk."""
+    D, k = 16, 8
     g = torch.Generator().manual_seed(seed)
     W_ND = torch.randn(N, D, generator=g) * 0.5
     for r in range(D):
@@ -76,22 +78,45 @@ def test_empty_batch(screen_on):
     assert vals.shape == idx.shape == (0, 3)
 
 
-def test_near_ties_fall_back_and_stay_exact(screen_on):
-    x, W, b, k = _near_ties()
+@pytest.mark.parametrize("N", [1024, 4096])
+def test_near_ties_fall_back_and_stay_exact(screen_on, N):
+    x, W, b, k = _near_ties(N=N)
     got = topk_encode(x, W, b, k)
     assert screen.STATS["fallback_rows"] >= 16  # every near-tie row was recomputed
     _assert_same_topk(got, dense_topk_encode(x, W, b, k))
 
 
-def test_near_ties_need_the_bound(screen_on, monkeypatch):
-    """Without the error bound the near-tie rows certify wrongly: the test above is sharp."""
-    monkeypatch.setattr(screen, "_BOUND_SCALE", 0.0)
-    x, W, b, k = _near_ties()
+@pytest.mark.parametrize("N", [1024, 4096])
+def test_near_ties_need_the_bound(screen_on, monkeypatch, N):
+    """With the error bound 64× too small the near-tie rows certify wrongly: the test above
+    is sharp. (With none at all they fail: the cut-off for exact values is then the k-th
+    value itself, which certifies nothing.)"""
+    monkeypatch.setattr(screen, "_BOUND_SCALE", 2**-6)
+    x, W, b, k = _near_ties(N=N)
     got = topk_encode(x, W, b, k)
     assert screen.STATS["fallback_rows"] < 16
     _, i_got = _by_index(*got)
     _, i_want = _by_index(*dense_topk_encode(x, W, b, k))
     assert not torch.equal(i_got[:16], i_want[:16])
+
+
+@pytest.mark.parametrize("N", [1024, 4096])
+def test_exact_values_widen_to_what_the_screen_cannot_order(screen_on, monkeypatch, N):
+    """24 near ties, 8 to keep: the screen ranks them equal, so the first round's 8 exact
+    values are 8 arbitrary ones, and the second round must compute the other 16 (within
+    the bound of the 8th): exact without falling back. With the bound too small the second
+    round skips them and the rows certify wrongly."""
+    x, W, b, k = _near_ties(N=N, S=24)
+    want = _by_index(*dense_topk_encode(x, W, b, k))[1]
+    got = topk_encode(x, W, b, k)
+    assert screen.STATS["fallback_rows"] == 0
+    assert screen.STATS["exact"] >= 24 * 16
+    _assert_same_topk(got, dense_topk_encode(x, W, b, k))
+    monkeypatch.setattr(screen, "_BOUND_SCALE", 2**-6)
+    screen.reset_stats()
+    _, i_got = _by_index(*topk_encode(x, W, b, k))
+    assert screen.STATS["fallback_rows"] == 0
+    assert not torch.equal(i_got[:16], want[:16])
 
 
 def test_non_finite_rows_fall_back(screen_on):
@@ -113,14 +138,14 @@ def test_weight_copy_follows_in_place_updates(screen_on):
     x, W, b = _params(32, 32, 2048)
     W, b = torch.nn.Parameter(W), torch.nn.Parameter(b)
     topk_encode(x, W, b, 8)
-    buf = screen._WEIGHTS.Wa_ND2.data_ptr()
+    buf = screen_buffers.WEIGHTS.Wa_ND2.data_ptr()
     opt = torch.optim.Adam([W, b], lr=0.05, fused=True)
     W.grad, b.grad = torch.randn_like(W), torch.randn_like(b)
     version = W._version
     opt.step()
     assert W._version == version  # what makes a version-keyed cache unsafe
     _assert_same_topk(topk_encode(x, W, b, 8), dense_topk_encode(x, W, b, 8))
-    assert screen._WEIGHTS.Wa_ND2.data_ptr() == buf
+    assert screen_buffers.WEIGHTS.Wa_ND2.data_ptr() == buf
     assert screen.STATS["fallback_rows"] < 8
 
 

@@ -6,15 +6,18 @@ runs ~2.2× faster than a float32 one, so the forward screens with bfloat16 and 
 float32 answer:
 
 1. screen: s̃ = bf16(x)·bf16(W_enc)ᵀ + b_enc (float32 accumulation, bfloat16 output) in
-   row slabs, and its top-(k+m) columns per row as candidates;
-2. exact: the float32 pre-activations x·w_j + b_j of the k+m candidates only (a sampled
-   dot product, 2·(k+m)·d FLOPs per row) and their top k;
+   row slabs, and its top-(k+m) columns per row as candidates (through group maxima,
+   ``screen_select``);
+2. exact: the float32 pre-activations x·w_j + b_j of the candidates that can matter (a
+   sampled dot product, 2·d FLOPs each): first the k the screen ranks highest, then only
+   those whose screened value comes within the error bound of the k-th of these (see
+   ``_screen_slab``), and the top k of all computed;
 3. verify: a rigorous bound e_t ≥ |s̃_tj − (x_t·w_j + b_j)| (rounding of x, W and b to
-   bfloat16, float32 accumulation, rounding of the output; see ``_screen_slab``) certifies
-   a row when its k-th exact candidate value exceeds the (k+m)-th screened value (an upper
-   bound of every non-candidate's screened value) plus e_t: no latent outside the
-   candidates can then reach the top k. Rows that fail are recomputed in float32 over all
-   n latents, the reference path, and counted in ``STATS``.
+   bfloat16, float32 accumulation, rounding of the output; see ``_error``) certifies a
+   row when its k-th exact value exceeds, by e_t, the screened value of every latent not
+   computed (the (k+m)-th screened value bounds those outside the candidates): none of
+   them can then reach the top k. Rows that fail are recomputed in float32 over all n
+   latents, the reference path, and counted in ``STATS``.
 
 So the selection equals the float32 top-k (up to ties within float32 rounding, which any
 float32 summation order has), and the values are float32 dot products. ``LLM_SAE_SCREEN``
@@ -25,12 +28,11 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 
 import torch
 from torch import Tensor
 
-from llm_sae.kernels import sparse_ops
+from llm_sae.kernels import screen_buffers, screen_select, sparse_ops
 
 # Extra candidates per row beyond k: more means fewer rows fail verification but a
 # slower top-(k+m) and more exact dot products. Measured at k=32, n=24576, d=768 on an SAE
@@ -49,8 +51,9 @@ def margin(k: int) -> int:
     ‖x‖·‖w − bf16(w)‖). Near the top of n values the gap between neighbours shrinks as k
     grows (more values sit near the k-th), so a fixed m certifies fewer rows at larger k:
     a fresh SAE at n=24576, d=768 fails 18% of rows at k=64 and 99% at k=128 with m=32,
-    and 0% at both with m=k (2.5% at k=128 with m=64). The extra candidates cost a few
-    more exact dot products (2·m·d per row against 2·n·d for the screen).
+    and 0% at both with m=k (2.5% at k=128 with m=64). The extra candidates cost little:
+    the top-(k+m) runs on group maxima, and exact values are computed only for the
+    candidates within the bound of the k-th (~55 more per row at k=128, not m).
     """
     return max(MARGIN, k)
 
@@ -63,12 +66,13 @@ _TINY = 2.0**-100  # absolute slack: bfloat16 dot-product units flush subnormals
 # Multiplies the whole error bound: 1 is the proof, tests set 0 to see it matters.
 _BOUND_SCALE = 1.0
 
-STATS = {"rows": 0, "fallback_rows": 0}
-"""Rows screened and rows recomputed in float32 because verification failed (cumulative)."""
+STATS = {"rows": 0, "fallback_rows": 0, "exact": 0}
+"""Rows screened, rows recomputed in float32 because verification failed, and exact
+candidate values the TopK path computed (cumulative)."""
 
 
 def reset_stats() -> None:
-    STATS.update(rows=0, fallback_rows=0)
+    STATS.update(rows=0, fallback_rows=0, exact=0)
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,80 +118,10 @@ def _gamma(n: int) -> float:
     return 2 * n * _U32 / (1 - 2 * n * _U32)
 
 
-class _WeightCopy(threading.local):
-    """bf16 [W_enc | b_hi | b_lo] and its error constants, in one buffer kept across calls.
-
-    The bias rides in the matmul as two extra columns (its bfloat16 head and the bfloat16
-    rounding of the rest) against two ones in x, so the screen includes it to ~2^-16
-    relative without a pass over the [B, N] output; 770 columns cost what 768 do.
-
-    The copy is remade on every call (~15 ms at n=24576, d=768, against ~600 ms for the
-    forward): keying it on (data_ptr, _version) is not safe, because fused and foreach
-    optimisers and writes through ``.data`` change W without bumping its version counter,
-    and a stale copy would void the error bound.
-    """
-
-    def __init__(self) -> None:
-        self.Wa_ND2: Tensor | None = None
-        self.last: tuple[Tensor, Tensor, tuple[float, float, float, float]] | None = None
-
-    def make(self, W_ND: Tensor, b_N: Tensor, *, again: bool = False) -> tuple[Tensor, tuple[float, float, float, float]]:
-        """The copy of (W, b); ``again``: the caller knows W and b are unchanged since the
-        last call (the same tensors, within one function), so the copy is reused."""
-        last = self.last
-        if again and last is not None and last[0] is W_ND and last[1] is b_N and self.Wa_ND2 is not None:
-            return self.Wa_ND2, last[2]
-        Wa, consts = self._make(W_ND, b_N)
-        self.last = (W_ND, b_N, consts)
-        return Wa, consts
-
-    def _make(self, W_ND: Tensor, b_N: Tensor) -> tuple[Tensor, tuple[float, float, float, float]]:
-        N, D = W_ND.shape
-        Wa = self.Wa_ND2
-        if Wa is None or Wa.shape != (N, D + 2):
-            self.Wa_ND2 = None  # free the old copy before making the new one
-            Wa = self.Wa_ND2 = torch.empty(N, D + 2, dtype=torch.bfloat16)
-        Wa[:, D].copy_(b_N)
-        Wa[:, D + 1].copy_(b_N - Wa[:, D].float())
-        # One pass over W in cache-sized row blocks: cast, and the max over latents of
-        # ‖w_j − bf16(w_j)‖ and of ‖[bf16(w_j), b_hi, b_lo]‖ (so ‖w_j‖ ≤ wa + dw).
-        dw = wa = 0.0
-        step = max(1, 2**18 // max(1, D))
-        for s in range(0, N, step):
-            e = min(N, s + step)
-            W_blk = W_ND[s:e]
-            Wa[s:e, :D].copy_(W_blk)
-            Wa_f = Wa[s:e].float()
-            wa = max(wa, float(Wa_f.norm(dim=1).max()))
-            dw = max(dw, float(Wa_f[:, :D].sub_(W_blk).norm(dim=1).max()))
-        b_max = float(b_N.abs().max()) if N else 0.0
-        return Wa, (dw, wa, wa + dw, b_max)
-
-
-_WEIGHTS = _WeightCopy()
-
-
-class _Slab(threading.local):
-    """One reusable byte buffer per thread for the bfloat16 screen slab (and, viewed as
-    float32, the rows that fall back)."""
-
-    def __init__(self) -> None:
-        self.buf: Tensor | None = None
-
-    def get(self, nbytes: int) -> Tensor:
-        if self.buf is None or self.buf.numel() < nbytes:
-            self.buf = None
-            self.buf = torch.empty(nbytes, dtype=torch.uint8)
-        return self.buf
-
-
-_SLAB = _Slab()
-
-
 def clear() -> None:
     """Free the bfloat16 weight copy and the slab buffer."""
-    _WEIGHTS.__init__()
-    _SLAB.buf = None
+    screen_buffers.WEIGHTS.__init__()
+    screen_buffers.SLAB.buf = None
 
 
 def _slab_rows(N: int, D: int, budget: sparse_ops.ChunkBudget) -> int:
@@ -209,9 +143,9 @@ def screened_topk(
     if B == 0:
         return 0
     x_BD = x_BD.contiguous()
-    Wa_ND2, consts = _WEIGHTS.make(W_enc_ND, b_enc_N)
+    Wa_ND2, consts = screen_buffers.WEIGHTS.make(W_enc_ND, b_enc_N)
     rows = min(B, _slab_rows(N, D, budget))
-    buf = _SLAB.get(rows * N * 2)
+    buf = screen_buffers.SLAB.get(rows * N * 2)
     xa_CD2 = torch.empty(rows, D + 2, dtype=torch.bfloat16)
     xa_CD2[:, D:] = 1
     bad = []
@@ -245,14 +179,93 @@ def _screen_slab(
     vals_CK: Tensor,
     idx_CK: Tensor,
 ) -> Tensor:
-    """Screen, then the exact top k of the candidates into vals/idx; returns the rows
-    (slab-relative) that verification did not certify."""
-    v_CM, cand_CM, bound_C = _candidates(x_CD, W_ND, b_N, Wa_ND2, consts, M, xa_CD2, buf)
-    top_CK, pos_CK = v_CM.topk(k, dim=1, sorted=False)
-    torch.gather(cand_CM, 1, pos_CK, out=idx_CK)
+    """Screen, then the exact top k into vals/idx; returns the rows (slab-relative) that
+    verification did not certify.
+
+    The screen's top M (in ``screen_select.group_top``'s M groups) are only candidates:
+    exact values are computed in two rounds. First for the k groups' maxima the screen
+    ranks highest: k latents, so their smallest exact value V is a floor for the row's
+    k-th. Then only for the candidates whose screened value s could still reach V, s ≥ c
+    with c = V − (error bound): at k=128 on a fresh SAE ~55 more per row, against the M − k
+    = 128 more the single round computed. Every latent left out has s ≤ c (or lies outside
+    the groups, ≤ T ≤ c), so the row is certified when its k-th exact value exceeds the
+    bound at c, which c is chosen to make true whenever c ≥ T.
+    """
+    C = x_CD.shape[0]
+    s_CN = _screen(x_CD, Wa_ND2, xa_CD2, buf)
+    e0_C = _error(x_CD, xa_CD2, consts)
+    gmax_CM, cols_CMg, s_CMg = screen_select.group_top(s_CN, M)
+    g = cols_CMg.shape[2]
+    T_C = gmax_CM.min(dim=1).values.float()  # ≥ every screened value outside the groups
+    cols_CP, s_CP = cols_CMg.view(C, M * g), s_CMg.view(C, M * g)
+
+    # Round 1: the maxima of the k groups with the largest maxima (k distinct latents).
+    grp_Ck = gmax_CM.topk(k, dim=1, sorted=False).indices
+    at_Ck = grp_Ck * g + s_CMg.gather(1, grp_Ck[:, :, None].expand(C, k, g)).argmax(dim=2)
+    lat1_Ck = cols_CP.gather(1, at_Ck)
+    v1_Ck = sparse_ops.gathered_dot(W_ND, lat1_Ck, x_CD, 1).add_(b_N[lat1_Ck])
+    V_C = v1_Ck.min(dim=1).values
+
+    # Round 2: the other candidates with s ≥ c. A latent with s < c has a real value below
+    # c + bound(c) < V; the factor leaves room for rounding in computing c itself.
+    c_C = torch.maximum(V_C - (_bound(V_C, e0_C) - V_C) * (1 + 2**-5), T_C)
+    take_CP = s_CP >= c_C[:, None]
+    take_CP.scatter_(1, at_Ck, False)
+    n_C = take_CP.sum(dim=1)
+    over_C = n_C > M  # near ties the screen cannot order: the float32 path is cheaper
+    if bool(over_C.any()):
+        take_CP[over_C] = False
+        n_C.masked_fill_(over_C, 0)
+    lat2_Q = cols_CP[take_CP]
+    v2_Q = screen_select.ragged_dot(W_ND, lat2_Q, n_C, x_CD).add_(b_N[lat2_Q])
+
+    # The top k of both rounds: round 2's values in rows padded with −inf.
+    R = int(n_C.max()) if C else 0
+    v_CR = v1_Ck.new_full((C, k + R), float("-inf"))
+    lat_CR = lat1_Ck.new_zeros(C, k + R)
+    v_CR[:, :k], lat_CR[:, :k] = v1_Ck, lat1_Ck
+    row_Q = torch.repeat_interleave(torch.arange(C), n_C)
+    pos_Q = torch.arange(k, k + lat2_Q.numel()) - (n_C.cumsum(0) - n_C)[row_Q]
+    v_CR[row_Q, pos_Q], lat_CR[row_Q, pos_Q] = v2_Q, lat2_Q
+    top_CK, pos_CK = v_CR.topk(k, dim=1, sorted=False)
+    torch.gather(lat_CR, 1, pos_CK, out=idx_CK)
     vals_CK.copy_(top_CK)
-    kth_C = top_CK.min(dim=1).values
-    return (~(kth_C > bound_C)).nonzero().view(-1)  # NaN/inf rows fail too
+    STATS["exact"] += C * k + lat2_Q.numel()
+    ok_C = top_CK.min(dim=1).values > _bound(c_C, e0_C)  # NaN/inf rows fail too
+    return (~ok_C | over_C).nonzero().view(-1)
+
+
+def _screen(x_CD: Tensor, Wa_ND2: Tensor, xa_CD2: Tensor, buf: Tensor) -> Tensor:
+    """s̃ = bf16(x)·[bf16(W), b_hi, b_lo]ᵀ, the screen, in the slab buffer."""
+    C, D = x_CD.shape
+    N = Wa_ND2.shape[0]
+    xa_CD2[:, :D].copy_(x_CD)
+    s_CN = buf[: C * N * 2].view(torch.bfloat16).view(C, N)
+    return torch.mm(xa_CD2, Wa_ND2.t(), out=s_CN)
+
+
+def _error(x_CD: Tensor, xa_CD2: Tensor, consts: tuple[float, float, float, float]) -> Tensor:
+    """The part of the bound that does not depend on the screened value (see ``_bound``)."""
+    D = x_CD.shape[1]
+    dw, wa, w, b_max = consts
+    # Every latent j's real pre-activation p_j = x·w_j + b_j. Its screened value is bf16(a_j)
+    # for the float32 accumulator a_j (torch's CPU bfloat16 matmul, oneDNN's or its own,
+    # accumulates in float32 and rounds once, at the end), so a_j ≤ t + u|t| where
+    # bf16(a_j) ≤ t (rounding is monotone). a_j is x̃a·w̃a_j (x̃ = bf16(x), w̃a_j = [bf16(w_j),
+    # b_hi, b_lo]) to within γ_{D+2}·‖x̃a‖‖w̃a_j‖, and x̃a·w̃a_j − p_j = −δx·w̃_j − x·δw_j +
+    # (b_hi + b_lo − b_j) with δx = x − x̃, δw_j = w_j − w̃_j: Cauchy–Schwarz with the norms
+    # measured, and |b_j − b_hi − b_lo| ≤ u²|b_j|.
+    x_C = x_CD.norm(dim=1)
+    dx_C = (xa_CD2[:, :D].float() - x_CD).norm(dim=1)
+    xa_C = (xa_CD2.float().pow(2).sum(dim=1)).sqrt()
+    err_C = xa_C * (wa * _gamma(D + 2)) + dx_C * wa + x_C * dw + (2 * _U * _U * b_max + _TINY)
+    # The candidates' float32 values are within γ_{D+1}(‖x‖‖w_j‖ + |b_j|) of the real ones.
+    return err_C.add_((x_C * w + b_max) * _gamma(D + 1))
+
+
+def _bound(t_C: Tensor, e0_C: Tensor) -> Tensor:
+    """What no latent whose screened value is ≤ t can reach with its float32 value."""
+    return t_C + (t_C.abs() * _U + e0_C) * (_BOUND_SCALE * (1 + 2**-10))  # slack: float32 here
 
 
 def _candidates(
@@ -267,39 +280,11 @@ def _candidates(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(v_CM, cand_CM, bound_C): each row's top M latents by the bf16 screen, their exact
     float32 pre-activations, and a bound no other latent's real pre-activation exceeds."""
-    C, D = x_CD.shape
-    N = W_ND.shape[0]
-    dw, wa, w, b_max = consts
-    xa_CD2[:, :D].copy_(x_CD)
-    s_CN = buf[: C * N * 2].view(torch.bfloat16).view(C, N)
-    torch.mm(xa_CD2, Wa_ND2.t(), out=s_CN)
-    s_CM, cand_CM = s_CN.topk(M, dim=1, sorted=False)
+    s_CN = _screen(x_CD, Wa_ND2, xa_CD2, buf)
+    s_CM, cand_CM = screen_select.grouped_topk(s_CN, M)
     T_C = s_CM.min(dim=1).values.float()  # ≥ every non-candidate's screened value
-
-    # Exact float32 pre-activations of the candidates.
     v_CM = sparse_ops.gathered_dot(W_ND, cand_CM, x_CD, 1).add_(b_N[cand_CM])
-
-    # Bound on every non-candidate j's real pre-activation p_j = x·w_j + b_j. Its screened
-    # value is bf16(a_j) ≤ T for the float32 accumulator a_j (torch's CPU bfloat16 matmul,
-    # oneDNN's or its own, accumulates in float32 and rounds once, at the end), and
-    # rounding is monotone, so a_j ≤ T + u|T|. a_j is x̃a·w̃a_j (x̃ = bf16(x), w̃a_j = [bf16(w_j), b_hi, b_lo]) to
-    # within γ_{D+2}·‖x̃a‖‖w̃a_j‖, and x̃a·w̃a_j − p_j = −δx·w̃_j − x·δw_j + (b_hi + b_lo − b_j)
-    # with δx = x − x̃, δw_j = w_j − w̃_j: Cauchy–Schwarz with the norms measured, and
-    # |b_j − b_hi − b_lo| ≤ u²|b_j|.
-    x_C = x_CD.norm(dim=1)
-    dx_C = (xa_CD2[:, :D].float() - x_CD).norm(dim=1)
-    xa_C = (xa_CD2.float().pow(2).sum(dim=1)).sqrt()
-    err_C = (
-        T_C.abs() * _U
-        + xa_C * (wa * _gamma(D + 2))
-        + dx_C * wa
-        + x_C * dw
-        + (2 * _U * _U * b_max + _TINY)
-    )
-    # The candidates' float32 values are within γ_{D+1}(‖x‖‖w_j‖ + |b_j|) of the real ones.
-    err_C += (x_C * w + b_max) * _gamma(D + 1)
-    err_C *= _BOUND_SCALE * (1 + 2**-10)  # and slack for computing the bound in float32
-    return v_CM, cand_CM, T_C + err_C
+    return v_CM, cand_CM, _bound(T_C, _error(x_CD, xa_CD2, consts))
 
 
 def screened_candidates(
@@ -315,9 +300,9 @@ def screened_candidates(
     B, D = x_BD.shape
     N = W_enc_ND.shape[0]
     x_BD = x_BD.contiguous()
-    Wa_ND2, consts = _WEIGHTS.make(W_enc_ND, b_enc_N, again=again)
+    Wa_ND2, consts = screen_buffers.WEIGHTS.make(W_enc_ND, b_enc_N, again=again)
     rows = max(1, min(B, _slab_rows(N, D, budget)))
-    buf = _SLAB.get(rows * N * 2)
+    buf = screen_buffers.SLAB.get(rows * N * 2)
     xa_CD2 = torch.empty(rows, D + 2, dtype=torch.bfloat16)
     xa_CD2[:, D:] = 1
     parts = [
