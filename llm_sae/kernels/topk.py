@@ -55,9 +55,12 @@ class TopKEncode(torch.autograd.Function):
     """ReLU(x W_encᵀ + b_enc) restricted to its top k entries; sparse backward."""
 
     @staticmethod
-    def forward(ctx, x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int, budget: ChunkBudget):  # type: ignore[override]
+    def forward(ctx, x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int, budget: ChunkBudget,  # type: ignore[override]
+                center_D: Tensor | None = None):  # fmt: skip
         B, N = x_BD.shape[0], W_enc_ND.shape[0]
         ctx.budget = budget
+        if center_D is not None:
+            x_BD = x_BD - center_D
         vals_BK = x_BD.new_empty(B, k)
         idx_BK = torch.empty(B, k, dtype=torch.long, device=x_BD.device)
 
@@ -94,7 +97,12 @@ class TopKEncode(torch.autograd.Function):
         x_BD, W_enc_ND, vals_BK, idx_BK = ctx.saved_tensors
         # ReLU's derivative: zero where the winner was not positive.
         g_BK = torch.where(vals_BK > 0, grad_vals_BK, 0).to(W_enc_ND.dtype)
-        return (*pair_grads(x_BD, W_enc_ND, g_BK, idx_BK, ctx.needs_input_grad[:3], ctx.budget), None, None)
+        need_x, need_W, need_b, _, _, need_c = ctx.needs_input_grad
+        grad_x, grad_W, grad_b = pair_grads(x_BD, W_enc_ND, g_BK, idx_BK, (need_x, need_W, need_b or need_c), ctx.budget)
+        # x − c reaches every pair's pre-activation: ∂L/∂c = −Σ_b ∂L/∂x_b = −Σ_j (∂L/∂b_j) w_j,
+        # one pass over W_enc instead of the B·k rows of ∂L/∂x (which x, data, seldom needs).
+        grad_c = -(grad_b.to(W_enc_ND.dtype) @ W_enc_ND) if need_c else None
+        return grad_x, grad_W, grad_b if need_b else None, None, None, grad_c
 
 
 def pair_grads(
@@ -192,13 +200,17 @@ def _check(name: str, t: Tensor, ndim: int) -> None:
 
 
 def topk_encode(
-    x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int, *, budget: ChunkBudget = DEFAULT_BUDGET
+    x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, k: int, *, budget: ChunkBudget = DEFAULT_BUDGET,
+    center_D: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Top-k of ReLU(x W_encᵀ + b_enc) per row, as (vals_BK, idx_BK); sparse backward.
+    """Top-k of ReLU((x − center) W_encᵀ + b_enc) per row, as (vals_BK, idx_BK); sparse
+    backward.
 
     Values are ≥ 0 (a row with fewer than k positive pre-activations gets zeros), in no
-    particular order. Gradients flow to x, W_enc and b_enc through the k entries only.
-    ``budget`` bounds the temporaries of each slab of rows, forward and backward.
+    particular order. Gradients flow to x, W_enc, b_enc and ``center`` (an SAE's b_dec)
+    through the k entries only; passing the centre here rather than x − center spares the
+    B·k-row gradient of x where x (data) needs none. ``budget`` bounds the temporaries of
+    each slab of rows, forward and backward.
     """
     _check("W_enc_ND", W_enc_ND, 2)
     _check("b_enc_N", b_enc_N, 1)
@@ -212,7 +224,8 @@ def topk_encode(
         # not autocast by torch), on cast copies of the float32 master weights; the casts'
         # backward returns the gradients to the masters in float32.
         x_BD, W_enc_ND, b_enc_N = x_BD.to(amp), W_enc_ND.to(amp), b_enc_N.to(amp)
-    vals_BK, idx_BK = TopKEncode.apply(x_BD, W_enc_ND, b_enc_N, k, budget)
+        center_D = None if center_D is None else center_D.to(amp)
+    vals_BK, idx_BK = TopKEncode.apply(x_BD, W_enc_ND, b_enc_N, k, budget, center_D)
     return vals_BK.view(*lead, k), idx_BK.view(*lead, k)
 
 

@@ -28,7 +28,10 @@ class TopKSAE(SAE):
 
     def encode_topk(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
         """The sparse form: values [B, K] (≥ 0) and latent indices [B, K]."""
-        vals_BK, idx_BK = topk_encode(self.centered(x_BD), self.W_enc, self.b_enc, self.cfg.k)
+        # ``centered(x)`` done inside the kernel, whose backward then gives b_dec its
+        # gradient without one for x: data, it needs none.
+        center_D = None if self.is_transcoder else self.b_dec
+        vals_BK, idx_BK = topk_encode(x_BD, self.W_enc, self.b_enc, self.cfg.k, center_D=center_D)
         return F.relu(vals_BK), idx_BK
 
     def forward(
