@@ -194,15 +194,15 @@ def _screen_slab(
     C = x_CD.shape[0]
     s_CN = _screen(x_CD, Wa_ND2, xa_CD2, buf)
     e0_C = _error(x_CD, xa_CD2, consts)
-    gmax_CM, cols_CMg, s_CMg = screen_select.group_top(s_CN, M)
-    g = cols_CMg.shape[2]
+    gmax_CM, grp_CM, s_CP, G = screen_select.group_top(s_CN, M)
     T_C = gmax_CM.min(dim=1).values.float()  # ≥ every screened value outside the groups
-    cols_CP, s_CP = cols_CMg.view(C, M * g), s_CMg.view(C, M * g)
 
     # Round 1: the maxima of the k groups with the largest maxima (k distinct latents).
     grp_Ck = gmax_CM.topk(k, dim=1, sorted=False).indices
-    at_Ck = grp_Ck * g + s_CMg.gather(1, grp_Ck[:, :, None].expand(C, k, g)).argmax(dim=2)
-    lat1_Ck = cols_CP.gather(1, at_Ck)
+    g = s_CP.shape[1] // M
+    member_Ck = s_CP.view(C, g, M).gather(2, grp_Ck[:, None, :].expand(C, g, k)).argmax(dim=1)
+    at_Ck = member_Ck * M + grp_Ck
+    lat1_Ck = screen_select.columns(grp_CM, at_Ck, G)
     v1_Ck = sparse_ops.gathered_dot(W_ND, lat1_Ck, x_CD, 1).add_(b_N[lat1_Ck])
     V_C = v1_Ck.min(dim=1).values
 
@@ -216,7 +216,8 @@ def _screen_slab(
     if bool(over_C.any()):
         take_CP[over_C] = False
         n_C.masked_fill_(over_C, 0)
-    lat2_Q = cols_CP[take_CP]
+    row_Q, at_Q = take_CP.nonzero(as_tuple=True)  # row by row, as ragged_dot reads them
+    lat2_Q = grp_CM[row_Q, at_Q % M] + at_Q.div(M, rounding_mode="floor") * G
     v2_Q = screen_select.ragged_dot(W_ND, lat2_Q, n_C, x_CD).add_(b_N[lat2_Q])
 
     # The top k of both rounds: round 2's values in rows padded with −inf.
@@ -224,7 +225,6 @@ def _screen_slab(
     v_CR = v1_Ck.new_full((C, k + R), float("-inf"))
     lat_CR = lat1_Ck.new_zeros(C, k + R)
     v_CR[:, :k], lat_CR[:, :k] = v1_Ck, lat1_Ck
-    row_Q = torch.repeat_interleave(torch.arange(C), n_C)
     pos_Q = torch.arange(k, k + lat2_Q.numel()) - (n_C.cumsum(0) - n_C)[row_Q]
     v_CR[row_Q, pos_Q], lat_CR[row_Q, pos_Q] = v2_Q, lat2_Q
     top_CK, pos_CK = v_CR.topk(k, dim=1, sorted=False)

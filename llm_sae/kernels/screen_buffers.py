@@ -18,10 +18,10 @@ class WeightCopy(threading.local):
     rounding of the rest) against two ones in x, so the screen includes it to ~2^-16
     relative without a pass over the [B, N] output; 770 columns cost what 768 do.
 
-    The copy is remade on every call (~15 ms at n=24576, d=768, against ~600 ms for the
-    forward): keying it on (data_ptr, _version) is not safe, because fused and foreach
-    optimisers and writes through ``.data`` change W without bumping its version counter,
-    and a stale copy would void the error bound.
+    The copy is remade on every call (~35 ms at n=24576, d=768, 1 thread, against ~280 ms
+    for the forward at B=1024): keying it on (data_ptr, _version) is not safe, because
+    fused and foreach optimisers and writes through ``.data`` change W without bumping its
+    version counter, and a stale copy would void the error bound.
     """
 
     def __init__(self) -> None:
@@ -46,19 +46,22 @@ class WeightCopy(threading.local):
             Wa = self.Wa_ND2 = torch.empty(N, D + 2, dtype=torch.bfloat16)
         Wa[:, D].copy_(b_N)
         Wa[:, D + 1].copy_(b_N - Wa[:, D].float())
-        # One pass over W in cache-sized row blocks: cast, and the max over latents of
-        # ‖w_j − bf16(w_j)‖ and of ‖[bf16(w_j), b_hi, b_lo]‖ (so ‖w_j‖ ≤ wa + dw).
-        dw = wa = 0.0
+        Wa[:, :D].copy_(W_ND)  # one op: ~2x faster than the same cast block by block
+        # The max over latents of ‖w_j − bf16(w_j)‖ and of ‖[bf16(w_j), b_hi, b_lo]‖ (so
+        # ‖w_j‖ ≤ wa + dw), in cache-sized row blocks through one reused float32 block.
+        wa_N, dw_N = W_ND.new_empty(N), W_ND.new_empty(N)
         step = max(1, 2**18 // max(1, D))
+        blk_RD = W_ND.new_empty(min(N, step), D)
         for s in range(0, N, step):
             e = min(N, s + step)
-            W_blk = W_ND[s:e]
-            Wa[s:e, :D].copy_(W_blk)
-            Wa_f = Wa[s:e].float()
-            wa = max(wa, float(Wa_f.norm(dim=1).max()))
-            dw = max(dw, float(Wa_f[:, :D].sub_(W_blk).norm(dim=1).max()))
-        b_max = float(b_N.abs().max()) if N else 0.0
-        return Wa, (dw, wa, wa + dw, b_max)
+            f_RD = blk_RD[: e - s].copy_(Wa[s:e, :D])
+            torch.linalg.vector_norm(f_RD, dim=1, out=wa_N[s:e])
+            torch.linalg.vector_norm(f_RD.sub_(W_ND[s:e]), dim=1, out=dw_N[s:e])
+        if not N:
+            return Wa, (0.0, 0.0, 0.0, 0.0)
+        wa = float(wa_N.square_().add_(Wa[:, D:].float().square().sum(dim=1)).max().sqrt())
+        dw = float(dw_N.max())
+        return Wa, (dw, wa, wa + dw, float(b_N.abs().max()))
 
 
 WEIGHTS = WeightCopy()

@@ -27,31 +27,39 @@ GROUP = 8
 _MIN_GROUPS_PER_PICK = 4
 
 
-def group_top(s_CN: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(gmax_CM, cols_CMg, s_CMg): the m groups of each row with the largest maxima, their
-    maxima (unordered), the columns of their g members, and those members' values. Every
-    value outside these groups is ≤ the row's smallest ``gmax_CM``. g is ``GROUP``, or 1
-    (plain ``topk``) where N is not a multiple of it or has too few groups."""
+def group_top(s_CN: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(gmax_CM, grp_CM, s_CP, G): the m groups of each row with the largest maxima (their
+    maxima, unordered, and group numbers) and the values of their P = g·m members, where
+    member i of the group at position q sits at p = i·m + q and is column grp[q] + i·G
+    (``columns``). Every value outside these groups is ≤ the row's smallest ``gmax_CM``.
+    g is ``GROUP``, or 1 (a plain ``topk``) where N is not a multiple of it or has too few
+    groups; G = N / g."""
     C, N = s_CN.shape
     g = GROUP
     if N % g or N // g < _MIN_GROUPS_PER_PICK * m:
-        gmax_CM, cols_CM = s_CN.topk(m, dim=1, sorted=False)
-        return gmax_CM, cols_CM[:, :, None], gmax_CM[:, :, None]
+        gmax_CM, grp_CM = s_CN.topk(m, dim=1, sorted=False)
+        return gmax_CM, grp_CM, gmax_CM, N
     G = N // g
-    gmax_CM, grp_CM = s_CN.view(C, g, G).amax(dim=1).topk(m, dim=1, sorted=False)
-    cols_CMg = grp_CM[:, :, None] + torch.arange(0, N, G, device=s_CN.device)
-    return gmax_CM, cols_CMg, s_CN.gather(1, cols_CMg.view(C, m * g)).view(C, m, g)
+    s_CgG = s_CN.view(C, g, G)
+    gmax_CM, grp_CM = s_CgG.amax(dim=1).topk(m, dim=1, sorted=False)
+    s_CgM = s_CgG.gather(2, grp_CM[:, None, :].expand(C, g, m))
+    return gmax_CM, grp_CM, s_CgM.view(C, g * m), G
+
+
+def columns(grp_CM: Tensor, pos_CX: Tensor, G: int) -> Tensor:
+    """The columns of the members at positions pos (of ``group_top``'s s_CP)."""
+    m = grp_CM.shape[1]
+    return grp_CM.gather(1, pos_CX % m).add_(pos_CX.div(m, rounding_mode="floor").mul_(G))
 
 
 def grouped_topk(s_CN: Tensor, m: int) -> tuple[Tensor, Tensor]:
     """``s_CN.topk(m, dim=1, sorted=False)`` (the same values; among equal values at the
     cut-off, possibly other columns), through ``group_top``."""
-    C = s_CN.shape[0]
-    gmax_CM, cols_CMg, s_CMg = group_top(s_CN, m)
-    if cols_CMg.shape[2] == 1:
-        return gmax_CM, cols_CMg.view(C, m)
-    vals_CM, pos_CM = s_CMg.view(C, -1).topk(m, dim=1, sorted=False)
-    return vals_CM, cols_CMg.view(C, -1).gather(1, pos_CM)
+    gmax_CM, grp_CM, s_CP, G = group_top(s_CN, m)
+    if s_CP.shape[1] == m:
+        return gmax_CM, grp_CM
+    vals_CM, pos_CM = s_CP.topk(m, dim=1, sorted=False)
+    return vals_CM, columns(grp_CM, pos_CM, G)
 
 
 def ragged_dot(W_ND: Tensor, cols_P: Tensor, n_C: Tensor, y_CD: Tensor) -> Tensor:
