@@ -200,7 +200,8 @@ def _screen_slab(
     # Round 1: the maxima of the k groups with the largest maxima (k distinct latents).
     grp_Ck = gmax_CM.topk(k, dim=1, sorted=False).indices
     g = s_CP.shape[1] // M
-    member_Ck = s_CP.view(C, g, M).gather(2, grp_Ck[:, None, :].expand(C, g, k)).argmax(dim=1)
+    # (max, not argmax: argmax over a middle dimension measured 4x slower)
+    member_Ck = s_CP.view(C, g, M).gather(2, grp_Ck[:, None, :].expand(C, g, k)).max(dim=1).indices
     at_Ck = member_Ck * M + grp_Ck
     lat1_Ck = screen_select.columns(grp_CM, at_Ck, G)
     v1_Ck = sparse_ops.gathered_dot(W_ND, lat1_Ck, x_CD, 1).add_(b_N[lat1_Ck])
