@@ -100,23 +100,44 @@ def test_near_ties_need_the_bound(screen_on, monkeypatch, N):
     assert not torch.equal(i_got[:16], i_want[:16])
 
 
+def _spread_ties(N: int, S: int = 24, seed: int = 0):
+    """32 rows, each with S latents whose real pre-activations are 3 + 2^-7 + j·5e-4 (a
+    random j in 0 … S − 1 per latent) and whose weights have a large part orthogonal to every row,
+    so x's and W's rounding moves their screened values by ~1e-2 apiece, more than their
+    spread: the screen misorders them, not only rounds each (unlike ``_near_ties``). The
+    other latents stay well below."""
+    R, D, k = 32, 64, 8
+    g = torch.Generator().manual_seed(seed)
+    x_RD = torch.randn(R, D, generator=g, dtype=torch.float64)
+    W_ND = torch.randn(N, D, generator=g, dtype=torch.float64) * 0.02
+    Q_DR = torch.linalg.qr(x_RD.t()).Q  # the rows' span
+    clusters = torch.randperm(N, generator=g)[: R * S].view(R, S)
+    for r in range(R):
+        o_SD = torch.randn(S, D, generator=g, dtype=torch.float64)
+        o_SD -= o_SD @ Q_DR @ Q_DR.t()
+        level_S = 3 + 2**-7 + torch.randperm(S, generator=g).double() * 5e-4
+        w_SD = level_S[:, None] * x_RD[r] / x_RD[r].square().sum() + 2 * o_SD / o_SD.norm(dim=1, keepdim=True)
+        W_ND[clusters[r]] = w_SD
+    return x_RD.float(), W_ND.float(), torch.zeros(N), k
+
+
 @pytest.mark.parametrize("N", [1024, 4096])
-def test_exact_values_widen_to_what_the_screen_cannot_order(screen_on, monkeypatch, N):
-    """24 near ties, 8 to keep: the screen ranks them equal, so the first round's 8 exact
-    values are 8 arbitrary ones, and the second round must compute the other 16 (within
-    the bound of the 8th): exact without falling back. With the bound too small the second
-    round skips them and the rows certify wrongly."""
-    x, W, b, k = _near_ties(N=N, S=24)
-    want = _by_index(*dense_topk_encode(x, W, b, k))[1]
+def test_exact_values_widen_to_what_the_screen_misorders(screen_on, monkeypatch, N):
+    """24 near ties, 8 to keep, in an order the screen gets wrong: the first round's 8
+    exact values are not the top 8, and the second round must compute the others within
+    the bound of its 8th: exact, without falling back. With the bound too small the second
+    round skips some and the rows certify wrongly."""
+    x, W, b, k = _spread_ties(N)
+    want = dense_topk_encode(x, W, b, k)
     got = topk_encode(x, W, b, k)
     assert screen.STATS["fallback_rows"] == 0
-    assert screen.STATS["exact"] >= 24 * 16
-    _assert_same_topk(got, dense_topk_encode(x, W, b, k))
+    assert screen.STATS["exact"] >= 24 * 32
+    _assert_same_topk(got, want)
     monkeypatch.setattr(screen, "_BOUND_SCALE", 2**-6)
     screen.reset_stats()
     _, i_got = _by_index(*topk_encode(x, W, b, k))
     assert screen.STATS["fallback_rows"] == 0
-    assert not torch.equal(i_got[:16], want[:16])
+    assert not torch.equal(i_got, _by_index(*want)[1])
 
 
 def test_non_finite_rows_fall_back(screen_on):

@@ -210,7 +210,9 @@ def _screen_slab(
     # Round 2: the other candidates with s ≥ c. A latent with s < c has a real value below
     # c + bound(c) < V; the factor leaves room for rounding in computing c itself.
     c_C = torch.maximum(V_C - (_bound(V_C, e0_C) - V_C) * (1 + 2**-5), T_C)
-    take_CP = s_CP >= c_C[:, None]
+    # In bfloat16, against c rounded to nearest: no bfloat16 value lies in [c, bf16(c)),
+    # so this takes every s ≥ c (and perhaps s = bf16(c) < c too), without a float copy.
+    take_CP = s_CP >= c_C.to(s_CP.dtype)[:, None]
     take_CP.scatter_(1, at_Ck, False)
     n_C = take_CP.sum(dim=1)
     over_C = n_C > M  # near ties the screen cannot order: the float32 path is cheaper
