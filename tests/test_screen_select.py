@@ -8,10 +8,11 @@ import torch
 from llm_sae.kernels import screen_buffers, screen_select
 
 
-@pytest.mark.parametrize("N,m", [(4096, 40), (4096, 256), (1000, 35), (24576, 256)])
+@pytest.mark.parametrize("N,m", [(4096, 40), (4096, 256), (1000, 35), (24576, 256), (24576, 64), (16384, 40)])
 def test_grouped_topk_equals_topk(N, m):
     """The same values as torch.topk, ties included (values on a coarse grid), whether
-    through groups (N a multiple of 8 with many groups) or the plain topk."""
+    through groups (N a multiple of 8 with many groups), groups of groups (m small: the
+    last two) or the plain topk."""
     g = torch.Generator().manual_seed(N + m)
     s_CN = (torch.randn(64, N, generator=g) * 4).round().bfloat16()  # many equal values
     s_CN[3] = 1.0  # a row of one value
