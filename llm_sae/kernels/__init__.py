@@ -1,7 +1,8 @@
 """Kernels: sparse TopK encode/decode whose backward touches only the active latents.
 
 ``sparse_ops`` is the leaf the others import; ``topk`` holds the autograd functions,
-``screen`` the exact bfloat16-screened CPU encoder, ``triton`` the GPU kernels, ``auxk``
+``screen`` the exact bfloat16-screened CPU encoder (with ``screen_select``, its
+candidate selection, and ``screen_buffers``), ``triton`` the GPU kernels, ``auxk``
 AuxK's decode in the dead latents' subspace, ``batch_topk`` BatchTopK's kept pairs,
 ``threshold_pairs`` JumpReLU's pairs above per-latent thresholds, ``dead_pre_act`` its
 pre-activation loss on the dead latents.
