@@ -112,7 +112,7 @@ def screen_pays(x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, m: int) -> bool
     return W_enc_ND.shape[0] >= _MIN_RATIO * m and cpu_has_fast_bf16()
 
 
-def _gamma(n: int) -> float:
+def gamma(n: int) -> float:
     """Higham's γ_n bound on float32 summation of n terms, doubled for any blocked or
     paired accumulation order a matmul kernel may use."""
     return 2 * n * _U32 / (1 - 2 * n * _U32)
@@ -261,9 +261,9 @@ def _error(x_CD: Tensor, xa_CD2: Tensor, consts: tuple[float, float, float, floa
     x_C = x_CD.norm(dim=1)
     dx_C = (xa_CD2[:, :D].float() - x_CD).norm(dim=1)
     xa_C = (xa_CD2.float().pow(2).sum(dim=1)).sqrt()
-    err_C = xa_C * (wa * _gamma(D + 2)) + dx_C * wa + x_C * dw + (2 * _U * _U * b_max + _TINY)
+    err_C = xa_C * (wa * gamma(D + 2)) + dx_C * wa + x_C * dw + (2 * _U * _U * b_max + _TINY)
     # The candidates' float32 values are within γ_{D+1}(‖x‖‖w_j‖ + |b_j|) of the real ones.
-    return err_C.add_((x_C * w + b_max) * _gamma(D + 1))
+    return err_C.add_((x_C * w + b_max) * gamma(D + 1))
 
 
 def _bound(t_C: Tensor, e0_C: Tensor) -> Tensor:

@@ -19,7 +19,6 @@ sparse kernels is ``fold_rows``.
 from __future__ import annotations
 
 import threading
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from llm_sae.kernels import screen
 from llm_sae.kernels.batch_topk import choose_width
+from llm_sae.kernels.screen_select import ragged_dot
 
 _U = 2.0**-8  # bfloat16 unit roundoff
 _TINY = 2.0**-100  # bfloat16 dot-product units flush subnormals; values above this stay positive
@@ -86,16 +86,11 @@ def _screens(x_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor) -> bool:
 def pair_values(x_BD: Tensor, W_ND: Tensor, b_N: Tensor | None, rows_P: Tensor, cols_P: Tensor) -> Tensor:
     """x[rows_P[p]]·W[cols_P[p]] (+ b[cols_P[p]]) for pairs in row-major order: one sampled
     dense-dense product on their CSR pattern on a CPU, gathered rows elsewhere."""
-    B, N, P = x_BD.shape[0], W_ND.shape[0], rows_P.numel()
+    B, P = x_BD.shape[0], rows_P.numel()
     if P == 0:
         return x_BD.new_empty(0)
     if x_BD.device.type == "cpu":
-        crow = torch.zeros(B + 1, dtype=torch.long)
-        torch.cumsum(torch.bincount(rows_P, minlength=B), 0, out=crow[1:])
-        with warnings.catch_warnings():  # "CSR support is in beta": tested here
-            warnings.simplefilter("ignore", UserWarning)
-            pattern = torch.sparse_csr_tensor(crow, cols_P, x_BD.new_zeros(P), (B, N), check_invariants=False)
-        out = torch.sparse.sampled_addmm(pattern, x_BD.contiguous(), W_ND.t(), beta=0.0).values()
+        out = ragged_dot(W_ND, cols_P, torch.bincount(rows_P, minlength=B), x_BD.contiguous())
         return out if b_N is None else out.add_(b_N[cols_P])
     step = max(1, 2**22 // max(1, x_BD.shape[1]))
     out = torch.empty(P, dtype=W_ND.dtype, device=W_ND.device)
@@ -140,13 +135,13 @@ def _screened(x_BD: Tensor, W_ND: Tensor, b_N: Tensor, lo_N: Tensor, scale_B: Te
     −λ_lo, −λ_hi, 1] (λ = lo, each split into a bfloat16 head and the bfloat16 rounding of
     the rest). acc differs from p − σλ + E (p the real pre-activation) by at most the
     accumulation error γ‖x̃a‖‖w̃a_j‖, the rounding of x and w (‖δx‖‖bf16(w_j)‖ + ‖x‖‖δw_j‖), of
-    the bias (2u²|b|) and of σλ's pieces (5u²σ|λ|), the bound ``screen._candidates`` uses.
+    the bias (2u²|b|) and of σλ's pieces (5u²σ|λ|), the bound the TopK screen uses (``screen._error``).
     E_b exceeds those plus the slack and 2·_TINY, so every pair above the cut has acc >
     _TINY, and its bfloat16 value is positive: its bits, read as int16, are > 0."""
     B, D = x_BD.shape
     N = W_ND.shape[0]
     Wa, (dw, wd, wa, b_max, lam_max) = _weights(W_ND, b_N, lo_N)
-    g_acc = screen._gamma(D + EXTRA)
+    g_acc = screen.gamma(D + EXTRA)
     if g_acc * wa > 0.1:
         raise ValueError(f"weights too large for the bfloat16 screen's bound (max row norm {wa:.3g})")
     xa = _rows(x_BD.contiguous(), x_BD.new_ones(B) if scale_B is None else scale_B.float(),
