@@ -32,13 +32,14 @@ def dead_pre_acts(x_BD: Tensor, shift_D: Tensor | None, W_enc_ND: Tensor, b_enc_
 
 
 def dead_pre_act_loss(
-    pre_BM: Tensor, scale_B: Tensor | None, x_BD: Tensor, shift_D: Tensor | None,
+    rel_BM: Tensor, scale_B: Tensor | None, x_BD: Tensor, shift_D: Tensor | None,
     W_enc_ND: Tensor, b_enc_N: Tensor, theta_N: Tensor, W_dec_NE: Tensor, dead_M: Tensor,
 ) -> Tensor:  # fmt: skip
-    """mean over rows of Σ_m relu(θ_m − pre_bm / scale_b)·‖W_dec[m]‖ for the dead latents
-    ``dead_M`` (sorted, unique), given ``dead_pre_acts``'s pre_BM, with gradients to W_enc,
-    b_enc, θ and W_dec on the dead rows and to the shift (the encoder reads x + shift)."""
-    return _DeadPreActLoss.apply(pre_BM, scale_B, x_BD, shift_D, W_enc_ND, b_enc_N, theta_N, W_dec_NE, dead_M)
+    """mean over rows of Σ_m relu(θ_m − rel_bm)·‖W_dec[m]‖ for the dead latents ``dead_M``
+    (sorted, unique), rel_BM = ``dead_pre_acts``'s pre_BM / scale_b (overwritten here),
+    with gradients to W_enc, b_enc, θ and W_dec on the dead rows and to the shift (the
+    encoder reads x + shift)."""
+    return _DeadPreActLoss.apply(rel_BM, scale_B, x_BD, shift_D, W_enc_ND, b_enc_N, theta_N, W_dec_NE, dead_M)
 
 
 def _shifted(x_BD: Tensor, shift_D: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -52,11 +53,10 @@ class _DeadPreActLoss(torch.autograd.Function):
     no [B, M] tensor outlives the forward."""
 
     @staticmethod
-    def forward(ctx: Any, pre_BM: Tensor, scale_B: Tensor | None, x_BD: Tensor, shift_D: Tensor | None,  # type: ignore[override]
+    def forward(ctx: Any, rel_BM: Tensor, scale_B: Tensor | None, x_BD: Tensor, shift_D: Tensor | None,  # type: ignore[override]
                 W_enc_ND: Tensor, b_enc_N: Tensor, theta_N: Tensor, W_dec_NE: Tensor, dead_M: Tensor) -> Tensor:  # fmt: skip
-        B, M = pre_BM.shape
-        rel_BM = pre_BM if scale_B is None else pre_BM / scale_B[:, None]
-        gap_BM = torch.sub(theta_N[dead_M].to(rel_BM.dtype), rel_BM, out=None if scale_B is None else rel_BM)
+        B, M = rel_BM.shape
+        gap_BM = torch.sub(theta_N[dead_M].to(rel_BM.dtype), rel_BM, out=rel_BM)
         off_b, off_m = (gap_BM <= 0).nonzero(as_tuple=True)
         relu_M = gap_BM.clamp_(min=0).sum(0)
         on_M = B - torch.bincount(off_m, minlength=M).to(relu_M.dtype)

@@ -161,10 +161,11 @@ class JumpReLUSAE(SAE):
             return None
         shift_D = None if self.is_transcoder else -self.b_dec
         pre_BM = dead_pre_acts(x_BD, shift_D, self.W_enc, self.b_enc, dead_M)
-        self.revive(relative(pre_BM, None if s_B is None else s_B[:, None]), dead_M)
+        rel_BM = pre_BM if s_B is None else pre_BM.div_(s_B[:, None])
+        self.revive(rel_BM, dead_M)
         if not (aux and self.cfg.pre_act_coef > 0):
             return None
-        return dead_pre_act_loss(pre_BM, s_B, x_BD, shift_D, self.W_enc, self.b_enc, self.threshold, self.W_dec, dead_M)
+        return dead_pre_act_loss(rel_BM, s_B, x_BD, shift_D, self.W_enc, self.b_enc, self.threshold, self.W_dec, dead_M)
 
     def forward_dense(
         self, x_BD: Tensor, *, target_BE: Tensor | None = None,
