@@ -112,3 +112,11 @@ def test_the_sparse_forward_falls_back_to_the_dense_one_when_rows_fill(monkeypat
     assert calls == [1]
     monkeypatch.setattr(jumprelu, "SPARSE_FRACTION", 1)
     assert sae(data()[0]) is not None and calls == [1]
+
+
+def test_weights_too_large_for_the_screens_bound_take_the_dense_path(monkeypatch):
+    monkeypatch.setenv("LLM_SAE_SCREEN", "1")
+    x_BD, W_ND, b_N, lo_N, _ = data()
+    big = 1e4  # rows of norm 1e4: γ·‖w̃a‖ > 0.1
+    rows_P, cols_P, pre_P = tp.threshold_pairs(x_BD, W_ND * big, b_N * big, lo_N * big)
+    assert set(zip(rows_P.tolist(), cols_P.tolist(), strict=True)) == needed(x_BD, W_ND * big, b_N * big, lo_N * big, None)
