@@ -179,8 +179,9 @@ def _rows(x_BD: Tensor, sig_B: Tensor, consts: tuple[float, float, float, float,
     xa[:, D + 2], xa[:, D + 3] = sig_hi, sig_hi
     xa[:, D + 4] = sig_B - sig_hi.float()
     x_B = x_BD.norm(dim=1)
-    dx_B = (xa[:, :D].float() - x_BD).norm(dim=1)
-    base_B = xa[:, : D + 5].float().pow(2).sum(1).sqrt()
+    xf_BD = xa[:, :D].float()
+    base_B = (xf_BD.norm(dim=1).square_() + xa[:, D : D + 5].float().square().sum(1)).sqrt_()
+    dx_B = xf_BD.sub_(x_BD).norm(dim=1)
     slack_B = (sig_B * (lam_max + 1)) * RELATIVE_SLACK
     err_B = base_B * (wa * g_acc) + dx_B * wd + x_B * dw + 2 * _U * _U * b_max + 5 * _U * _U * sig_B * lam_max
     E_B = (err_B * BOUND_SCALE + slack_B + 2 * _TINY) * (1 + 2**-10)
@@ -206,15 +207,21 @@ def _weights(W_ND: Tensor, b_N: Tensor, lo_N: Tensor) -> tuple[Tensor, tuple[flo
     Wa[:, D + 3].copy_(-(lo + Wa[:, D + 2].float()))
     Wa[:, D + 4].copy_(Wa[:, D + 2])
     Wa[:, D + 5] = 1
-    dw = wd = wa = 0.0
+    Wa[:, :D].copy_(W_ND)  # one op: ~2x faster than the same cast block by block
+    # Per latent ‖bf16(w_j)‖ and ‖w_j − bf16(w_j)‖, in cache-sized row blocks through one
+    # reused float32 block (``screen_buffers.WeightCopy``'s way).
+    wd_N, dw_N = W_ND.new_empty(N), W_ND.new_empty(N)
     step = max(1, 2**18 // max(1, D))
+    blk_RD = W_ND.new_empty(min(N, step), D)
     for s in range(0, N, step):
         e = min(N, s + step)
-        Wa[s:e, :D].copy_(W_ND[s:e])
-        Wa_f = Wa[s:e].float()
-        wa = max(wa, float(Wa_f.norm(dim=1).max()))
-        wd = max(wd, float(Wa_f[:, :D].norm(dim=1).max()))
-        dw = max(dw, float(Wa_f[:, :D].sub_(W_ND[s:e]).norm(dim=1).max()))
+        f_RD = blk_RD[: e - s].copy_(Wa[s:e, :D])
+        torch.linalg.vector_norm(f_RD, dim=1, out=wd_N[s:e])
+        torch.linalg.vector_norm(f_RD.sub_(W_ND[s:e]), dim=1, out=dw_N[s:e])
+    if not N:
+        return Wa, (0.0, 0.0, 0.0, 0.0, 0.0)
+    wd, dw = float(wd_N.max()), float(dw_N.max())
+    wa = float(wd_N.square_().add_(Wa[:, D:].float().square().sum(dim=1)).max().sqrt())
     b_max = float(b_N.abs().max()) if N else 0.0
     lam_max = float(lo.abs().max()) if N else 0.0
     return Wa, (dw, wd, wa, b_max, lam_max)
