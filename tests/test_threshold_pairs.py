@@ -120,3 +120,14 @@ def test_weights_too_large_for_the_screens_bound_take_the_dense_path(monkeypatch
     big = 1e4  # rows of norm 1e4: γ·‖w̃a‖ > 0.1
     rows_P, cols_P, pre_P = tp.threshold_pairs(x_BD, W_ND * big, b_N * big, lo_N * big)
     assert set(zip(rows_P.tolist(), cols_P.tolist(), strict=True)) == needed(x_BD, W_ND * big, b_N * big, lo_N * big, None)
+
+
+def test_clear_workspace_frees_the_gates_weight_copy(monkeypatch):
+    from llm_sae import kernels
+
+    monkeypatch.setenv("LLM_SAE_SCREEN", "1")
+    x_BD, W_ND, b_N, lo_N, _ = data()
+    tp.threshold_pairs(x_BD, W_ND, b_N, lo_N)
+    assert tp._COPY.Wa is not None
+    kernels.clear_workspace()
+    assert tp._COPY.Wa is None
