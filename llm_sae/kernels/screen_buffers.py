@@ -46,22 +46,31 @@ class WeightCopy(threading.local):
             Wa = self.Wa_ND2 = torch.empty(N, D + 2, dtype=torch.bfloat16)
         Wa[:, D].copy_(b_N)
         Wa[:, D + 1].copy_(b_N - Wa[:, D].float())
-        Wa[:, :D].copy_(W_ND)  # one op: ~2x faster than the same cast block by block
         # The max over latents of ‖w_j − bf16(w_j)‖ and of ‖[bf16(w_j), b_hi, b_lo]‖ (so
-        # ‖w_j‖ ≤ wa + dw), in cache-sized row blocks through one reused float32 block.
-        wa_N, dw_N = W_ND.new_empty(N), W_ND.new_empty(N)
-        step = max(1, 2**18 // max(1, D))
-        blk_RD = W_ND.new_empty(min(N, step), D)
-        for s in range(0, N, step):
-            e = min(N, s + step)
-            f_RD = blk_RD[: e - s].copy_(Wa[s:e, :D])
-            torch.linalg.vector_norm(f_RD, dim=1, out=wa_N[s:e])
-            torch.linalg.vector_norm(f_RD.sub_(W_ND[s:e]), dim=1, out=dw_N[s:e])
+        # ‖w_j‖ ≤ wa + dw).
+        wa_N, dw_N = cast_rows(W_ND, Wa)
         if not N:
             return Wa, (0.0, 0.0, 0.0, 0.0)
         wa = float(wa_N.square_().add_(Wa[:, D:].float().square().sum(dim=1)).max().sqrt())
         dw = float(dw_N.max())
         return Wa, (dw, wa, wa + dw, float(b_N.abs().max()))
+
+
+def cast_rows(W_ND: Tensor, Wa_NX: Tensor) -> tuple[Tensor, Tensor]:
+    """Write bf16(W) into Wa's first D columns; return per row ‖bf16(w_j)‖ and
+    ‖w_j − bf16(w_j)‖ (float32, [N] each), measured in cache-sized row blocks through one
+    reused float32 block."""
+    N, D = W_ND.shape
+    Wa_NX[:, :D].copy_(W_ND)  # one op: ~2x faster than the same cast block by block
+    w_N, dw_N = W_ND.new_empty(N), W_ND.new_empty(N)
+    step = max(1, 2**18 // max(1, D))
+    blk_RD = W_ND.new_empty(min(N, step), D)
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        f_RD = blk_RD[: e - s].copy_(Wa_NX[s:e, :D])
+        torch.linalg.vector_norm(f_RD, dim=1, out=w_N[s:e])
+        torch.linalg.vector_norm(f_RD.sub_(W_ND[s:e]), dim=1, out=dw_N[s:e])
+    return w_N, dw_N
 
 
 WEIGHTS = WeightCopy()

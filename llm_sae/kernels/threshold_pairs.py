@@ -26,6 +26,7 @@ from torch import Tensor
 
 from llm_sae.kernels import screen
 from llm_sae.kernels.batch_topk import choose_width
+from llm_sae.kernels.screen_buffers import cast_rows
 from llm_sae.kernels.screen_select import ragged_dot
 
 _U = 2.0**-8  # bfloat16 unit roundoff
@@ -207,17 +208,7 @@ def _weights(W_ND: Tensor, b_N: Tensor, lo_N: Tensor) -> tuple[Tensor, tuple[flo
     Wa[:, D + 3].copy_(-(lo + Wa[:, D + 2].float()))
     Wa[:, D + 4].copy_(Wa[:, D + 2])
     Wa[:, D + 5] = 1
-    Wa[:, :D].copy_(W_ND)  # one op: ~2x faster than the same cast block by block
-    # Per latent ‖bf16(w_j)‖ and ‖w_j − bf16(w_j)‖, in cache-sized row blocks through one
-    # reused float32 block (``screen_buffers.WeightCopy``'s way).
-    wd_N, dw_N = W_ND.new_empty(N), W_ND.new_empty(N)
-    step = max(1, 2**18 // max(1, D))
-    blk_RD = W_ND.new_empty(min(N, step), D)
-    for s in range(0, N, step):
-        e = min(N, s + step)
-        f_RD = blk_RD[: e - s].copy_(Wa[s:e, :D])
-        torch.linalg.vector_norm(f_RD, dim=1, out=wd_N[s:e])
-        torch.linalg.vector_norm(f_RD.sub_(W_ND[s:e]), dim=1, out=dw_N[s:e])
+    wd_N, dw_N = cast_rows(W_ND, Wa)
     if not N:
         return Wa, (0.0, 0.0, 0.0, 0.0, 0.0)
     wd, dw = float(wd_N.max()), float(dw_N.max())
