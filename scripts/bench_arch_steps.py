@@ -23,13 +23,10 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llm_sae.bench.steps import add_step_args, keep_dead, started_trainer
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--d-in", type=int, default=768)
-    p.add_argument("--n-latents", type=int, default=24576)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=2048)
-    p.add_argument("--archs", default="topk,batchtopk,matryoshka", help="comma-separated; the first is the baseline")
-    p.add_argument("--states", default="0,0.01,0.1", help="comma-separated shares of latents kept dead")
+    add_step_args(p, archs_help="comma-separated; the first is the baseline")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (the median is reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path)
@@ -38,9 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from llm_sae.common.process import return_large_blocks_to_os
-    from llm_sae.sae.registry import REGISTRY
-    from llm_sae.train.config import TrainConfig
-    from llm_sae.train.trainer import Trainer
 
     torch.set_num_threads(1)  # CPU time of one thread: no spinning workers to count
     return_large_blocks_to_os()  # as `llm-sae train` does on a CPU
@@ -48,20 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     archs = a.archs.split(",")
     states = [float(s) for s in a.states.split(",")]
     x_BD = torch.randn(B, D, generator=torch.Generator().manual_seed(a.seed))
-    order = torch.randperm(N, generator=torch.Generator().manual_seed(a.seed))
     trainers = {}
     for arch in archs:
         for st in states:
             torch.manual_seed(a.seed)  # the same initial weights for every state
-            cfg = TrainConfig(store="-", out="-", arch=arch, d_in=D, n_latents=N, k=a.k, batch_size=B)
-            tr = Trainer(REGISTRY[arch](cfg.resolved()), cfg, total_steps=10**6)
-            # As `llm-sae train` starts a run (b_dec, BatchTopK's encoder scale, JumpReLU's
-            # thresholds at the target L0), so every architecture steps at its mean L0 of k.
-            tr.init_from_sample(x_BD)
-            if st > 0:  # these latents stay dead, so AuxK acts at every step
-                dead_N = torch.zeros(N, dtype=torch.bool)
-                dead_N[order[: max(1, round(st * N))]] = True
-                tr.dead.mask = lambda m=dead_N: m
+            tr = started_trainer(arch, x_BD, n_latents=N, k=a.k)
+            keep_dead(tr, st, a.seed)
             tr.step(x_BD)  # warm-up
             trainers[arch, st] = tr
     times: dict[tuple[str, float], list[float]] = {key: [] for key in trainers}

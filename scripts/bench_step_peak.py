@@ -26,10 +26,8 @@ def worker(arch: str, dead: float, a: argparse.Namespace) -> dict:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from llm_sae.bench.steps import keep_dead, started_trainer
     from llm_sae.common.process import return_large_blocks_to_os
-    from llm_sae.sae.registry import REGISTRY
-    from llm_sae.train.config import TrainConfig
-    from llm_sae.train.trainer import Trainer
 
     torch.set_num_threads(1)
     return_large_blocks_to_os()
@@ -54,13 +52,8 @@ def worker(arch: str, dead: float, a: argparse.Namespace) -> dict:
     D, N, B = a.d_in, a.n_latents, a.batch
     x_BD = torch.randn(B, D, generator=torch.Generator().manual_seed(a.seed))
     torch.manual_seed(a.seed)
-    cfg = TrainConfig(store="-", out="-", arch=arch, d_in=D, n_latents=N, k=a.k, batch_size=B)
-    trainer = Trainer(REGISTRY[arch](cfg.resolved()), cfg, total_steps=10**6)
-    trainer.init_from_sample(x_BD)  # as `llm-sae train` starts a run (bench_arch_steps does too)
-    if dead > 0:  # these latents stay dead, so AuxK acts at every step
-        dead_N = torch.zeros(N, dtype=torch.bool)
-        dead_N[torch.randperm(N, generator=torch.Generator().manual_seed(a.seed))[: round(dead * N)]] = True
-        trainer.dead.mask = lambda: dead_N
+    trainer = started_trainer(arch, x_BD, n_latents=N, k=a.k)
+    keep_dead(trainer, dead, a.seed)
     for _ in range(2):
         trainer.step(x_BD)
     held = rss_mb()
@@ -72,13 +65,10 @@ def worker(arch: str, dead: float, a: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llm_sae.bench.steps import add_step_args
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--d-in", type=int, default=768)
-    p.add_argument("--n-latents", type=int, default=24576)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=2048)
-    p.add_argument("--archs", default="topk,batchtopk,matryoshka")
-    p.add_argument("--states", default="0,0.01,0.1", help="comma-separated shares of latents kept dead")
+    add_step_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", nargs=2, metavar=("ARCH", "DEAD"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)

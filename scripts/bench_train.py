@@ -60,17 +60,11 @@ def _build_step(impl: str, a: argparse.Namespace, x_BD):  # noqa: C901 - one bra
         dead_N[torch.randperm(N, generator=torch.Generator().manual_seed(a.seed))[: max(1, round(a.dead_frac * N))]] = True
     if impl == "llm_sae":
         # As `llm-sae train` does on a CPU: the allocator tuning is the command's opt-in.
+        from llm_sae.bench.steps import started_trainer
         from llm_sae.common.process import return_large_blocks_to_os
-        from llm_sae.sae.registry import REGISTRY
-        from llm_sae.train.config import TrainConfig
-        from llm_sae.train.trainer import Trainer
 
         return_large_blocks_to_os()
-        cfg = TrainConfig(store="-", out="-", arch=a.arch, d_in=D, n_latents=N, k=K, batch_size=a.batch)
-        trainer = Trainer(REGISTRY[a.arch](cfg.resolved()), cfg, total_steps=10**6)
-        # As `llm-sae train` starts every run: b_dec, and each architecture's own start
-        # (BatchTopK's encoder scale, JumpReLU's thresholds at the target L0).
-        trainer.init_from_sample(x_BD)
+        trainer = started_trainer(a.arch, x_BD, n_latents=N, k=K)
         if a.train_steps:  # real training first: the screen's fallback rate in a real run
             for _ in range(a.train_steps):
                 trainer.step(planted_batch(a, torch.Generator().manual_seed(a.seed + 1 + _)))
