@@ -19,32 +19,29 @@ from torch import Tensor
 from llm_sae.kernels.auxk import compute_dtype, gather_rows, rows_grad
 
 
-def dead_pre_acts(x_BD: Tensor, shift_D: Tensor | None, W_enc_ND: Tensor, b_enc_N: Tensor, dead_M: Tensor) -> Tensor:
-    """[B, M]: (x + shift)·W_enc[dead]ᵀ + b_enc[dead], no gradient, in the weights' dtype,
-    its product in AuxK's (``auxk.compute_dtype``: bfloat16 on CPUs with bfloat16 units,
-    as AuxK's own products over the same latents; they only move the dead latents'
-    thresholds and the pre-activation loss's gradient, weight 3e-6), not autocast's."""
+def dead_pre_acts(xin_BD: Tensor, W_enc_ND: Tensor, b_enc_N: Tensor, dead_M: Tensor) -> Tensor:
+    """[B, M]: xin·W_enc[dead]ᵀ + b_enc[dead] (xin what the encoder reads), no gradient,
+    in the weights' dtype, its product in AuxK's (``auxk.compute_dtype``: bfloat16 on CPUs
+    with bfloat16 units, as AuxK's own products over the same latents; they only move the
+    dead latents' thresholds and the pre-activation loss's gradient, weight 3e-6), not
+    autocast's."""
     dt = compute_dtype(W_enc_ND)
-    with torch.no_grad(), torch.autocast(x_BD.device.type, enabled=False):
-        xin_BD = _shifted(x_BD, shift_D, W_enc_ND.dtype).to(dt)
+    with torch.no_grad(), torch.autocast(xin_BD.device.type, enabled=False):
+        xin_BD = xin_BD.detach().to(dt)
         We_MD = gather_rows(W_enc_ND, dead_M, W_enc_ND.new_empty(dead_M.numel(), W_enc_ND.shape[1], dtype=dt))
         return torch.addmm(b_enc_N[dead_M].to(dt), xin_BD, We_MD.t()).to(W_enc_ND.dtype)
 
 
 def dead_pre_act_loss(
-    rel_BM: Tensor, scale_B: Tensor | None, x_BD: Tensor, shift_D: Tensor | None,
+    rel_BM: Tensor, scale_B: Tensor | None, xin_BD: Tensor, shift_D: Tensor | None,
     W_enc_ND: Tensor, b_enc_N: Tensor, theta_N: Tensor, W_dec_NE: Tensor, dead_M: Tensor,
 ) -> Tensor:  # fmt: skip
     """mean over rows of Σ_m relu(θ_m − rel_bm)·‖W_dec[m]‖ for the dead latents ``dead_M``
     (sorted, unique), rel_BM = ``dead_pre_acts``'s pre_BM / scale_b (overwritten here),
-    with gradients to W_enc, b_enc, θ and W_dec on the dead rows and to the shift (the
-    encoder reads x + shift)."""
-    return _DeadPreActLoss.apply(rel_BM, scale_B, x_BD, shift_D, W_enc_ND, b_enc_N, theta_N, W_dec_NE, dead_M)
-
-
-def _shifted(x_BD: Tensor, shift_D: Tensor | None, dtype: torch.dtype) -> Tensor:
-    x_BD = x_BD.detach().to(dtype)
-    return x_BD if shift_D is None else x_BD + shift_D.detach().to(dtype)
+    with gradients to W_enc, b_enc, θ and W_dec on the dead rows, and to ``shift_D`` when
+    the encoder's input xin is x + shift (an SAE's −b_dec): the input's own gradient,
+    summed over rows, without a [B, D] one."""
+    return _DeadPreActLoss.apply(rel_BM, scale_B, xin_BD.detach(), shift_D, W_enc_ND, b_enc_N, theta_N, W_dec_NE, dead_M)
 
 
 class _DeadPreActLoss(torch.autograd.Function):
@@ -53,7 +50,7 @@ class _DeadPreActLoss(torch.autograd.Function):
     no [B, M] tensor outlives the forward."""
 
     @staticmethod
-    def forward(ctx: Any, rel_BM: Tensor, scale_B: Tensor | None, x_BD: Tensor, shift_D: Tensor | None,  # type: ignore[override]
+    def forward(ctx: Any, rel_BM: Tensor, scale_B: Tensor | None, xin_BD: Tensor, shift_D: Tensor | None,  # type: ignore[override]
                 W_enc_ND: Tensor, b_enc_N: Tensor, theta_N: Tensor, W_dec_NE: Tensor, dead_M: Tensor) -> Tensor:  # fmt: skip
         B, M = rel_BM.shape
         gap_BM = torch.sub(theta_N[dead_M].to(rel_BM.dtype), rel_BM, out=rel_BM)
@@ -61,14 +58,14 @@ class _DeadPreActLoss(torch.autograd.Function):
         relu_M = gap_BM.clamp_(min=0).sum(0)
         on_M = B - torch.bincount(off_m, minlength=M).to(relu_M.dtype)
         norm_M = W_dec_NE[dead_M].norm(dim=1)
-        ctx.save_for_backward(off_b, off_m, relu_M, on_M, scale_B, x_BD, shift_D, W_enc_ND, b_enc_N, theta_N,
+        ctx.save_for_backward(off_b, off_m, relu_M, on_M, scale_B, xin_BD, shift_D, W_enc_ND, b_enc_N, theta_N,
                               W_dec_NE, dead_M, norm_M)  # fmt: skip
         ctx.B = B
         return (relu_M * norm_M).sum() / max(1, B)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor):  # type: ignore[override]
-        (off_b, off_m, relu_M, on_M, scale_B, x_BD, shift_D, W_enc_ND, b_enc_N, theta_N, W_dec_NE, dead_M,
+        (off_b, off_m, relu_M, on_M, scale_B, xin_BD, shift_D, W_enc_ND, b_enc_N, theta_N, W_dec_NE, dead_M,
          norm_M) = ctx.saved_tensors  # fmt: skip
         need = ctx.needs_input_grad
         c = g.to(relu_M.dtype) / max(1, ctx.B)
@@ -84,7 +81,7 @@ class _DeadPreActLoss(torch.autograd.Function):
             if need[3]:
                 g_shift = (g_be_M @ W_enc_ND[dead_M]).to(shift_D.dtype)
             if need[4]:
-                xs_BD = _shifted(x_BD, shift_D, relu_M.dtype) * inv_B[:, None]
+                xs_BD = xin_BD.to(relu_M.dtype) * inv_B[:, None]
                 off_MD = xs_BD.new_zeros(w_M.shape[0], xs_BD.shape[1]).index_add_(0, off_m, xs_BD[off_b])
                 g_We = rows_grad(W_enc_ND, dead_M, (xs_BD.sum(0) - off_MD).mul_(w_M[:, None]), True)
             if need[5]:

@@ -110,7 +110,7 @@ class JumpReLUSAE(SAE):
         xin_BD = self.centered(x_BD)
         s_B1 = self.row_scale(xin_BD)
         s_B = None if s_B1 is None else s_B1[:, 0]
-        pre_act = self.dead_terms(x_BD, s_B, dead_mask_N, aux)  # revives θ first
+        pre_act = self.dead_terms(xin_BD, s_B, dead_mask_N, aux)  # revives θ first
         with torch.no_grad():
             th_N = self.threshold
             rows_P, cols_P, pre_P = threshold_pairs(xin_BD.detach(), self.W_enc, self.b_enc, th_N - eps / 2, s_B)
@@ -150,7 +150,7 @@ class JumpReLUSAE(SAE):
         fired_N = torch.bincount(cols_F, minlength=self.n_latents).float()
         return self._finish(x_BD, x_hat_BD, sparsity, metrics, fired_N, dead_mask_N, aux, target_BE=target_BE)
 
-    def dead_terms(self, x_BD: Tensor, s_B: Tensor | None, dead_mask_N: Tensor | None, aux: bool) -> Tensor | None:
+    def dead_terms(self, xin_BD: Tensor, s_B: Tensor | None, dead_mask_N: Tensor | None, aux: bool) -> Tensor | None:
         """Revive the dead latents' thresholds (``revive``) and return their pre-activation
         loss (None when off), both from the dead latents' pre-activations alone, with the
         loss's gradients as [M, D] blocks of rows (``kernels.dead_pre_act``)."""
@@ -159,13 +159,13 @@ class JumpReLUSAE(SAE):
         dead_M = dead_rows(dead_mask_N, self.W_enc.device)
         if dead_M.numel() == 0:
             return None
-        shift_D = None if self.is_transcoder else -self.b_dec
-        pre_BM = dead_pre_acts(x_BD, shift_D, self.W_enc, self.b_enc, dead_M)
+        pre_BM = dead_pre_acts(xin_BD, self.W_enc, self.b_enc, dead_M)
         rel_BM = pre_BM if s_B is None else pre_BM.div_(s_B[:, None])
         self.revive(rel_BM, dead_M)
         if not (aux and self.cfg.pre_act_coef > 0):
             return None
-        return dead_pre_act_loss(rel_BM, s_B, x_BD, shift_D, self.W_enc, self.b_enc, self.threshold, self.W_dec, dead_M)
+        shift_D = None if self.is_transcoder else -self.b_dec  # xin = x + shift: b_dec's gradient
+        return dead_pre_act_loss(rel_BM, s_B, xin_BD, shift_D, self.W_enc, self.b_enc, self.threshold, self.W_dec, dead_M)
 
     def forward_dense(
         self, x_BD: Tensor, *, target_BE: Tensor | None = None,
